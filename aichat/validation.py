@@ -1,0 +1,109 @@
+"""Check documents against the JSON Schemas in ``aichat/schemas/`` and describe every problem.
+
+The schemas are the single truth of what a valid file is; this module only turns jsonschema's errors
+into messages an operator can act on: the file, the JSON path, the rule broken and, for a misspelt
+key, the key that was probably meant.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+from dataclasses import dataclass
+from functools import cache
+from importlib import resources
+from typing import Any
+
+from jsonschema import Draft202012Validator
+from jsonschema.exceptions import ValidationError, best_match
+
+
+@dataclass(frozen=True, order=True)
+class Problem:
+    """One thing wrong with a configuration file."""
+
+    file: str
+    path: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.file}: {self.path}: {self.message}"
+
+
+class ConfigError(Exception):
+    """A configuration file cannot be used; ``problems`` lists every reason."""
+
+    def __init__(self, problems: list[Problem]) -> None:
+        super().__init__("\n".join(str(p) for p in problems))
+        self.problems = problems
+
+
+@cache
+def load_schema(name: str) -> dict[str, Any]:
+    """Return the packaged schema ``aichat/schemas/<name>.schema.json``."""
+    text = resources.files("aichat.schemas").joinpath(f"{name}.schema.json").read_text("utf-8")
+    schema: dict[str, Any] = json.loads(text)
+    Draft202012Validator.check_schema(schema)
+    return schema
+
+
+def json_path(parts: Any) -> str:
+    """Render a jsonschema path deque as ``$.a.b[0]``."""
+    out = "$"
+    for part in parts:
+        out += f"[{part}]" if isinstance(part, int) else f".{part}"
+    return out
+
+
+def _subschema_at(schema: dict[str, Any], path: Any) -> dict[str, Any]:
+    node = schema
+    for part in path:
+        node = node.get(part, {}) if isinstance(node, dict) else {}
+    return node if isinstance(node, dict) else {}
+
+
+def _describe(error: ValidationError, schema: dict[str, Any], secret_paths: frozenset[str]) -> list[str]:
+    """Messages for one error; values at secret paths are never echoed."""
+    path = json_path(error.absolute_path)
+    if error.validator == "additionalProperties" and isinstance(error.instance, dict):
+        allowed = sorted(_subschema_at(schema, list(error.absolute_schema_path)[:-1]).get("properties", {}))
+        extras = sorted(k for k in error.instance if k not in allowed)
+        messages = []
+        for key in extras:
+            hint = difflib.get_close_matches(key, allowed, n=1, cutoff=0.6)
+            suggestion = f" (did you mean {hint[0]!r}?)" if hint else f" (allowed: {', '.join(allowed)})"
+            messages.append(f"unknown key {key!r}{suggestion}")
+        return messages or [error.message]
+    if path in secret_paths:
+        return [f"invalid value ({error.validator} rule: {error.schema.get(error.validator)!r})"
+                if isinstance(error.schema, dict) else "invalid value"]
+    return [error.message]
+
+
+def validate(
+    document: Any,
+    schema_name: str,
+    file: str,
+    *,
+    secret_paths: frozenset[str] = frozenset(),
+) -> list[Problem]:
+    """Return every problem of ``document`` against schema ``schema_name``, sorted by path."""
+    schema = load_schema(schema_name)
+    validator = Draft202012Validator(schema)
+    problems: set[Problem] = set()
+    for error in validator.iter_errors(document):
+        leaves = _leaf_errors(error)
+        for leaf in leaves:
+            path = json_path(leaf.absolute_path)
+            for message in _describe(leaf, schema, secret_paths):
+                problems.add(Problem(file, path, message))
+    return sorted(problems)
+
+
+def _leaf_errors(error: ValidationError) -> list[ValidationError]:
+    """For ``oneOf``/``anyOf`` failures, report the errors of the closest branch, not the summary."""
+    if error.validator in ("oneOf", "anyOf") and error.context:
+        chosen = best_match(error.context)
+        if chosen is not None:
+            return _leaf_errors(chosen)
+    return [error]
