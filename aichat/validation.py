@@ -17,6 +17,8 @@ from typing import Any
 from jsonschema import Draft202012Validator
 from jsonschema.exceptions import ValidationError, best_match
 
+SECRET_KEYS = frozenset({"api_key", "token", "Authorization", "authorization"})
+
 
 @dataclass(frozen=True, order=True)
 class Problem:
@@ -62,9 +64,8 @@ def _subschema_at(schema: dict[str, Any], path: Any) -> dict[str, Any]:
     return node if isinstance(node, dict) else {}
 
 
-def _describe(error: ValidationError, schema: dict[str, Any], secret_paths: frozenset[str]) -> list[str]:
-    """Messages for one error; values at secret paths are never echoed."""
-    path = json_path(error.absolute_path)
+def _describe(error: ValidationError, schema: dict[str, Any]) -> list[str]:
+    """Messages for one error, naming unknown keys with a "did you mean" hint."""
     if error.validator == "additionalProperties" and isinstance(error.instance, dict):
         allowed = sorted(_subschema_at(schema, list(error.absolute_schema_path)[:-1]).get("properties", {}))
         extras = sorted(k for k in error.instance if k not in allowed)
@@ -74,10 +75,29 @@ def _describe(error: ValidationError, schema: dict[str, Any], secret_paths: froz
             suggestion = f" (did you mean {hint[0]!r}?)" if hint else f" (allowed: {', '.join(allowed)})"
             messages.append(f"unknown key {key!r}{suggestion}")
         return messages or [error.message]
-    if path in secret_paths:
-        return [f"invalid value ({error.validator} rule: {error.schema.get(error.validator)!r})"
-                if isinstance(error.schema, dict) else "invalid value"]
     return [error.message]
+
+
+def secret_values(document: Any, secret_keys: frozenset[str]) -> set[str]:
+    """Every non-empty string found under a key named in ``secret_keys``, at any depth."""
+    found: set[str] = set()
+    if isinstance(document, dict):
+        for key, value in document.items():
+            if key in secret_keys and isinstance(value, str) and value:
+                found.add(value)
+            else:
+                found |= secret_values(value, secret_keys)
+    elif isinstance(document, list):
+        for item in document:
+            found |= secret_values(item, secret_keys)
+    return found
+
+
+def redact(text: str, secrets: set[str]) -> str:
+    """Replace each secret in ``text`` by ``***``, longest first."""
+    for secret in sorted(secrets, key=len, reverse=True):
+        text = text.replace(secret, "***")
+    return text
 
 
 def validate(
@@ -85,9 +105,13 @@ def validate(
     schema_name: str,
     file: str,
     *,
-    secret_paths: frozenset[str] = frozenset(),
+    secret_keys: frozenset[str] = SECRET_KEYS,
 ) -> list[Problem]:
-    """Return every problem of ``document`` against schema ``schema_name``, sorted by path."""
+    """Return every problem of ``document`` against schema ``schema_name``, sorted by path.
+
+    Values found under keys named in ``secret_keys`` are never echoed in a message.
+    """
+    secrets = secret_values(document, secret_keys)
     schema = load_schema(schema_name)
     validator = Draft202012Validator(schema)
     problems: set[Problem] = set()
@@ -95,8 +119,8 @@ def validate(
         leaves = _leaf_errors(error)
         for leaf in leaves:
             path = json_path(leaf.absolute_path)
-            for message in _describe(leaf, schema, secret_paths):
-                problems.add(Problem(file, path, message))
+            for message in _describe(leaf, schema):
+                problems.add(Problem(file, path, redact(message, secrets)))
     return sorted(problems)
 
 

@@ -1,0 +1,22 @@
+"""The HTTP API: Klein routes at the edge; nothing below this package knows HTTP."""
+
+from __future__ import annotations
+
+from twisted.web.resource import IResource
+
+from aichat.api.app import API
+from aichat.api.sessions import register_health, register_sessions
+from aichat.api.site import CORSResource
+
+
+def build_resource(api: API) -> IResource:
+    """Register every route on ``api`` and wrap its resource with CORS."""
+    register_health(api)
+    register_sessions(api)
+    for register in api.services.get("route_modules", ()):
+        register(api)
+    resource: IResource = CORSResource(api.app.resource(), api.settings.cors.origins)
+    return resource
+
+
+__all__ = ["API", "build_resource"]

@@ -1,0 +1,63 @@
+"""Errors an API handler raises on purpose, each carrying the HTTP status the client gets."""
+
+from __future__ import annotations
+
+
+class APIError(Exception):
+    """A client-visible error: ``{"error": message}`` with ``status``."""
+
+    status = 400
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        if status is not None:
+            self.status = status
+
+
+class BadRequest(APIError):
+    """Malformed JSON or an invalid field (the message says which)."""
+
+    status = 400
+
+
+class Unauthorized(APIError):
+    """No acceptable identity on a user route."""
+
+    status = 401
+
+
+class NotFound(APIError):
+    """Missing, or belonging to another user (indistinguishable on purpose)."""
+
+    status = 404
+
+
+class Conflict(APIError):
+    """The resource is not in a state that allows the request."""
+
+    status = 409
+
+
+class UnsupportedMediaType(APIError):
+    """The body is not of a content type the route accepts."""
+
+    status = 415
+
+
+class BadGateway(APIError):
+    """The model provider failed; its message is passed on without secrets."""
+
+    status = 502
+
+
+class ServiceUnavailable(APIError):
+    """A dependency is not ready."""
+
+    status = 503
+
+
+class GatewayTimeout(APIError):
+    """The model provider did not answer in time."""
+
+    status = 504

@@ -1,0 +1,145 @@
+"""The ``aichat-backend`` command: Go-style flags, ``-validate``, ``-version``; otherwise runs twistd.
+
+Flags take one or two dashes (``-config FILE``, ``--config=FILE``), as the reference and its packaging
+guide use them. Without ``-validate`` the daemon runs in the foreground through twistd with the same
+service and options as ``twistd -n --pidfile= aichat-backend ...``. Exit codes: 0 success, 1 invalid
+configuration, 2 usage error.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+
+from twisted.python import usage
+
+from aichat import __version__
+from aichat.config import Settings, load_settings, summary
+from aichat.validation import ConfigError, Problem
+
+PROGRAM = "aichat-backend"
+
+
+def normalize(argv: Sequence[str]) -> list[str]:
+    """Turn Go-style ``-flag`` into ``--flag``; single-letter flags (``-c``, ``-v``) stay as they are."""
+    out: list[str] = []
+    for index, arg in enumerate(argv):
+        if arg == "--":
+            out.extend(argv[index:])
+            break
+        if arg.startswith("-") and not arg.startswith("--") and len(arg.split("=", 1)[0]) > 2:
+            arg = "-" + arg
+        out.append(arg)
+    return out
+
+
+def _options_class() -> type[usage.Options]:
+    from aichat.tap import Options
+
+    class CLIOptions(Options):
+        # Parsing only: settings are loaded by main() so that errors are reported without usage text.
+        def postOptions(self) -> None:
+            self.overrides()
+
+        def getSynopsis(self) -> str:
+            return f"Usage: {PROGRAM} [options]"
+
+        def opt_help(self) -> None:
+            print(self.__str__())
+            print(
+                "Flags take one or two dashes. Without -validate the daemon runs in the foreground\n"
+                "(the same as `twistd -n --pidfile= aichat-backend [options]`)."
+            )
+            sys.exit(0)
+
+        opt_h = opt_help
+
+    return CLIOptions
+
+
+def _mcp_problems(settings: Settings) -> tuple[list[Problem], list[str]]:
+    """Validate the MCP servers file named by ``settings``; return problems and summary lines."""
+    try:
+        from aichat.mcp.config import load_servers_file
+    except ImportError:
+        return [], ["mcp servers:    (MCP support not installed)"]
+    try:
+        servers = load_servers_file(settings.mcp.servers_file)
+    except ConfigError as e:
+        return e.problems, []
+    enabled = [s for s in servers if s.enabled]
+    names = ", ".join(f"{s.name} ({s.transport}{'' if s.enabled else ', disabled'})" for s in servers)
+    return [], [f"mcp servers:    {len(enabled)} enabled of {len(servers)}: {names or 'none'}"]
+
+
+def validate(options: usage.Options) -> int:
+    """``-validate``: print a summary and return 0, or print every problem and return 1."""
+    from aichat.tap import Options
+
+    assert isinstance(options, Options)
+    try:
+        settings = load_settings(options["config"], env_only=bool(options["env-only"]), flags=options.overrides())
+    except ConfigError as e:
+        return _report(e.problems)
+    problems, mcp_lines = _mcp_problems(settings)
+    if problems:
+        return _report(problems)
+    print(f"{PROGRAM} {__version__}: configuration is valid")
+    for line in summary(settings):
+        print("  " + line)
+    for line in mcp_lines:
+        print("  " + line)
+    for warning in settings.warnings:
+        print(f"  warning: {warning}")
+    return 0
+
+
+def _report(problems: list[Problem]) -> int:
+    print(f"{PROGRAM}: configuration is invalid ({len(problems)} problem(s)):", file=sys.stderr)
+    for problem in problems:
+        print(f"  {problem}", file=sys.stderr)
+    return 1
+
+
+def run_daemon(argv: list[str]) -> int:
+    """Run the daemon in the foreground through twistd, with our plugin and these options."""
+    from twisted.scripts import twistd
+
+    sys.argv = [PROGRAM, "--nodaemon", "--pidfile=", PROGRAM, *argv]
+    twistd.run()
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``aichat-backend`` console script and ``python -m aichat``."""
+    args = normalize(sys.argv[1:] if argv is None else argv)
+    options = _options_class()()
+    try:
+        options.parseOptions(args)
+    except usage.UsageError as e:
+        print(f"{PROGRAM}: {e}", file=sys.stderr)
+        print(f"Try '{PROGRAM} -help' for usage.", file=sys.stderr)
+        return 2
+    if options["validate"]:
+        return validate(options)
+    # Report configuration problems cleanly before twistd would print them with its usage text.
+    code = validate_quietly(options)
+    if code:
+        return code
+    return run_daemon(args)
+
+
+def validate_quietly(options: usage.Options) -> int:
+    """Like :func:`validate` but silent on success."""
+    from aichat.tap import Options
+
+    assert isinstance(options, Options)
+    try:
+        load_settings(options["config"], env_only=bool(options["env-only"]), flags=options.overrides())
+    except ConfigError as e:
+        return _report(e.problems)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

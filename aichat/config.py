@@ -1,0 +1,421 @@
+"""Load ``config.yaml``: expand ``${VAR}``, validate against the schema, apply env and flags, build settings.
+
+Precedence, highest first: command-line flag, ``AICHAT_*`` environment variable, YAML file, default.
+``OPENAI_API_KEY`` is a fallback for ``llm.api_key``. Relative paths in the file are resolved against
+the file's own folder. Every problem found is reported at once (see :mod:`aichat.validation`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from aichat.validation import ConfigError, Problem, validate
+
+DEFAULT_CONFIG_PATH = "config.yaml"
+
+DEFAULT_SYSTEM_PROMPT = (
+    "You are an AI assistant for PMM (Percona Monitoring and Management), a comprehensive database "
+    "monitoring and management platform. PMM supports MySQL, PostgreSQL, MongoDB, and other database "
+    "technologies. You help users with database monitoring, performance optimization, query analysis, "
+    "backup management, and troubleshooting database issues. When providing assistance, focus on "
+    "PMM-specific features, best practices for database monitoring, and actionable insights for database "
+    "performance optimization."
+)
+
+DEFAULT_MODELS = {"openai": "gpt-4o-mini", "ollama": "llama3.1:8b", "mock": "mock-model"}
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """Where and how the HTTP API listens."""
+
+    host: str = "0.0.0.0"
+    port: int = 3001
+    shutdown_grace_seconds: float = 10.0
+
+
+@dataclass(frozen=True)
+class DatabaseSettings:
+    """The embedded SQLite store."""
+
+    path: str = "/var/lib/aichat-backend/aichat.db"
+
+
+@dataclass(frozen=True)
+class LLMSettings:
+    """The model provider; ``api_key`` is a secret and never shown."""
+
+    provider: str = "openai"
+    api_key: str = field(default="", repr=False)
+    model: str = "gpt-4o-mini"
+    base_url: str = ""
+    system_prompt: str = DEFAULT_SYSTEM_PROMPT
+    temperature: float = 0.7
+    timeout_seconds: float = 60.0
+    connect_timeout_seconds: float = 10.0
+    idle_timeout_seconds: float = 60.0
+    max_response_bytes: int = 8 * 1024 * 1024
+    max_retries: int = 3
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class MCPSettings:
+    """Where the MCP servers are configured."""
+
+    servers_file: str = "mcp-servers.json"
+    max_line_bytes: int = 16 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class LoggingSettings:
+    """Log destination (empty file = standard output), level and format."""
+
+    file: str = ""
+    level: str = "info"
+    format: str = "text"
+
+
+@dataclass(frozen=True)
+class AuthSettings:
+    """Who may assert ``X-User-ID`` and which bearer tokens map to which users.
+
+    Tokens are kept only as SHA-256 digests.
+    """
+
+    trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = (
+        ipaddress.ip_network("127.0.0.0/8"),
+        ipaddress.ip_network("::1/128"),
+    )
+    token_digests: Mapping[str, str] = field(default_factory=dict, repr=False)
+
+
+@dataclass(frozen=True)
+class CORSSettings:
+    """Origins allowed by CORS; ``*`` allows any."""
+
+    origins: tuple[str, ...] = ("*",)
+
+
+@dataclass(frozen=True)
+class LimitSettings:
+    """Request size limits, checked before a body is read."""
+
+    max_body_bytes: int = 1024 * 1024
+    max_upload_bytes: int = 64 * 1024 * 1024
+    max_file_bytes: int = 10 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class ApprovalSettings:
+    """Which tool calls need the user's approval and how long a pending request lives."""
+
+    policy: str = "always"
+    auto_approve: tuple[str, ...] = ()
+    expire_seconds: float = 3600.0
+
+
+@dataclass(frozen=True)
+class ChatSettings:
+    """The tool loop, history budget and stream lifetimes."""
+
+    max_tool_rounds: int = 10
+    tool_concurrency: int = 8
+    history_budget_chars: int = 100_000
+    approval: ApprovalSettings = field(default_factory=ApprovalSettings)
+    stream_keep_seconds: float = 300.0
+    stream_max_seconds: float = 600.0
+    keepalive_seconds: float = 15.0
+    title_generation: bool = True
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything the daemon needs to start, after precedence and validation."""
+
+    config_path: str | None = None
+    server: ServerSettings = field(default_factory=ServerSettings)
+    database: DatabaseSettings = field(default_factory=DatabaseSettings)
+    llm: LLMSettings = field(default_factory=LLMSettings)
+    mcp: MCPSettings = field(default_factory=MCPSettings)
+    logging: LoggingSettings = field(default_factory=LoggingSettings)
+    auth: AuthSettings = field(default_factory=AuthSettings)
+    cors: CORSSettings = field(default_factory=CORSSettings)
+    limits: LimitSettings = field(default_factory=LimitSettings)
+    chat: ChatSettings = field(default_factory=ChatSettings)
+    warnings: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Overrides:
+    """Values given on the command line; ``None`` means not given."""
+
+    port: int | None = None
+    host: str | None = None
+    log_level: str | None = None
+    log_json: bool = False
+    log_file: str | None = None
+    database_path: str | None = None
+    llm_provider: str | None = None
+    llm_model: str | None = None
+    api_key: str | None = None
+    base_url: str | None = None
+    system_prompt: str | None = None
+    mcp_servers_file: str | None = None
+
+
+# (environment variable, dotted key, type)
+ENVIRONMENT: tuple[tuple[str, str, type], ...] = (
+    ("AICHAT_HOST", "server.host", str),
+    ("AICHAT_PORT", "server.port", int),
+    ("AICHAT_DATABASE_PATH", "database.path", str),
+    ("AICHAT_LLM_PROVIDER", "llm.provider", str),
+    ("AICHAT_LLM_MODEL", "llm.model", str),
+    ("AICHAT_API_KEY", "llm.api_key", str),
+    ("AICHAT_LLM_BASE_URL", "llm.base_url", str),
+    ("AICHAT_SYSTEM_PROMPT", "llm.system_prompt", str),
+    ("AICHAT_MCP_SERVERS_FILE", "mcp.servers_file", str),
+    ("AICHAT_LOG_FILE", "logging.file", str),
+    ("AICHAT_LOG_LEVEL", "logging.level", str),
+    ("AICHAT_LOG_JSON", "logging.format", bool),
+)
+
+_PLACEHOLDER = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def expand(value: Any, environ: Mapping[str, str], unset: set[str]) -> Any:
+    """Expand ``${VAR}`` and ``${VAR:-default}`` in every string of ``value``.
+
+    A string that is exactly one placeholder takes the YAML type of what it expands to, so
+    ``port: ${PORT}`` gives an integer. Names of unset variables without a default go to ``unset``.
+    """
+    if isinstance(value, dict):
+        return {key: expand(item, environ, unset) for key, item in value.items()}
+    if isinstance(value, list):
+        return [expand(item, environ, unset) for item in value]
+    if not isinstance(value, str) or "${" not in value:
+        return value
+
+    def substitute(match: re.Match[str]) -> str:
+        name, default = match.group(1), match.group(2)
+        found = environ.get(name)
+        if found:
+            return found
+        if default is not None:
+            return default
+        unset.add(name)
+        return ""
+
+    result = _PLACEHOLDER.sub(substitute, value)
+    if _PLACEHOLDER.fullmatch(value) and result:
+        try:
+            typed = yaml.safe_load(result)
+        except yaml.YAMLError:
+            return result
+        if isinstance(typed, bool | int | float):
+            return typed
+    return result
+
+
+def _set(document: dict[str, Any], dotted: str, value: Any) -> None:
+    section, key = dotted.split(".")
+    target = document.setdefault(section, {})
+    if not isinstance(target, dict):
+        return
+    target[key] = value
+
+
+def _read_yaml(path: Path) -> Any:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise ConfigError([Problem(str(path), "$", f"cannot read file: {e.strerror or e}")]) from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e)
+        raise ConfigError([Problem(str(path), "$", f"invalid YAML: {where}{problem}")]) from None
+
+
+def _environment_overrides(environ: Mapping[str, str], problems: list[Problem]) -> dict[str, Any]:
+    overrides: dict[str, Any] = {}
+    for name, dotted, kind in ENVIRONMENT:
+        raw = environ.get(name, "")
+        if raw == "":
+            continue
+        if kind is int:
+            try:
+                overrides[dotted] = int(raw)
+            except ValueError:
+                problems.append(Problem("environment", name, f"not an integer: {raw!r}"))
+        elif kind is bool:
+            if raw.lower() in ("1", "true", "yes", "on"):
+                overrides[dotted] = "json"
+        else:
+            overrides[dotted] = raw
+    key = environ.get("AICHAT_API_KEY") or ""
+    if not key and environ.get("OPENAI_API_KEY"):
+        overrides.setdefault("llm.api_key:fallback", environ["OPENAI_API_KEY"])
+    return overrides
+
+
+def _flag_overrides(flags: Overrides) -> dict[str, Any]:
+    pairs = {
+        "server.port": flags.port,
+        "server.host": flags.host,
+        "logging.level": flags.log_level,
+        "logging.file": flags.log_file,
+        "logging.format": "json" if flags.log_json else None,
+        "database.path": flags.database_path,
+        "llm.provider": flags.llm_provider,
+        "llm.model": flags.llm_model,
+        "llm.api_key": flags.api_key,
+        "llm.base_url": flags.base_url,
+        "llm.system_prompt": flags.system_prompt,
+        "mcp.servers_file": flags.mcp_servers_file,
+    }
+    return {key: value for key, value in pairs.items() if value not in (None, "")}
+
+
+def token_digest(token: str) -> str:
+    """The form in which bearer tokens are kept and compared."""
+    return hashlib.sha256(token.encode("utf-8")).hexdigest()
+
+
+def load_settings(
+    path: str | None = None,
+    *,
+    env_only: bool = False,
+    environ: Mapping[str, str] | None = None,
+    flags: Overrides | None = None,
+) -> Settings:
+    """Build :class:`Settings` from the file at ``path`` (default ``config.yaml``), env and flags.
+
+    A missing file is an error when ``path`` was given explicitly; the default path may be absent
+    (then defaults apply, as in the reference). Raises :class:`ConfigError` listing every problem.
+    """
+    environ = os.environ if environ is None else environ
+    flags = flags or Overrides()
+    explicit = path is not None or bool(environ.get("AICHAT_CONFIG"))
+    config_path = Path(path or environ.get("AICHAT_CONFIG") or DEFAULT_CONFIG_PATH)
+    problems: list[Problem] = []
+    unset: set[str] = set()
+    document: Any = {}
+    base_dir = Path.cwd()
+    shown_path: str | None = None
+    if not env_only and (explicit or config_path.exists()):
+        raw = _read_yaml(config_path)
+        document = {} if raw is None else expand(raw, environ, unset)
+        base_dir = config_path.resolve().parent
+        shown_path = str(config_path)
+        if not isinstance(document, dict):
+            raise ConfigError([Problem(str(config_path), "$", "the top level must be a mapping of sections")])
+        problems.extend(validate(document, "config", str(config_path)))
+    merged: dict[str, Any] = {k: (dict(v) if isinstance(v, dict) else v) for k, v in document.items()}
+    env_values = _environment_overrides(environ, problems)
+    fallback_key = env_values.pop("llm.api_key:fallback", None)
+    for dotted, value in {**env_values, **_flag_overrides(flags)}.items():
+        _set(merged, dotted, value)
+    if fallback_key and not (merged.get("llm") or {}).get("api_key"):
+        _set(merged, "llm.api_key", fallback_key)
+    if not problems:
+        problems.extend(
+            validate(merged, "config", "environment and flags")
+        )
+    if problems:
+        raise ConfigError(problems)
+    settings = _build(merged, base_dir, shown_path, problems)
+    if problems:
+        raise ConfigError(problems)
+    warnings = tuple(f"${{{name}}} is not set; using an empty string" for name in sorted(unset))
+    return replace(settings, warnings=warnings)
+
+
+def _resolve(base: Path, value: str) -> str:
+    if not value:
+        return value
+    candidate = Path(value).expanduser()
+    return os.path.normpath(candidate if candidate.is_absolute() else (base / candidate))
+
+
+def _build(doc: dict[str, Any], base: Path, shown_path: str | None, problems: list[Problem]) -> Settings:
+    def section(name: str) -> dict[str, Any]:
+        value = doc.get(name) or {}
+        return value if isinstance(value, dict) else {}
+
+    server = ServerSettings(**section("server"))
+    database = DatabaseSettings(path=_resolve(base, section("database").get("path", DatabaseSettings.path)))
+    dsn = section("database").get("dsn", "")
+    if dsn.startswith("sqlite:"):
+        database = DatabaseSettings(path=_resolve(base, dsn.removeprefix("sqlite:")))
+    llm_doc = dict(section("llm"))
+    provider = llm_doc.get("provider", "openai")
+    llm_doc.setdefault("model", DEFAULT_MODELS[provider])
+    llm = LLMSettings(**llm_doc)
+    mcp_doc = dict(section("mcp"))
+    mcp = MCPSettings(**{**mcp_doc, "servers_file": _resolve(base, mcp_doc.get("servers_file", "mcp-servers.json"))})
+    logging_doc = dict(section("logging"))
+    if logging_doc.get("file"):
+        logging_doc["file"] = _resolve(base, logging_doc["file"])
+    logging = LoggingSettings(**logging_doc)
+
+    auth_doc = section("auth")
+    networks = []
+    for index, cidr in enumerate(auth_doc.get("trusted_proxies", ["127.0.0.0/8", "::1/128"])):
+        try:
+            networks.append(ipaddress.ip_network(cidr, strict=False))
+        except ValueError:
+            problems.append(Problem(shown_path or "config", f"$.auth.trusted_proxies[{index}]",
+                                    f"not an IP network: {cidr!r}"))
+    digests: dict[str, str] = {}
+    for entry in auth_doc.get("tokens", []):
+        digests[token_digest(entry["token"])] = str(entry["user_id"])
+    auth = AuthSettings(trusted_proxies=tuple(networks), token_digests=digests)
+
+    cors = CORSSettings(origins=tuple(section("cors").get("origins", ["*"])))
+    limits = LimitSettings(**section("limits"))
+    chat_doc = dict(section("chat"))
+    approval = ApprovalSettings(**chat_doc.pop("approval", {}))
+    if approval.auto_approve:
+        approval = replace(approval, auto_approve=tuple(approval.auto_approve))
+    chat = ChatSettings(**chat_doc, approval=approval)
+    return Settings(
+        config_path=shown_path,
+        server=server,
+        database=database,
+        llm=llm,
+        mcp=mcp,
+        logging=logging,
+        auth=auth,
+        cors=cors,
+        limits=limits,
+        chat=chat,
+    )
+
+
+def summary(settings: Settings) -> list[str]:
+    """A one-screen description of ``settings`` for ``-validate``; secrets are shown only as set/unset."""
+    llm = settings.llm
+    return [
+        f"config file:    {settings.config_path or '(none: defaults, environment and flags)'}",
+        f"listen:         {settings.server.host or '0.0.0.0'}:{settings.server.port}",
+        f"database:       {settings.database.path}",
+        f"llm:            provider={llm.provider} model={llm.model} "
+        f"base_url={llm.base_url or '(default)'} api_key={'set' if llm.api_key else 'not set'}",
+        f"mcp servers:    {settings.mcp.servers_file}",
+        f"logging:        {settings.logging.file or 'stdout'} level={settings.logging.level} "
+        f"format={settings.logging.format}",
+        f"auth:           trusted proxies {', '.join(map(str, settings.auth.trusted_proxies)) or 'none'}; "
+        f"{len(settings.auth.token_digests)} bearer token(s)",
+        f"approvals:      policy={settings.chat.approval.policy} max_tool_rounds={settings.chat.max_tool_rounds}",
+    ]

@@ -1,0 +1,126 @@
+"""Log observers: text or JSON lines, to standard output or to a file reopened on SIGHUP.
+
+We never rotate by size (twistd's own ``--logfile`` does, and keeps every file forever); logrotate
+moves the file and sends SIGHUP (``systemctl reload``), and :meth:`ReopenableFile.reopen` switches to
+the new file between two writes, so no line is lost or split.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import threading
+from datetime import UTC, datetime
+from typing import IO, Any
+
+from twisted.logger import (
+    FilteringLogObserver,
+    ILogObserver,
+    LogEvent,
+    LogLevel,
+    LogLevelFilterPredicate,
+    formatEvent,
+    formatEventAsClassicLogText,
+)
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+LEVELS = {
+    "debug": LogLevel.debug,
+    "info": LogLevel.info,
+    "warn": LogLevel.warn,
+    "error": LogLevel.error,
+    "critical": LogLevel.critical,
+}
+
+
+class ReopenableFile:
+    """An append-mode text file that can be reopened at the same path (after logrotate moved it)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._lock = threading.Lock()
+        self._file: IO[str] = self._open()
+
+    def _open(self) -> IO[str]:
+        directory = os.path.dirname(self.path)
+        if directory:
+            os.makedirs(directory, exist_ok=True)
+        return open(self.path, "a", encoding="utf-8", buffering=1)  # noqa: SIM115
+
+    def write(self, text: str) -> None:
+        with self._lock:
+            self._file.write(text)
+
+    def flush(self) -> None:
+        with self._lock:
+            self._file.flush()
+
+    def reopen(self) -> None:
+        """Close and open the path again; on failure keep writing to the old file."""
+        with self._lock:
+            try:
+                new = self._open()
+            except OSError:
+                return
+            old, self._file = self._file, new
+            old.close()
+
+    def close(self) -> None:
+        with self._lock:
+            self._file.close()
+
+
+def _scalar_fields(event: LogEvent) -> dict[str, Any]:
+    fields: dict[str, Any] = {}
+    for key, value in event.items():
+        if key.startswith("log_") or key in ("format", "message", "isError", "system", "time", "why"):
+            continue
+        if isinstance(value, str | int | float | bool) or value is None:
+            fields[key] = value
+    return fields
+
+
+def json_line(event: LogEvent) -> str:
+    """One event as a JSON object on one line: time, level, namespace, message and its scalar fields."""
+    level = event.get("log_level")
+    record: dict[str, Any] = {
+        "time": datetime.fromtimestamp(event.get("log_time", 0), UTC).isoformat(timespec="milliseconds"),
+        "level": level.name if level is not None else "info",
+        "namespace": event.get("log_namespace", ""),
+        "message": formatEvent(event),
+    }
+    record.update(_scalar_fields(event))
+    failure = event.get("log_failure")
+    if isinstance(failure, Failure):
+        record["traceback"] = failure.getTraceback()
+    return json.dumps(record, ensure_ascii=False, default=str) + "\n"
+
+
+@implementer(ILogObserver)
+class LineObserver:
+    """Writes each event as one text or JSON line to ``out``."""
+
+    def __init__(self, out: Any, fmt: str = "text") -> None:
+        self.out = out
+        self.fmt = fmt
+
+    def __call__(self, event: LogEvent) -> None:
+        if self.fmt == "json":
+            line: str | None = json_line(event)
+        else:
+            line = formatEventAsClassicLogText(event)
+        if line:
+            self.out.write(line)
+            flush = getattr(self.out, "flush", None)
+            if flush is not None:
+                flush()
+
+
+def make_observer(path: str, level: str, fmt: str) -> tuple[ILogObserver, ReopenableFile | None]:
+    """The daemon's observer for ``logging.*`` settings, and the file to reopen on SIGHUP, if any."""
+    target: ReopenableFile | None = ReopenableFile(path) if path else None
+    out: Any = target if target is not None else sys.stdout
+    predicate = LogLevelFilterPredicate(defaultLogLevel=LEVELS[level])
+    return FilteringLogObserver(LineObserver(out, fmt), [predicate]), target

@@ -1,0 +1,178 @@
+"""The store's records and the small interface callers use, so another database can follow.
+
+Records mirror the reference's JSON shapes (``ChatSession``, ``Message``, ``Attachment``) and add what
+the model needs to see history correctly: the ``tool_call_id`` of each tool result.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Protocol
+
+
+def utc_now() -> str:
+    """Now as a fixed-width RFC 3339 UTC timestamp with microseconds (sorts as text)."""
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def new_id(prefix: str = "") -> str:
+    """A fresh uuid4, optionally ``<prefix>_<uuid>`` as the reference names message ids."""
+    value = str(uuid.uuid4())
+    return f"{prefix}_{value}" if prefix else value
+
+
+class StoreError(Exception):
+    """The database failed; the message is safe to log but not meant for API clients."""
+
+
+@dataclass(frozen=True)
+class Session:
+    """A conversation owned by one user."""
+
+    id: str
+    user_id: str
+    title: str
+    created_at: str
+    updated_at: str
+
+    def to_json(self) -> dict[str, Any]:
+        """The reference's ``ChatSession`` JSON."""
+        return {
+            "id": self.id,
+            "user_id": self.user_id,
+            "title": self.title,
+            "created_at": self.created_at,
+            "updated_at": self.updated_at,
+        }
+
+
+@dataclass(frozen=True)
+class Attachment:
+    """A file sent with a user message; ``content`` is base64."""
+
+    id: str
+    filename: str
+    mime_type: str
+    size: int
+    content: str = ""
+
+    def to_json(self, *, with_content: bool = True) -> dict[str, Any]:
+        """The reference's ``Attachment`` JSON."""
+        out: dict[str, Any] = {
+            "id": self.id,
+            "filename": self.filename,
+            "mime_type": self.mime_type,
+            "size": self.size,
+        }
+        if with_content and self.content:
+            out["content"] = self.content
+        return out
+
+
+@dataclass(frozen=True)
+class Message:
+    """One stored message of a session.
+
+    ``tool_calls`` are OpenAI-shaped calls on assistant messages; ``tool_call_id`` ties a ``tool``
+    message to the call it answers; ``tool_executions`` holds timings and errors.
+    """
+
+    id: str
+    session_id: str
+    role: str
+    content: str
+    created_at: str = field(default_factory=utc_now)
+    tool_calls: list[dict[str, Any]] | None = None
+    tool_call_id: str | None = None
+    tool_executions: list[dict[str, Any]] | None = None
+    approval_request: dict[str, Any] | None = None
+    attachments: tuple[Attachment, ...] = ()
+
+    def to_json(self) -> dict[str, Any]:
+        """The reference's ``Message`` JSON (collections omitted when empty)."""
+        out: dict[str, Any] = {
+            "id": self.id,
+            "role": self.role,
+            "content": self.content,
+            "timestamp": self.created_at,
+        }
+        if self.tool_calls:
+            out["tool_calls"] = self.tool_calls
+        if self.tool_call_id:
+            out["tool_call_id"] = self.tool_call_id
+        if self.tool_executions:
+            out["tool_executions"] = self.tool_executions
+        if self.attachments:
+            out["attachments"] = [a.to_json() for a in self.attachments]
+        if self.approval_request:
+            out["approval_request"] = self.approval_request
+        return out
+
+
+@dataclass(frozen=True)
+class Approval:
+    """A set of tool calls waiting for (or resolved by) the user who owns the session."""
+
+    id: str
+    session_id: str
+    user_id: str
+    tool_calls: list[dict[str, Any]]
+    status: str
+    created_at: str
+    expires_at: str
+    resolved_at: str | None = None
+
+
+class Store(Protocol):
+    """What the API and chat layers need from a database. Every method is a coroutine.
+
+    Per-user isolation lives here: every lookup by session id also takes the user id, and a session of
+    another user is indistinguishable from a missing one.
+    """
+
+    async def open(self) -> None:
+        """Create the database if needed and apply pending migrations."""
+
+    async def close(self) -> None:
+        """Release connections."""
+
+    async def ping(self) -> bool:
+        """Whether the database answers a trivial query."""
+
+    async def create_session(self, user_id: str, title: str, session_id: str | None = None) -> Session:
+        """Create and return a session."""
+
+    async def list_sessions(self, user_id: str, limit: int, offset: int) -> list[Session]:
+        """The user's sessions, most recently updated first."""
+
+    async def get_session(self, user_id: str, session_id: str) -> Session | None:
+        """The session if it exists and belongs to ``user_id``."""
+
+    async def rename_session(self, user_id: str, session_id: str, title: str) -> bool:
+        """Set the title and bump ``updated_at``; ``False`` if not found for this user."""
+
+    async def delete_session(self, user_id: str, session_id: str) -> bool:
+        """Delete the session with its messages, attachments and approvals."""
+
+    async def add_message(self, message: Message) -> None:
+        """Append a message (and its attachments) and bump the session's ``updated_at``, atomically."""
+
+    async def list_messages(self, user_id: str, session_id: str, limit: int, offset: int) -> list[Message] | None:
+        """A page of the session's messages in order, or ``None`` if not found for this user."""
+
+    async def history(self, session_id: str) -> list[Message]:
+        """Every message of the session in order, for building the model's context."""
+
+    async def clear_messages(self, user_id: str, session_id: str) -> bool:
+        """Delete every message of the session (and pending approvals); ``False`` if not found."""
+
+    async def create_approval(self, approval: Approval) -> None:
+        """Store a pending approval."""
+
+    async def get_approval(self, user_id: str, approval_id: str) -> Approval | None:
+        """The approval if it belongs to ``user_id``."""
+
+    async def resolve_approval(self, approval_id: str, status: str) -> bool:
+        """Move a pending approval to ``status``; ``False`` if it was no longer pending."""

@@ -1,0 +1,357 @@
+"""The SQLite store: ``twisted.enterprise.adbapi`` on one connection thread, WAL, foreign keys on.
+
+Every write is one transaction committed with ``synchronous=FULL`` before the call returns, so a
+message the API has acknowledged is on disk. Migrations in ``aichat/store/migrations/NNNN_*.sql`` are
+applied in order at :meth:`SQLiteStore.open` and recorded in ``schema_migrations``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from twisted.enterprise import adbapi
+from twisted.internet.interfaces import IReactorThreads
+from twisted.logger import Logger
+
+from aichat.store.base import Approval, Attachment, Message, Session, StoreError, utc_now
+
+Cursor = Any  # adbapi's Transaction wrapper around a sqlite3 cursor
+
+SESSION_COLUMNS = "id, user_id, title, created_at, updated_at"
+MESSAGE_COLUMNS = (
+    "id, session_id, role, content, created_at, tool_calls, tool_call_id, tool_executions, approval_request"
+)
+
+
+def migrations() -> list[tuple[int, str, str]]:
+    """The packaged migrations as (version, name, SQL), in version order."""
+    folder = resources.files("aichat.store").joinpath("migrations")
+    found = []
+    for entry in folder.iterdir():
+        name = entry.name
+        if name.endswith(".sql") and name[:4].isdigit():
+            found.append((int(name[:4]), name, entry.read_text("utf-8")))
+    return sorted(found)
+
+
+def _connect_hook(connection: sqlite3.Connection) -> None:
+    connection.execute("PRAGMA foreign_keys = ON")
+    connection.execute("PRAGMA journal_mode = WAL")
+    connection.execute("PRAGMA synchronous = FULL")
+    connection.execute("PRAGMA busy_timeout = 5000")
+
+
+def _dump(value: Any) -> str | None:
+    return None if value is None else json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+
+
+def _load(value: str | None) -> Any:
+    return None if value is None else json.loads(value)
+
+
+def _session(row: tuple[Any, ...]) -> Session:
+    return Session(*row)
+
+
+class SQLiteStore:
+    """:class:`~aichat.store.base.Store` on a SQLite file."""
+
+    log = Logger()
+
+    def __init__(self, reactor: IReactorThreads, path: str) -> None:
+        self._reactor = reactor
+        self.path = path
+        self._pool: adbapi.ConnectionPool | None = None
+
+    @property
+    def pool(self) -> adbapi.ConnectionPool:
+        if self._pool is None:
+            raise StoreError("the store is not open")
+        return self._pool
+
+    async def open(self) -> None:
+        """Create the folder and database if missing, check they are writable, migrate."""
+        path = Path(self.path)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            if not os.access(path.parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+                raise PermissionError(13, "permission denied")
+        except OSError as e:
+            raise StoreError(f"cannot use database {self.path}: {e.strerror or e}") from None
+        self._pool = adbapi.ConnectionPool(
+            "sqlite3",
+            self.path,
+            check_same_thread=False,
+            isolation_level=None,
+            cp_min=1,
+            cp_max=1,
+            cp_openfun=_connect_hook,
+            cp_reactor=self._reactor,
+        )
+        self._pool.start()
+        try:
+            applied = await self.pool.runInteraction(self._migrate)
+        except sqlite3.Error as e:
+            await self.close()
+            raise StoreError(f"cannot open database {self.path}: {e}") from None
+        for version in applied:
+            self.log.info("Applied database migration {version}", version=version, path=self.path)
+
+    @staticmethod
+    def _migrate(txn: Cursor) -> list[str]:
+        txn.execute(
+            "CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY, name TEXT NOT NULL, "
+            "applied_at TEXT NOT NULL)"
+        )
+        txn.execute("SELECT version FROM schema_migrations")
+        done = {row[0] for row in txn.fetchall()}
+        applied = []
+        for version, name, sql in migrations():
+            if version in done:
+                continue
+            txn.execute("BEGIN IMMEDIATE")
+            try:
+                for statement in _statements(sql):
+                    txn.execute(statement)
+                txn.execute(
+                    "INSERT INTO schema_migrations (version, name, applied_at) VALUES (?, ?, ?)",
+                    (version, name, utc_now()),
+                )
+                txn.execute("COMMIT")
+            except BaseException:
+                txn.execute("ROLLBACK")
+                raise
+            applied.append(name)
+        return applied
+
+    async def close(self) -> None:
+        if self._pool is not None:
+            pool, self._pool = self._pool, None
+            pool.close()
+
+    async def ping(self) -> bool:
+        try:
+            rows = await self.pool.runQuery("SELECT 1")
+        except (sqlite3.Error, StoreError):
+            return False
+        return bool(rows == [(1,)])
+
+    async def _write(self, work: Any, *args: Any) -> Any:
+        """Run ``work(txn, *args)`` inside one immediate transaction."""
+
+        def transaction(txn: Cursor) -> Any:
+            txn.execute("BEGIN IMMEDIATE")
+            try:
+                result = work(txn, *args)
+            except BaseException:
+                txn.execute("ROLLBACK")
+                raise
+            txn.execute("COMMIT")
+            return result
+
+        try:
+            return await self.pool.runInteraction(transaction)
+        except sqlite3.Error as e:
+            raise StoreError(str(e)) from e
+
+    async def _read(self, sql: str, params: tuple[Any, ...]) -> list[tuple[Any, ...]]:
+        try:
+            rows: list[tuple[Any, ...]] = await self.pool.runQuery(sql, params)
+        except sqlite3.Error as e:
+            raise StoreError(str(e)) from e
+        return rows
+
+    async def create_session(self, user_id: str, title: str, session_id: str | None = None) -> Session:
+        from aichat.store.base import new_id
+
+        now = utc_now()
+        session = Session(session_id or new_id(), user_id, title, now, now)
+
+        def insert(txn: Cursor) -> None:
+            txn.execute(
+                f"INSERT INTO chat_sessions ({SESSION_COLUMNS}) VALUES (?, ?, ?, ?, ?)",
+                (session.id, session.user_id, session.title, session.created_at, session.updated_at),
+            )
+
+        await self._write(insert)
+        return session
+
+    async def list_sessions(self, user_id: str, limit: int, offset: int) -> list[Session]:
+        rows = await self._read(
+            f"SELECT {SESSION_COLUMNS} FROM chat_sessions WHERE user_id = ? "
+            "ORDER BY updated_at DESC, rowid DESC LIMIT ? OFFSET ?",
+            (user_id, limit, offset),
+        )
+        return [_session(row) for row in rows]
+
+    async def get_session(self, user_id: str, session_id: str) -> Session | None:
+        rows = await self._read(
+            f"SELECT {SESSION_COLUMNS} FROM chat_sessions WHERE id = ? AND user_id = ?", (session_id, user_id)
+        )
+        return _session(rows[0]) if rows else None
+
+    async def rename_session(self, user_id: str, session_id: str, title: str) -> bool:
+        def update(txn: Cursor) -> bool:
+            txn.execute(
+                "UPDATE chat_sessions SET title = ?, updated_at = ? WHERE id = ? AND user_id = ?",
+                (title, utc_now(), session_id, user_id),
+            )
+            return bool(txn.rowcount)
+
+        return bool(await self._write(update))
+
+    async def delete_session(self, user_id: str, session_id: str) -> bool:
+        def delete(txn: Cursor) -> bool:
+            txn.execute("DELETE FROM chat_sessions WHERE id = ? AND user_id = ?", (session_id, user_id))
+            return bool(txn.rowcount)
+
+        return bool(await self._write(delete))
+
+    async def add_message(self, message: Message) -> None:
+        def insert(txn: Cursor) -> None:
+            txn.execute(
+                f"INSERT INTO chat_messages ({MESSAGE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    message.id,
+                    message.session_id,
+                    message.role,
+                    message.content,
+                    message.created_at,
+                    _dump(message.tool_calls or None),
+                    message.tool_call_id,
+                    _dump(message.tool_executions or None),
+                    _dump(message.approval_request),
+                ),
+            )
+            for attachment in message.attachments:
+                txn.execute(
+                    "INSERT INTO chat_attachments (id, message_id, filename, mime_type, size, content, created_at) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        attachment.id,
+                        message.id,
+                        attachment.filename,
+                        attachment.mime_type,
+                        attachment.size,
+                        attachment.content,
+                        message.created_at,
+                    ),
+                )
+            txn.execute("UPDATE chat_sessions SET updated_at = ? WHERE id = ?", (utc_now(), message.session_id))
+            if not txn.rowcount:
+                raise sqlite3.IntegrityError(f"session {message.session_id} does not exist")
+
+        await self._write(insert)
+
+    async def _messages(self, where: str, params: tuple[Any, ...]) -> list[Message]:
+        def select(txn: Cursor) -> list[Message]:
+            txn.execute(f"SELECT {MESSAGE_COLUMNS} FROM chat_messages {where}", params)
+            rows = txn.fetchall()
+            ids = [row[0] for row in rows]
+            attachments: dict[str, list[Attachment]] = {}
+            if ids:
+                marks = ",".join("?" * len(ids))
+                txn.execute(
+                    "SELECT message_id, id, filename, mime_type, size, content FROM chat_attachments "
+                    f"WHERE message_id IN ({marks}) ORDER BY rowid",
+                    ids,
+                )
+                for message_id, *fields in txn.fetchall():
+                    attachments.setdefault(message_id, []).append(Attachment(*fields))
+            return [
+                Message(
+                    id=row[0],
+                    session_id=row[1],
+                    role=row[2],
+                    content=row[3],
+                    created_at=row[4],
+                    tool_calls=_load(row[5]),
+                    tool_call_id=row[6],
+                    tool_executions=_load(row[7]),
+                    approval_request=_load(row[8]),
+                    attachments=tuple(attachments.get(row[0], ())),
+                )
+                for row in rows
+            ]
+
+        try:
+            result: list[Message] = await self.pool.runInteraction(select)
+        except sqlite3.Error as e:
+            raise StoreError(str(e)) from e
+        return result
+
+    async def list_messages(self, user_id: str, session_id: str, limit: int, offset: int) -> list[Message] | None:
+        if await self.get_session(user_id, session_id) is None:
+            return None
+        return await self._messages("WHERE session_id = ? ORDER BY seq LIMIT ? OFFSET ?", (session_id, limit, offset))
+
+    async def history(self, session_id: str) -> list[Message]:
+        return await self._messages("WHERE session_id = ? ORDER BY seq", (session_id,))
+
+    async def clear_messages(self, user_id: str, session_id: str) -> bool:
+        def clear(txn: Cursor) -> bool:
+            txn.execute(
+                "UPDATE chat_sessions SET updated_at = ? WHERE id = ? AND user_id = ?",
+                (utc_now(), session_id, user_id),
+            )
+            if not txn.rowcount:
+                return False
+            txn.execute("DELETE FROM chat_messages WHERE session_id = ?", (session_id,))
+            txn.execute(
+                "UPDATE tool_approvals SET status = 'expired', resolved_at = ? "
+                "WHERE session_id = ? AND status = 'pending'",
+                (utc_now(), session_id),
+            )
+            return True
+
+        return bool(await self._write(clear))
+
+    async def create_approval(self, approval: Approval) -> None:
+        def insert(txn: Cursor) -> None:
+            txn.execute(
+                "INSERT INTO tool_approvals (id, session_id, user_id, tool_calls, status, created_at, expires_at) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (
+                    approval.id,
+                    approval.session_id,
+                    approval.user_id,
+                    _dump(approval.tool_calls),
+                    approval.status,
+                    approval.created_at,
+                    approval.expires_at,
+                ),
+            )
+
+        await self._write(insert)
+
+    async def get_approval(self, user_id: str, approval_id: str) -> Approval | None:
+        rows = await self._read(
+            "SELECT id, session_id, user_id, tool_calls, status, created_at, expires_at, resolved_at "
+            "FROM tool_approvals WHERE id = ? AND user_id = ?",
+            (approval_id, user_id),
+        )
+        if not rows:
+            return None
+        row = rows[0]
+        return Approval(row[0], row[1], row[2], json.loads(row[3]), row[4], row[5], row[6], row[7])
+
+    async def resolve_approval(self, approval_id: str, status: str) -> bool:
+        def update(txn: Cursor) -> bool:
+            txn.execute(
+                "UPDATE tool_approvals SET status = ?, resolved_at = ? WHERE id = ? AND status = 'pending'",
+                (status, utc_now(), approval_id),
+            )
+            return bool(txn.rowcount)
+
+        return bool(await self._write(update))
+
+
+def _statements(sql: str) -> list[str]:
+    """Split a migration into statements (ours hold no semicolons inside literals)."""
+    lines = [line for line in sql.splitlines() if not line.lstrip().startswith("--")]
+    return [part.strip() for part in "\n".join(lines).split(";") if part.strip()]
