@@ -1,0 +1,342 @@
+"""Keep one MCP server usable: start it, watch it, restart it with backoff, stop it.
+
+The lifecycle is an explicit state machine::
+
+    stopped --start--> starting --handshake and tool list--> ready
+    starting --failure--> backing_off --delay--> starting
+    starting --unsupported protocol version--> failed
+    ready --crash / overlong line / lost session--> backing_off
+    any --stop--> stopping --children gone--> stopped
+
+The delay starts at 1 s and doubles to 60 s; it goes back to 1 s once a server has stayed ready for 60 s.
+A crash fails every in-flight call at once (the transport fails its peer before telling us). The
+transport is reached through a *connector*, so the logic is tested with a Clock and fake connections.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol
+
+from twisted.internet.defer import CancelledError, Deferred, succeed
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from aichat.mcp.config import ServerConfig
+from aichat.mcp.jsonrpc import JSONRPCPeer, PeerGone, RequestTimeout, RPCError
+from aichat.mcp.session import MCPSession, ProtocolVersionError, ServerInfo, ToolResult
+
+log = Logger()
+
+
+class State(enum.Enum):
+    """Where a server is in its lifecycle (the value is what status reports)."""
+
+    STARTING = "starting"
+    READY = "ready"
+    BACKING_OFF = "backing_off"
+    FAILED = "failed"
+    STOPPING = "stopping"
+    STOPPED = "stopped"
+
+
+class Connection(Protocol):
+    """A live transport to one server: its JSON-RPC peer and a way to close it."""
+
+    peer: JSONRPCPeer
+    pid: int | None
+    on_lost: Callable[[str], None] | None
+    protocol_version: str | None
+
+    def close(self) -> Deferred[None]:
+        """Stop the server or session; fires when it is gone."""
+
+
+Connector = Callable[[ServerConfig], Awaitable[Connection]]
+
+
+class ToolCallError(Exception):
+    """A tool could not be called: server not ready, crashed, timed out, or answered a JSON-RPC error."""
+
+
+class ServerSupervisor:
+    """The lifecycle of one configured server."""
+
+    def __init__(
+        self,
+        clock: IReactorTime,
+        config: ServerConfig,
+        connect: Connector,
+        *,
+        on_change: Callable[[ServerSupervisor], None] | None = None,
+        initial_backoff: float = 1.0,
+        max_backoff: float = 60.0,
+        reset_after: float = 60.0,
+    ) -> None:
+        self.config = config
+        self.state = State.STOPPED
+        self.tools: list[dict[str, Any]] = []
+        self.info: ServerInfo | None = None
+        self.restarts = 0
+        self.last_error: str | None = None
+        self.on_change = on_change
+        self._clock = clock
+        self._connect = connect
+        self._initial_backoff = initial_backoff
+        self._max_backoff = max_backoff
+        self._reset_after = reset_after
+        self._backoff = initial_backoff
+        self._connection: Connection | None = None
+        self._session: MCPSession | None = None
+        self._bring_up: Deferred[None] | None = None
+        self._retry_timer: IDelayedCall | None = None
+        self._ready_since: float | None = None
+        self._generation = 0
+        self._listing = False
+        self._relist_wanted = False
+        self._stopping: Deferred[None] | None = None
+
+    @property
+    def name(self) -> str:
+        """The server's configured name."""
+        return self.config.name
+
+    @property
+    def pid(self) -> int | None:
+        """The child's pid while it runs (stdio only)."""
+        return self._connection.pid if self._connection is not None else None
+
+    @property
+    def uptime(self) -> float | None:
+        """Seconds since the server became ready, while it is ready."""
+        return None if self._ready_since is None else self._clock.seconds() - self._ready_since
+
+    def start(self) -> None:
+        """Start now unless already starting, ready or stopping; a pending retry is brought forward."""
+        if self.state in (State.STARTING, State.READY, State.STOPPING):
+            return
+        self._cancel_retry()
+        self._attempt()
+
+    def stop(self) -> Deferred[None]:
+        """Stop the server (stop ladder for a child); fires when it is gone. Safe to call repeatedly."""
+        if self._stopping is not None:
+            d: Deferred[None] = Deferred()
+            self._stopping.addBoth(lambda _: d.callback(None))
+            return d
+        self._cancel_retry()
+        self._generation += 1
+        if self._bring_up is not None:
+            self._bring_up.cancel()
+            self._bring_up = None
+        connection, self._connection, self._session = self._connection, None, None
+        if connection is None:
+            self._set_state(State.STOPPED)
+            return succeed(None)
+        self._set_state(State.STOPPING)
+        self._ready_since = None
+        stopping = connection.close()
+        self._stopping = stopping
+
+        def stopped(result: object) -> None:
+            self._stopping = None
+            if self.state is State.STOPPING:
+                self._set_state(State.STOPPED)
+            if isinstance(result, Failure):
+                log.failure("{server}: error while stopping", result, server=self.name)
+
+        stopping.addBoth(stopped)
+        done: Deferred[None] = Deferred()
+        stopping.addBoth(lambda _: done.callback(None))
+        return done
+
+    async def restart(self) -> None:
+        """Stop (if running) and start again at once, with the backoff reset."""
+        await self.stop()
+        self._backoff = self._initial_backoff
+        self._attempt()
+
+    async def call_tool(self, tool: str, arguments: dict[str, Any]) -> ToolResult:
+        """Call ``tool`` with the configured per-call timeout; failures become :class:`ToolCallError`."""
+        session = self._session
+        if self.state is not State.READY or session is None:
+            detail = f": {self.last_error}" if self.last_error and self.state is not State.STARTING else ""
+            raise ToolCallError(f"MCP server {self.name!r} is not ready ({self.state.value}){detail}")
+        try:
+            return await session.call_tool(tool, arguments, time_limit=self.config.timeout)
+        except CancelledError:
+            raise
+        except RequestTimeout:
+            raise ToolCallError(
+                f"tool {tool!r} of MCP server {self.name!r} timed out after {self.config.timeout:g} s"
+            ) from None
+        except PeerGone as e:
+            raise ToolCallError(f"tool {tool!r} failed: {e}") from None
+        except RPCError as e:
+            raise ToolCallError(f"tool {tool!r} of MCP server {self.name!r} failed: {e}") from None
+        except Exception as e:
+            raise ToolCallError(f"tool {tool!r} of MCP server {self.name!r} failed: {e}") from e
+
+    async def refresh_tools(self) -> None:
+        """Re-list the tools of a ready server; retry a failed or backing-off one now."""
+        if self.state in (State.FAILED, State.BACKING_OFF):
+            self.start()
+            return
+        if self.state is State.READY:
+            await self._relist()
+
+    def _attempt(self) -> None:
+        self._retry_timer = None
+        self._generation += 1
+        generation = self._generation
+        self.info = None
+        self.tools = []
+        self._set_state(State.STARTING)
+        bring_up = Deferred.fromCoroutine(self._start(generation))
+        self._bring_up = bring_up
+        timed_out = False
+
+        def time_out() -> None:
+            nonlocal timed_out
+            timed_out = True
+            bring_up.cancel()
+
+        timer = self._clock.callLater(self.config.init_timeout, time_out)
+
+        def finished(result: object) -> None:
+            if timer.active():
+                timer.cancel()
+            if self._bring_up is bring_up:
+                self._bring_up = None
+            if isinstance(result, Failure) and generation == self._generation:
+                if result.check(CancelledError) and timed_out:
+                    reason = f"not ready within init_timeout {self.config.init_timeout:g} s"
+                    self._start_failed(generation, reason, permanent=False)
+                else:
+                    permanent = result.check(ProtocolVersionError) is not None
+                    self._start_failed(generation, _describe(result), permanent=permanent)
+
+        bring_up.addBoth(finished)
+
+    async def _start(self, generation: int) -> None:
+        connection = await self._connect(self.config)
+        if generation != self._generation:
+            await connection.close()
+            return
+        self._connection = connection
+        connection.on_lost = lambda reason: self._lost(generation, reason)
+        session = MCPSession(connection.peer, name=self.name, on_tools_changed=self._tools_changed)
+        self._session = session
+        self.info = await session.initialize(time_limit=self.config.init_timeout)
+        connection.protocol_version = self.info.protocol_version
+        self._relist_wanted = False
+        tools = await session.list_tools(time_limit=self.config.init_timeout)
+        if generation != self._generation:
+            return
+        self.tools = tools
+        self.last_error = None
+        self._ready_since = self._clock.seconds()
+        log.info(
+            "{server}: ready ({version}, {count} tools)",
+            server=self.name,
+            version=self.info.protocol_version,
+            count=len(tools),
+        )
+        self._set_state(State.READY)
+        if self._relist_wanted:
+            self._tools_changed()
+
+    def _start_failed(self, generation: int, reason: str, *, permanent: bool) -> None:
+        self.last_error = reason
+        log.error("{server}: start failed: {reason}", server=self.name, reason=reason)
+        self._drop_connection()
+        if permanent:
+            self._set_state(State.FAILED)
+        else:
+            self._schedule_retry()
+
+    def _lost(self, generation: int, reason: str) -> None:
+        if generation != self._generation:
+            return
+        self.last_error = reason
+        if self.state is State.READY:
+            uptime = self.uptime or 0.0
+            if uptime >= self._reset_after:
+                self._backoff = self._initial_backoff
+            log.error("{server}: lost after {uptime:.1f} s: {reason}", server=self.name, uptime=uptime, reason=reason)
+            self._generation += 1
+            self._drop_connection()
+            self._schedule_retry()
+
+    def _drop_connection(self) -> None:
+        connection, self._connection, self._session = self._connection, None, None
+        self._ready_since = None
+        self.tools = []
+        if connection is not None:
+            closing = connection.close()
+            closing.addErrback(lambda f: log.failure("{server}: error while closing", f, server=self.name))
+
+    def _schedule_retry(self) -> None:
+        delay = self._backoff
+        self._backoff = min(self._backoff * 2, self._max_backoff)
+        self.restarts += 1
+        self._set_state(State.BACKING_OFF)
+        log.info("{server}: restarting in {delay:g} s", server=self.name, delay=delay)
+        self._retry_timer = self._clock.callLater(delay, self._attempt)
+
+    def _cancel_retry(self) -> None:
+        if self._retry_timer is not None and self._retry_timer.active():
+            self._retry_timer.cancel()
+        self._retry_timer = None
+
+    def _tools_changed(self) -> None:
+        if self.state is not State.READY:
+            self._relist_wanted = True
+            return
+        Deferred.fromCoroutine(self._relist()).addErrback(
+            lambda f: None if f.check(CancelledError) else log.failure("relist", f)
+        )
+
+    async def _relist(self) -> None:
+        self._relist_wanted = True
+        if self._listing:
+            return
+        self._listing = True
+        try:
+            while self._relist_wanted and self.state is State.READY and self._session is not None:
+                self._relist_wanted = False
+                session = self._session
+                try:
+                    tools = await session.list_tools(time_limit=self.config.timeout)
+                except CancelledError:
+                    raise
+                except Exception as e:
+                    log.warn("{server}: tools/list failed: {error}", server=self.name, error=_describe(Failure(e)))
+                    return
+                if session is self._session:
+                    self.tools = tools
+                    log.info("{server}: tool list now has {count} tools", server=self.name, count=len(tools))
+                    self._notify()
+        finally:
+            self._listing = False
+
+    def _set_state(self, state: State) -> None:
+        if state is not self.state:
+            self.state = state
+            self._notify()
+
+    def _notify(self) -> None:
+        if self.on_change is not None:
+            try:
+                self.on_change(self)
+            except Exception:
+                log.failure("{server}: change listener failed", server=self.name)
+
+
+def _describe(failure: Failure) -> str:
+    value = failure.value
+    if isinstance(value, OSError) and value.strerror:
+        return f"{value.strerror}"
+    return str(value) or type(value).__name__
