@@ -90,7 +90,12 @@ class _BodyReader(BodyProtocol):
 
     def __init__(self, on_data: Callable[[bytes], None]) -> None:
         self._on_data = on_data
-        self.finished: Deferred[None] = Deferred(lambda _: self.close())
+        self.finished: Deferred[None] = Deferred(self._cancel)
+
+    def _cancel(self, finished: Deferred[None]) -> None:
+        # Fail first: closing may report the lost connection synchronously.
+        finished.errback(Failure(CancelledError()))
+        self.close()
 
     def dataReceived(self, data: bytes) -> None:
         if self.finished.called:

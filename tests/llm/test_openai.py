@@ -1,0 +1,458 @@
+"""The OpenAI client driven in memory: exact chunk boundaries, tool-call assembly, usage, retries and the
+three limits on a fake Clock, cancellation, and the API key kept out of every error."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.error import ConnectionRefusedError
+from twisted.internet.task import Clock
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase
+from twisted.web.client import ResponseFailed, ResponseNeverReceived
+
+from aichat.llm.openai import OpenAIProvider
+from aichat.llm.provider import Completion, LLMError, ToolCall, Usage
+from tests.llm.fakes import HANG, FakeHTTP, FakeResponse, sse, text_events
+from tests.upstream import chunk
+
+KEY = "sk-test-SECRET-0123456789abcdef"
+USER = [{"role": "user", "content": "hi"}]
+
+
+def provider(http: FakeHTTP, clock: Clock | None = None, **kwargs: Any) -> OpenAIProvider:
+    """A client on ``http`` and ``clock`` with the test key."""
+    return OpenAIProvider(
+        reactor=clock or Clock(), http=http, model="gpt-test", api_key=KEY, base_url="http://up/v1/", **kwargs
+    )
+
+
+def run(client: OpenAIProvider, messages: list[dict[str, Any]] = USER, **kwargs: Any) -> Deferred[Completion]:
+    """Start one completion."""
+    return Deferred.fromCoroutine(client.complete(messages, **kwargs))
+
+
+def dropped() -> Failure:
+    """A body cut off by a reset."""
+    return Failure(ResponseFailed([Failure(ConnectionRefusedError("reset"))]))
+
+
+def tool_delta(index: int, *, call_id: str | None = None, name: str | None = None, args: str = "") -> dict[str, Any]:
+    """One ``delta.tool_calls`` chunk."""
+    entry: dict[str, Any] = {"index": index, "function": {"arguments": args}}
+    if call_id:
+        entry["id"] = call_id
+        entry["type"] = "function"
+    if name:
+        entry["function"]["name"] = name
+    return chunk({"tool_calls": [entry]})
+
+
+class StreamTests(SynchronousTestCase):
+    """Parsing a successful stream."""
+
+    def test_text_deltas_usage_and_model(self) -> None:
+        """Each text delta reaches on_text in order; the completion has the text, finish reason, usage."""
+        seen: list[str] = []
+        http = FakeHTTP(FakeResponse(pieces=sse(*text_events("Hel", "lo", " world"))))
+        result = self.successResultOf(run(provider(http), on_text=seen.append))
+        self.assertEqual(seen, ["Hel", "lo", " world"])
+        self.assertEqual(result.text, "Hello world")
+        self.assertEqual(result.finish_reason, "stop")
+        self.assertEqual(result.usage, Usage(3, 3, 6))
+        self.assertEqual(result.model, "test-model")
+        self.assertEqual(result.tool_calls, [])
+
+    @settings(max_examples=60, deadline=None)
+    @given(
+        cuts=st.lists(st.integers(min_value=0, max_value=2000), max_size=12),
+        newline=st.sampled_from(["\n", "\r\n", "\r"]),
+        space=st.sampled_from(["", " "]),
+    )
+    def test_any_chunk_boundaries(self, cuts: list[int], newline: str, space: str) -> None:
+        """Whatever the boundaries, line endings and ``data:`` spacing, the result is the same."""
+        events = [
+            *text_events("naïve ", "→ ", "ok"),
+            tool_delta(0, call_id="call_a", name="echo", args='{"me'),
+            tool_delta(0, args='ssage": "é"}'),
+        ]
+        body = (": keep-alive" + newline + newline).encode() + sse(*events, newline=newline, space=space)
+        points = sorted({c % (len(body) + 1) for c in cuts})
+        pieces = [body[a:b] for a, b in zip([0, *points], [*points, len(body)], strict=True)]
+        seen: list[str] = []
+        http = FakeHTTP(FakeResponse(pieces=[p for p in pieces if p]))
+        result = self.successResultOf(run(provider(http), on_text=seen.append))
+        self.assertEqual(result.text, "naïve → ok")
+        self.assertEqual("".join(seen), "naïve → ok")
+        self.assertEqual(result.tool_calls, [ToolCall("call_a", "echo", '{"message": "é"}')])
+        self.assertEqual(result.usage, Usage(3, 3, 6))
+
+    def test_every_single_split_point(self) -> None:
+        """Splitting the stream in two at every byte gives the same completion."""
+        body = sse(*text_events("a", "b"), tool_delta(0, call_id="c1", name="f", args="{}"))
+        for cut in range(len(body) + 1):
+            http = FakeHTTP(FakeResponse(pieces=[body[:cut], body[cut:]]))
+            result = self.successResultOf(run(provider(http)))
+            self.assertEqual((result.text, result.tool_calls), ("ab", [ToolCall("c1", "f", "{}")]), cut)
+
+    def test_parallel_tool_calls_assembled_by_index(self) -> None:
+        """Interleaved fragments of two calls are joined per index; finish reason tool_calls."""
+        events = [
+            chunk({"role": "assistant", "content": None}),
+            tool_delta(0, call_id="call_1", name="echo"),
+            tool_delta(1, call_id="call_2", name="get-sum"),
+            tool_delta(0, args='{"message":'),
+            tool_delta(1, args='{"a": 1,'),
+            tool_delta(1, args=' "b": 2}'),
+            tool_delta(0, args=' "hi"}'),
+            chunk({}, finish_reason="tool_calls"),
+        ]
+        result = self.successResultOf(run(provider(FakeHTTP(FakeResponse(pieces=sse(*events))))))
+        self.assertEqual(
+            result.tool_calls,
+            [ToolCall("call_1", "echo", '{"message": "hi"}'), ToolCall("call_2", "get-sum", '{"a": 1, "b": 2}')],
+        )
+        self.assertEqual(result.finish_reason, "tool_calls")
+        self.assertEqual(result.text, "")
+
+    def test_id_and_name_repeated_on_every_delta(self) -> None:
+        """llama.cpp repeats id and name on each fragment: they are not concatenated."""
+        events = [tool_delta(0, call_id="c", name="echo", args=part) for part in ('{"a"', ": 1", "}")]
+        result = self.successResultOf(run(provider(FakeHTTP(FakeResponse(pieces=sse(*events))))))
+        self.assertEqual(result.tool_calls, [ToolCall("c", "echo", '{"a": 1}')])
+
+    def test_tool_call_without_id_or_arguments(self) -> None:
+        """A call with no id gets one; empty arguments become an empty object."""
+        result = self.successResultOf(run(provider(FakeHTTP(FakeResponse(pieces=sse(tool_delta(0, name="now")))))))
+        [call] = result.tool_calls
+        self.assertTrue(call.id.startswith("call_"))
+        self.assertEqual((call.name, call.arguments), ("now", "{}"))
+        self.assertEqual(
+            call.to_openai(), {"id": call.id, "type": "function", "function": {"name": "now", "arguments": "{}"}}
+        )
+
+    def test_garbage_lines_and_comments_skipped(self) -> None:
+        """Unparsable data lines, unknown fields and comments do not break the stream."""
+        body = b": comment\n\ngarbage line\ndata: {not json\n\n" + sse(*text_events("ok")) + b"data: tail\n\n"
+        result = self.successResultOf(run(provider(FakeHTTP(FakeResponse(pieces=body)))))
+        self.assertEqual(result.text, "ok")
+
+    def test_data_after_done_ignored(self) -> None:
+        """Nothing after ``[DONE]`` is parsed."""
+        body = sse(*text_events("ok")) + sse(chunk({"content": "late"}), done=False)
+        result = self.successResultOf(run(provider(FakeHTTP(FakeResponse(pieces=body)))))
+        self.assertEqual(result.text, "ok")
+
+    def test_done_with_connection_left_open(self) -> None:
+        """A server that keeps the body open after ``[DONE]`` is cut off shortly, without an error."""
+        clock = Clock()
+        response = FakeResponse(pieces=sse(*text_events("ok")), end=None)
+        d = run(provider(FakeHTTP(response), clock))
+        self.assertNoResult(d)
+        clock.advance(2)
+        self.assertEqual(self.successResultOf(d).text, "ok")
+        self.assertTrue(response.transport.stopped)
+        self.assertEqual(clock.getDelayedCalls(), [])
+
+    def test_stream_without_done(self) -> None:
+        """A body that ends cleanly without ``[DONE]`` still completes, last event included."""
+        body = sse(*text_events("a", "b"), done=False)[:-1]
+        result = self.successResultOf(run(provider(FakeHTTP(FakeResponse(pieces=body)))))
+        self.assertEqual((result.text, result.usage), ("ab", Usage(3, 2, 5)))
+
+    def test_server_ignoring_stream_flag(self) -> None:
+        """A JSON ``chat.completion`` answer is accepted: text (given to on_text) and tool calls."""
+        document = {
+            "model": "m",
+            "choices": [
+                {
+                    "index": 0,
+                    "finish_reason": "tool_calls",
+                    "message": {
+                        "role": "assistant",
+                        "content": "Sure.",
+                        "tool_calls": [{"id": "x", "type": "function", "function": {"name": "f", "arguments": "{}"}}],
+                    },
+                }
+            ],
+            "usage": {"prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 3},
+        }
+        response = FakeResponse(pieces=json.dumps(document).encode(), headers={"Content-Type": "application/json"})
+        seen: list[str] = []
+        result = self.successResultOf(run(provider(FakeHTTP(response)), on_text=seen.append))
+        self.assertEqual(seen, ["Sure."])
+        self.assertEqual(result.tool_calls, [ToolCall("x", "f", "{}")])
+        self.assertEqual((result.finish_reason, result.usage, result.model), ("tool_calls", Usage(1, 2, 3), "m"))
+
+    def test_error_event_mid_stream(self) -> None:
+        """An ``error`` object inside the stream becomes an LLMError with its message, marked started."""
+        body = sse(*text_events("par")[:2], {"error": {"message": "model overloaded", "code": "overloaded"}})
+        error = self.failureResultOf(run(provider(FakeHTTP(FakeResponse(pieces=body)))), LLMError).value
+        self.assertIn("model overloaded", error.message)
+        self.assertEqual((error.started, error.code), (True, "overloaded"))
+
+    def test_html_instead_of_stream(self) -> None:
+        """A 200 with an unexpected content type is a protocol error quoting the body."""
+        response = FakeResponse(pieces=b"<html>captive portal</html>", headers={"Content-Type": "text/html"})
+        error = self.failureResultOf(run(provider(FakeHTTP(response))), LLMError).value
+        self.assertEqual(error.code, "protocol")
+        self.assertIn("captive portal", error.message)
+
+
+class RequestTests(SynchronousTestCase):
+    """What the client sends."""
+
+    def test_request_shape(self) -> None:
+        """POST to base_url/chat/completions, bearer key, streaming with usage, messages and tools as given."""
+        http = FakeHTTP(FakeResponse(pieces=sse(*text_events("ok"))))
+        tools = [{"type": "function", "function": {"name": "echo", "parameters": {"type": "object"}}}]
+        messages: list[dict[str, Any]] = [
+            {"role": "system", "content": "be brief"},
+            {
+                "role": "user",
+                "content": [{"type": "text", "text": "look"}, {"type": "image_url", "image_url": {"url": "data:x"}}],
+            },
+            {"role": "assistant", "content": None, "tool_calls": [ToolCall("c1", "echo", "{}").to_openai()]},
+            {"role": "tool", "tool_call_id": "c1", "content": "echoed"},
+        ]
+        client = provider(http, temperature=0.2, extra_body={"max_tokens": 50, "stream": False})
+        self.successResultOf(run(client, messages, tools=tools))
+        [sent] = http.sent
+        self.assertEqual((sent.method, sent.url), ("POST", "http://up/v1/chat/completions"))
+        self.assertEqual(sent.headers.getRawHeaders(b"authorization"), [f"Bearer {KEY}".encode()])
+        self.assertEqual(sent.headers.getRawHeaders(b"content-type"), [b"application/json"])
+        self.assertEqual(
+            sent.body,
+            {
+                "model": "gpt-test",
+                "messages": messages,
+                "stream": True,
+                "stream_options": {"include_usage": True},
+                "tools": tools,
+                "temperature": 0.2,
+                "max_tokens": 50,
+            },
+        )
+
+    def test_one_shot_without_key_or_tools(self) -> None:
+        """complete(messages, None): no tools field, no temperature, no Authorization without a key."""
+        http = FakeHTTP(FakeResponse(pieces=sse(*text_events("Title"))))
+        client = OpenAIProvider(reactor=Clock(), http=http, model="m", base_url="http://local:1/v1")
+        self.assertEqual(self.successResultOf(Deferred.fromCoroutine(client.complete(USER, None))).text, "Title")
+        [sent] = http.sent
+        self.assertNotIn("tools", sent.body)
+        self.assertNotIn("temperature", sent.body)
+        self.assertIsNone(sent.headers.getRawHeaders(b"authorization"))
+
+    def test_rejects_roles_the_api_rejects(self) -> None:
+        """Unknown roles and tool results without tool_call_id never leave the process."""
+        http = FakeHTTP()
+        for messages in ([{"role": "tool_approval", "content": "x"}], [{"role": "tool", "content": "x"}]):
+            self.failureResultOf(run(provider(http), messages), ValueError)
+        self.assertEqual(http.sent, [])
+
+
+class RetryTests(SynchronousTestCase):
+    """Which failures are retried, when, and how often."""
+
+    def test_retry_after_honoured(self) -> None:
+        """A 429 with Retry-After 2 is retried after exactly 2 s, then succeeds."""
+        clock = Clock()
+        limited = FakeResponse(429, b'{"error":{"message":"Rate limit"}}', headers={"Retry-After": "2"})
+        http = FakeHTTP(limited, FakeResponse(pieces=sse(*text_events("ok"))))
+        d = run(provider(http, clock))
+        clock.advance(1.99)
+        self.assertEqual(len(http.sent), 1)
+        clock.advance(0.01)
+        self.assertEqual(self.successResultOf(d).text, "ok")
+        self.assertEqual(len(http.sent), 2)
+
+    def test_retry_after_capped(self) -> None:
+        """An hour-long Retry-After waits only retry_after_max."""
+        clock = Clock()
+        http = FakeHTTP(FakeResponse(503, b"", headers={"Retry-After": "3600"}), FakeResponse(pieces=sse()))
+        d = run(provider(http, clock, retry_after_max=5))
+        clock.advance(5)
+        self.successResultOf(d)
+
+    def test_exponential_backoff_then_give_up(self) -> None:
+        """5xx and connection errors are tried max_attempts times, 0.5 s then 1 s apart, then raised."""
+        clock = Clock()
+        http = FakeHTTP(
+            FakeResponse(502, b"bad gateway"),
+            ResponseNeverReceived([Failure(ConnectionRefusedError())]),
+            FakeResponse(500, b'{"error":{"message":"boom","type":"server_error"}}'),
+        )
+        d = run(provider(http, clock))
+        clock.advance(0.49)
+        self.assertEqual(len(http.sent), 1)
+        clock.advance(0.01)
+        self.assertEqual(len(http.sent), 2)
+        clock.advance(0.99)
+        self.assertEqual(len(http.sent), 2)
+        clock.advance(0.01)
+        error = self.failureResultOf(d, LLMError).value
+        self.assertEqual((error.status, error.retryable, error.started), (500, True, False))
+        self.assertIn("boom", error.message)
+        self.assertEqual(clock.getDelayedCalls(), [])
+
+    def test_connection_refused_every_time(self) -> None:
+        """Connection errors end as an LLMError with code connection after all attempts."""
+        clock = Clock()
+        http = FakeHTTP(*[ConnectionRefusedError("nope")] * 3)
+        d = run(provider(http, clock))
+        clock.pump([1] * 5)
+        error = self.failureResultOf(d, LLMError).value
+        self.assertEqual((error.code, error.status, len(http.sent)), ("connection", None, 3))
+
+    def test_client_errors_not_retried(self) -> None:
+        """400, 401, 404 and a quota 429 fail at once with the upstream's message."""
+        for response, expected in [
+            (FakeResponse(400, b'{"error":{"message":"bad messages","code":"invalid"}}'), "bad messages"),
+            (FakeResponse(401, b'{"error":{"message":"Incorrect API key"}}'), "Incorrect API key"),
+            (FakeResponse(404, b"<h1>Not Found</h1>", headers={"Content-Type": "text/html"}), "Not Found"),
+            (FakeResponse(429, b'{"error":{"message":"quota","code":"insufficient_quota"}}'), "quota"),
+            (FakeResponse(400, b'{"error":"ollama style"}'), "ollama style"),
+        ]:
+            http = FakeHTTP(response)
+            error = self.failureResultOf(run(provider(http)), LLMError).value
+            self.assertIn(expected, error.message)
+            self.assertEqual((error.status, error.retryable, len(http.sent)), (response.code, False, 1))
+
+    def test_drop_before_text_retried(self) -> None:
+        """A stream cut before any text (only the role chunk seen) is retried."""
+        clock = Clock()
+        first = FakeResponse(pieces=sse(chunk({"role": "assistant", "content": ""}), done=False), end=dropped())
+        http = FakeHTTP(first, FakeResponse(pieces=sse(*text_events("ok"))))
+        d = run(provider(http, clock))
+        clock.advance(0.5)
+        self.assertEqual(self.successResultOf(d).text, "ok")
+
+    def test_drop_after_text_not_retried(self) -> None:
+        """Once text has streamed, a cut ends the call with started=True and no second request."""
+        clock = Clock()
+        first = FakeResponse(pieces=sse(*text_events("partial")[:2], done=False), end=dropped())
+        http = FakeHTTP(first, FakeResponse(pieces=sse(*text_events("ok"))))
+        seen: list[str] = []
+        d = run(provider(http, clock), on_text=seen.append)
+        error = self.failureResultOf(d, LLMError).value
+        self.assertEqual((error.started, error.code, seen, len(http.sent)), (True, "connection", ["partial"], 1))
+
+
+class LimitTests(SynchronousTestCase):
+    """Deadline to the first byte, idle timer, size cap; every timer cancelled."""
+
+    def test_deadline_before_headers(self) -> None:
+        """No headers within first_byte_timeout: the request is cancelled and a timeout raised."""
+        clock = Clock()
+        http = FakeHTTP(HANG)
+        d = run(provider(http, clock, first_byte_timeout=5))
+        clock.advance(4.9)
+        self.assertNoResult(d)
+        clock.advance(0.1)
+        error = self.failureResultOf(d, LLMError).value
+        self.assertEqual((error.code, error.retryable, http.cancelled), ("timeout", False, 1))
+        self.assertEqual(clock.getDelayedCalls(), [])
+
+    def test_deadline_after_headers(self) -> None:
+        """Headers but no body byte within the deadline is a timeout too."""
+        clock = Clock()
+        response = FakeResponse(end=None)
+        d = run(provider(FakeHTTP(response), clock, first_byte_timeout=5, idle_timeout=100))
+        clock.advance(5)
+        self.assertEqual(self.failureResultOf(d, LLMError).value.code, "timeout")
+        self.assertTrue(response.transport.stopped)
+
+    def test_idle_timer_reset_by_each_chunk(self) -> None:
+        """Chunks 9 s apart keep a 10 s idle timer alive; 10 s of silence ends the call, marked started."""
+        clock = Clock()
+        response = FakeResponse(end=None)
+        d = run(provider(FakeHTTP(response), clock, first_byte_timeout=30, idle_timeout=10), on_text=lambda _: None)
+        clock.advance(20)
+        for part in ("a", "b", "c"):
+            response.send(sse(chunk({"content": part}), done=False))
+            clock.advance(9)
+        self.assertNoResult(d)
+        clock.advance(1)
+        error = self.failureResultOf(d, LLMError).value
+        self.assertEqual((error.code, error.started), ("timeout", True))
+        self.assertIn("nothing for 10 s", error.message)
+        self.assertTrue(response.transport.stopped)
+        self.assertEqual(clock.getDelayedCalls(), [])
+
+    def test_size_cap(self) -> None:
+        """A body larger than max_response_bytes is cut off with code too_large."""
+        response = FakeResponse(end=None)
+        d = run(provider(FakeHTTP(response), max_response_bytes=2000))
+        for _ in range(30):
+            response.send(sse(chunk({"content": "x" * 50}), done=False))
+        error = self.failureResultOf(d, LLMError).value
+        self.assertEqual(error.code, "too_large")
+        self.assertTrue(response.transport.stopped)
+
+    def test_timers_cancelled_after_success(self) -> None:
+        """A completed call leaves no delayed call behind."""
+        clock = Clock()
+        self.successResultOf(run(provider(FakeHTTP(FakeResponse(pieces=sse(*text_events("x")))), clock)))
+        self.assertEqual(clock.getDelayedCalls(), [])
+
+
+class CancellationTests(SynchronousTestCase):
+    """Cancelling the call's Deferred stops the HTTP work and surfaces CancelledError."""
+
+    def test_cancel_while_connecting(self) -> None:
+        """The pending request is cancelled; no timer is left."""
+        clock = Clock()
+        http = FakeHTTP(HANG)
+        d = run(provider(http, clock))
+        d.cancel()
+        self.failureResultOf(d, CancelledError)
+        self.assertEqual(http.cancelled, 1)
+        self.assertEqual(clock.getDelayedCalls(), [])
+
+    def test_cancel_while_streaming(self) -> None:
+        """The body's connection is closed and the call fails with CancelledError, not LLMError."""
+        clock = Clock()
+        response = FakeResponse(pieces=sse(chunk({"content": "a"}), done=False), end=None)
+        d = run(provider(FakeHTTP(response), clock))
+        d.cancel()
+        self.failureResultOf(d, CancelledError)
+        self.assertTrue(response.transport.stopped)
+        self.assertEqual(clock.getDelayedCalls(), [])
+
+    def test_cancel_during_backoff(self) -> None:
+        """Cancelling between attempts sends no further request."""
+        clock = Clock()
+        http = FakeHTTP(FakeResponse(503, b""), FakeResponse(pieces=sse()))
+        d = run(provider(http, clock))
+        d.cancel()
+        self.failureResultOf(d, CancelledError)
+        clock.advance(60)
+        self.assertEqual(len(http.sent), 1)
+
+
+class SecretTests(SynchronousTestCase):
+    """The API key never appears in an error."""
+
+    def test_key_scrubbed_from_error_bodies(self) -> None:
+        """An upstream echoing our key or bearer header gets it redacted."""
+        body = json.dumps({"error": {"message": f"Incorrect API key provided: {KEY}. Header: Bearer {KEY}"}})
+        error = self.failureResultOf(run(provider(FakeHTTP(FakeResponse(401, body.encode())))), LLMError).value
+        self.assertNotIn(KEY, error.message)
+        self.assertNotIn(KEY, str(error))
+        self.assertNotIn(KEY, repr(error))
+        self.assertIn("[redacted]", error.message)
+
+    def test_key_scrubbed_from_text_and_connection_errors(self) -> None:
+        """Plain-text bodies and connection failures are scrubbed too; the key is not in repr."""
+        clock = Clock()
+        http = FakeHTTP(FakeResponse(400, f"bad key {KEY}".encode(), headers={}), ConnectionRefusedError(KEY))
+        error = self.failureResultOf(run(provider(http, clock)), LLMError).value
+        self.assertNotIn(KEY, error.message)
+        client = provider(FakeHTTP(ConnectionRefusedError(KEY)), clock, max_attempts=1)
+        self.assertNotIn(KEY, self.failureResultOf(run(client), LLMError).value.message)
+        self.assertNotIn(KEY, repr(client))
