@@ -229,10 +229,11 @@ class ServerSupervisor:
         connection.on_lost = lambda reason: self._lost(generation, reason)
         session = MCPSession(connection.peer, name=self.name, on_tools_changed=self._tools_changed)
         self._session = session
-        self.info = await session.initialize(time_limit=self.config.init_timeout)
+        # The init_timeout timer of _attempt bounds the whole bring-up, these requests included.
+        self.info = await session.initialize()
         connection.protocol_version = self.info.protocol_version
         self._relist_wanted = False
-        tools = await session.list_tools(time_limit=self.config.init_timeout)
+        tools = await session.list_tools()
         if generation != self._generation:
             return
         self.tools = tools
