@@ -8,6 +8,7 @@ configuration, 2 usage error.
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Sequence
 
@@ -63,6 +64,8 @@ def _mcp_problems(settings: Settings) -> tuple[list[Problem], list[str]]:
         from aichat.mcp.config import load_servers_file
     except ImportError:
         return [], ["mcp servers:    (MCP support not installed)"]
+    if not os.path.exists(settings.mcp.servers_file):
+        return [], [f"warning: MCP servers file {settings.mcp.servers_file} not found: no MCP servers"]
     try:
         servers = load_servers_file(settings.mcp.servers_file)
     except ConfigError as e:

@@ -121,11 +121,17 @@ class AichatService(Service):
         log.info("Stopping: no new connections")
         if self.port is not None:
             port, self.port = self.port, None
-            await port.stopListening()
+            stopped = port.stopListening()
+            if stopped is not None:
+                await stopped
         for hook in reversed(self.stop_hooks):
             await hook()
         await self.site.drain(self.reactor, self.settings.server.shutdown_grace_seconds)
         await self.store.close()
+        if getattr(self.reactor, "_exitSignal", None) in (signal.SIGTERM, signal.SIGINT):
+            # twistd re-raises the stop signal after shutdown, so the process would die "by SIGTERM";
+            # a completed graceful stop is a success and exits 0.
+            self.reactor._exitSignal = None
         log.info("Stopped")
         if isinstance(self.log_file, ReopenableFile):
             self.log_file.flush()

@@ -47,7 +47,7 @@ class ReopenableFile:
         directory = os.path.dirname(self.path)
         if directory:
             os.makedirs(directory, exist_ok=True)
-        return open(self.path, "a", encoding="utf-8", buffering=1)  # noqa: SIM115
+        return open(self.path, "a", encoding="utf-8", buffering=1)
 
     def write(self, text: str) -> None:
         with self._lock:

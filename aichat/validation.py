@@ -78,18 +78,18 @@ def _describe(error: ValidationError, schema: dict[str, Any]) -> list[str]:
     return [error.message]
 
 
-def secret_values(document: Any, secret_keys: frozenset[str]) -> set[str]:
+def secret_values(document: Any, secret_keys: frozenset[str], inside: bool = False) -> set[str]:
     """Every non-empty string found under a key named in ``secret_keys``, at any depth."""
     found: set[str] = set()
-    if isinstance(document, dict):
+    if isinstance(document, str):
+        if inside and document:
+            found.add(document)
+    elif isinstance(document, dict):
         for key, value in document.items():
-            if key in secret_keys and isinstance(value, str) and value:
-                found.add(value)
-            else:
-                found |= secret_values(value, secret_keys)
+            found |= secret_values(value, secret_keys, inside or key in secret_keys)
     elif isinstance(document, list):
         for item in document:
-            found |= secret_values(item, secret_keys)
+            found |= secret_values(item, secret_keys, inside)
     return found
 
 

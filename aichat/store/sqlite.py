@@ -18,7 +18,7 @@ from twisted.enterprise import adbapi
 from twisted.internet.interfaces import IReactorThreads
 from twisted.logger import Logger
 
-from aichat.store.base import Approval, Attachment, Message, Session, StoreError, utc_now
+from aichat.store.base import Approval, Attachment, Message, Session, StoreError, new_id, utc_now
 
 Cursor = Any  # adbapi's Transaction wrapper around a sqlite3 cursor
 
@@ -63,10 +63,11 @@ class SQLiteStore:
 
     log = Logger()
 
-    def __init__(self, reactor: IReactorThreads, path: str) -> None:
+    def __init__(self, reactor: IReactorThreads, path: str, *, pool_factory: Any = None) -> None:
         self._reactor = reactor
         self.path = path
         self._pool: adbapi.ConnectionPool | None = None
+        self._pool_factory = pool_factory or adbapi.ConnectionPool
 
     @property
     def pool(self) -> adbapi.ConnectionPool:
@@ -83,7 +84,7 @@ class SQLiteStore:
                 raise PermissionError(13, "permission denied")
         except OSError as e:
             raise StoreError(f"cannot use database {self.path}: {e.strerror or e}") from None
-        self._pool = adbapi.ConnectionPool(
+        self._pool = self._pool_factory(
             "sqlite3",
             self.path,
             check_same_thread=False,
@@ -167,8 +168,6 @@ class SQLiteStore:
         return rows
 
     async def create_session(self, user_id: str, title: str, session_id: str | None = None) -> Session:
-        from aichat.store.base import new_id
-
         now = utc_now()
         session = Session(session_id or new_id(), user_id, title, now, now)
 

@@ -1,0 +1,185 @@
+"""Configuration loading: defaults, schema errors, placeholders, precedence, paths and secrets."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from aichat.config import Overrides, load_settings, token_digest
+from aichat.validation import ConfigError
+from tests.support import write_config
+
+
+def problems_of(path: Path, **kwargs: object) -> list[str]:
+    """Load ``path`` expecting failure; return the problems as strings."""
+    with pytest.raises(ConfigError) as caught:
+        load_settings(str(path), **kwargs)  # type: ignore[arg-type]
+    return [str(p) for p in caught.value.problems]
+
+
+def test_defaults_when_default_file_is_absent(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With no config.yaml in the working directory the reference's defaults apply."""
+    monkeypatch.chdir(tmp_path)
+    settings = load_settings(environ={})
+    assert settings.server.port == 3001
+    assert settings.server.host == "0.0.0.0"
+    assert settings.llm.provider == "openai"
+    assert settings.llm.model == "gpt-4o-mini"
+    assert settings.llm.temperature == 0.7
+    assert settings.database.path == "/var/lib/aichat-backend/aichat.db"
+    assert settings.mcp.servers_file == str(tmp_path / "mcp-servers.json")
+    assert settings.chat.max_tool_rounds == 10
+    assert settings.chat.approval.policy == "always"
+    assert settings.config_path is None
+
+
+def test_explicit_missing_file_is_an_error(tmp_path: Path) -> None:
+    """A config file named explicitly must exist."""
+    problems = problems_of(tmp_path / "nope.yaml", environ={})
+    assert len(problems) == 1
+    assert "nope.yaml: $: cannot read file" in problems[0]
+
+
+def test_unknown_keys_get_did_you_mean(tmp_path: Path) -> None:
+    """Misspelt keys are errors that name the file, the path and the key probably meant."""
+    path = write_config(tmp_path, "server:\n  prot: 80\nllm:\n  modle: x\nlogs: {}\n")
+    problems = problems_of(path, environ={})
+    assert f"{path}: $.server: unknown key 'prot' (did you mean 'port'?)" in problems
+    assert f"{path}: $.llm: unknown key 'modle' (did you mean 'model'?)" in problems
+    assert any(p.startswith(f"{path}: $: unknown key 'logs'") for p in problems)
+
+
+def test_every_problem_is_reported_at_once(tmp_path: Path) -> None:
+    """Type, range and enum errors are all listed, each at its JSON path."""
+    path = write_config(
+        tmp_path,
+        "server:\n  port: 70000\nllm:\n  provider: gemini\n  temperature: hot\nlogging:\n  level: loud\n",
+    )
+    problems = problems_of(path, environ={})
+    paths = sorted(p.split(": ")[1] for p in problems)
+    assert paths == ["$.llm.provider", "$.llm.temperature", "$.logging.level", "$.server.port"]
+    assert any("70000 is greater than the maximum of 65535" in p for p in problems)
+
+
+def test_invalid_yaml_names_line(tmp_path: Path) -> None:
+    """A YAML syntax error says where it is."""
+    path = write_config(tmp_path, "server:\n  port: [1\n")
+    problems = problems_of(path, environ={})
+    assert len(problems) == 1
+    assert "invalid YAML: line" in problems[0]
+
+
+def test_top_level_must_be_mapping(tmp_path: Path) -> None:
+    """A YAML list is not a configuration."""
+    problems = problems_of(write_config(tmp_path, "- a\n- b\n"), environ={})
+    assert "must be a mapping" in problems[0]
+
+
+def test_placeholders_expand_with_defaults_and_types(tmp_path: Path) -> None:
+    """${VAR} and ${VAR:-default} expand; a lone placeholder takes the YAML type of its value."""
+    path = write_config(
+        tmp_path,
+        "server:\n  port: ${PORT}\n  host: ${HOST:-127.0.0.1}\nllm:\n  model: m-${SUFFIX}\n"
+        "  api_key: ${UNSET_KEY}\n",
+    )
+    settings = load_settings(str(path), environ={"PORT": "4000", "SUFFIX": "x"})
+    assert settings.server.port == 4000
+    assert settings.server.host == "127.0.0.1"
+    assert settings.llm.model == "m-x"
+    assert settings.llm.api_key == ""
+    assert settings.warnings == ("${UNSET_KEY} is not set; using an empty string",)
+
+
+def test_precedence_flag_over_env_over_yaml(tmp_path: Path) -> None:
+    """flag > AICHAT_* environment > YAML > default."""
+    path = write_config(tmp_path, "server:\n  port: 4000\nllm:\n  model: yaml-model\n  provider: mock\n")
+    env = {"AICHAT_PORT": "4001", "AICHAT_LLM_MODEL": "env-model"}
+    settings = load_settings(str(path), environ=env)
+    assert (settings.server.port, settings.llm.model) == (4001, "env-model")
+    settings = load_settings(str(path), environ=env, flags=Overrides(port=4002))
+    assert (settings.server.port, settings.llm.model) == (4002, "env-model")
+    assert load_settings(str(path), environ={}).server.port == 4000
+
+
+def test_empty_environment_values_are_ignored(tmp_path: Path) -> None:
+    """An empty AICHAT_* variable does not override the file (as in the reference)."""
+    path = write_config(tmp_path, "server:\n  port: 4000\n")
+    assert load_settings(str(path), environ={"AICHAT_PORT": ""}).server.port == 4000
+
+
+def test_bad_environment_value_is_reported(tmp_path: Path) -> None:
+    """A non-numeric AICHAT_PORT is a problem naming the variable."""
+    problems = problems_of(write_config(tmp_path, "{}"), environ={"AICHAT_PORT": "abc"})
+    assert problems == ["environment: AICHAT_PORT: not an integer: 'abc'"]
+
+
+def test_openai_api_key_is_a_fallback(tmp_path: Path) -> None:
+    """OPENAI_API_KEY fills llm.api_key only when nothing else set it."""
+    path = write_config(tmp_path, "{}")
+    assert load_settings(str(path), environ={"OPENAI_API_KEY": "sk-env"}).llm.api_key == "sk-env"
+    both = {"OPENAI_API_KEY": "sk-env", "AICHAT_API_KEY": "sk-aichat"}
+    assert load_settings(str(path), environ=both).llm.api_key == "sk-aichat"
+    with_file = write_config(tmp_path, "llm:\n  api_key: sk-file\n", "other.yaml")
+    assert load_settings(str(with_file), environ={"OPENAI_API_KEY": "sk-env"}).llm.api_key == "sk-file"
+
+
+def test_env_only_ignores_the_file(tmp_path: Path) -> None:
+    """--env-only skips the YAML file entirely, even an invalid one."""
+    path = write_config(tmp_path, "nonsense: true\n")
+    settings = load_settings(str(path), env_only=True, environ={"AICHAT_PORT": "4100"})
+    assert settings.server.port == 4100
+
+
+def test_relative_paths_resolve_against_config_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """mcp.servers_file, database.path and logging.file are relative to the config file's folder."""
+    folder = tmp_path / "etc"
+    folder.mkdir()
+    monkeypatch.chdir(tmp_path)
+    path = write_config(
+        folder, "mcp:\n  servers_file: servers.json\ndatabase:\n  path: ../var/db.sqlite\nlogging:\n  file: a.log\n"
+    )
+    settings = load_settings("etc/config.yaml", environ={})
+    assert settings.mcp.servers_file == str(folder / "servers.json")
+    assert settings.database.path == str(tmp_path / "var" / "db.sqlite")
+    assert settings.logging.file == str(folder / "a.log")
+    assert path.exists()
+
+
+def test_secrets_never_appear_in_errors(tmp_path: Path) -> None:
+    """An invalid api_key or token value is reported without echoing it."""
+    path = write_config(
+        tmp_path,
+        "llm:\n  api_key: [sk-secret-value]\nauth:\n  tokens:\n    - {token: short-secret, user_id: 1}\n",
+    )
+    problems = problems_of(path, environ={})
+    assert len(problems) == 2
+    text = "\n".join(problems)
+    assert "sk-secret-value" not in text
+    assert "short-secret" not in text
+    assert "***" in text
+
+
+def test_tokens_are_kept_only_as_digests(tmp_path: Path) -> None:
+    """Bearer tokens come from the environment and are stored hashed, mapped to user ids."""
+    path = write_config(tmp_path, "auth:\n  tokens:\n    - {token: '${TOKEN}', user_id: 42}\n")
+    settings = load_settings(str(path), environ={"TOKEN": "t" * 32})
+    assert dict(settings.auth.token_digests) == {token_digest("t" * 32): "42"}
+    assert "t" * 32 not in repr(settings)
+
+
+def test_trusted_proxies_must_be_networks(tmp_path: Path) -> None:
+    """A malformed CIDR is a problem at its path."""
+    problems = problems_of(write_config(tmp_path, "auth:\n  trusted_proxies: ['10.0.0.0/8', 'nope']\n"), environ={})
+    assert problems == [f"{tmp_path / 'config.yaml'}: $.auth.trusted_proxies[1]: not an IP network: 'nope'"]
+
+
+def test_sqlite_dsn_sets_database_path(tmp_path: Path) -> None:
+    """database.dsn accepts sqlite:PATH; a PostgreSQL DSN is refused clearly."""
+    settings = load_settings(str(write_config(tmp_path, "database:\n  dsn: sqlite:data/x.db\n")), environ={})
+    assert settings.database.path == str(tmp_path / "data" / "x.db")
+    problems = problems_of(write_config(tmp_path, "database:\n  dsn: postgres://u@h/db\n", "pg.yaml"), environ={})
+    assert len(problems) == 1
+    assert "$.database.dsn" in problems[0]

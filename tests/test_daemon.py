@@ -1,0 +1,210 @@
+"""The daemon as a real process: started by twistd and by aichat-backend, over a real listening port."""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import subprocess
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tests.support import BIN, daemon_env, free_port, wait_for_http
+
+pytestmark = pytest.mark.slow
+
+
+@dataclass
+class Daemon:
+    """A running daemon process and where it listens and logs."""
+
+    process: subprocess.Popen[bytes]
+    port: int
+    log: Path
+
+    @property
+    def base(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def stop(self, timeout: float = 15) -> int:
+        """SIGTERM and wait; return the exit code."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        return self.process.wait(timeout)
+
+
+def write_daemon_config(folder: Path, port: int, extra: str = "") -> Path:
+    """A config for a test daemon: loopback, mock LLM, SQLite and a log file in ``folder``."""
+    config = folder / "config.yaml"
+    servers = folder / "mcp-servers.json"
+    servers.write_text('{"mcpServers": {}}')
+    config.write_text(
+        f"server:\n  host: 127.0.0.1\n  port: {port}\n  shutdown_grace_seconds: 2\n"
+        f"database:\n  path: {folder / 'state' / 'aichat.db'}\n"
+        "llm:\n  provider: mock\n"
+        f"mcp:\n  servers_file: {servers}\n"
+        f"logging:\n  file: {folder / 'log' / 'aichat-backend.log'}\n  level: info\n" + extra
+    )
+    return config
+
+
+def start(folder: Path, command: list[str], port: int) -> Daemon:
+    """Start a daemon process and wait for /health."""
+    process = subprocess.Popen(
+        command, cwd=folder, env=daemon_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
+    daemon = Daemon(process, port, folder / "log" / "aichat-backend.log")
+    try:
+        wait_for_http(daemon.base + "/health", process=process)
+    except AssertionError:
+        process.kill()
+        output = process.communicate()[0].decode(errors="replace")
+        log = daemon.log.read_text() if daemon.log.exists() else ""
+        raise AssertionError(f"daemon did not start:\n{output}\n{log}") from None
+    return daemon
+
+
+@pytest.fixture(params=["twistd", "aichat-backend"])
+def daemon(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Daemon]:
+    """The daemon started the two supported ways, stopped afterwards."""
+    port = free_port()
+    config = write_daemon_config(tmp_path, port)
+    if request.param == "twistd":
+        command = [str(BIN / "twistd"), "-n", "--pidfile=", "aichat-backend", "--config", str(config)]
+    else:
+        command = [str(BIN / "aichat-backend"), "-config", str(config)]
+    running = start(tmp_path, command, port)
+    yield running
+    if running.process.poll() is None:
+        running.process.kill()
+        running.process.wait()
+
+
+def get_json(
+    url: str, headers: dict[str, str] | None = None, method: str = "GET", body: bytes | None = None
+) -> tuple[int, object]:
+    """A JSON request over the real port; HTTP errors are returned, not raised."""
+    request = urllib.request.Request(url, data=body, method=method, headers=headers or {})
+    try:
+        with urllib.request.urlopen(request, timeout=5) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def test_serves_health_and_sessions_then_stops_cleanly(daemon: Daemon) -> None:
+    """The daemon answers /health and the sessions API, and exits 0 on SIGTERM with a clean log."""
+    status, body = get_json(daemon.base + "/health")
+    assert status == 200
+    assert isinstance(body, dict)
+    assert body["status"] == "ok"
+    headers = {"X-User-ID": "3", "Content-Type": "application/json"}
+    status, created = get_json(daemon.base + "/v1/chat/sessions", headers, "POST", b'{"title": "real"}')
+    assert status == 201
+    assert isinstance(created, dict)
+    status, listing = get_json(daemon.base + "/v1/chat/sessions", headers)
+    assert isinstance(listing, dict)
+    assert [s["title"] for s in listing["sessions"]] == ["real"]
+    assert daemon.stop() == 0
+    log = daemon.log.read_text()
+    assert "Listening on 127.0.0.1:" in log
+    assert "Stopped" in log
+    assert "Traceback" not in log
+
+
+def test_oversized_body_is_refused_before_it_is_read(tmp_path: Path) -> None:
+    """A declared Content-Length over the limit gets 413 at once, without sending the body."""
+    port = free_port()
+    config = write_daemon_config(tmp_path, port, "limits:\n  max_body_bytes: 2048\n")
+    running = start(tmp_path, [str(BIN / "aichat-backend"), "-config", str(config)], port)
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+            sock.sendall(
+                b"POST /v1/chat/sessions HTTP/1.1\r\nHost: x\r\nX-User-ID: 1\r\n"
+                b"Content-Type: application/json\r\nContent-Length: 100000000\r\n\r\n"
+            )
+            reply = b""
+            while chunk := sock.recv(4096):
+                reply += chunk
+        assert reply.startswith(b"HTTP/1.1 413 ")
+        assert b'"error": "Request body too large: the limit is 2048 bytes"' in reply
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+            sock.sendall(
+                b"POST /v1/chat/sessions HTTP/1.1\r\nHost: x\r\nX-User-ID: 1\r\n"
+                b"Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+            )
+            for _ in range(3):
+                sock.sendall(b"400\r\n" + b" " * 1024 + b"\r\n")
+            reply = sock.recv(4096)
+        assert reply.startswith(b"HTTP/1.1 413 ")
+        status, _ = get_json(
+            f"http://127.0.0.1:{port}/v1/chat/sessions",
+            {"X-User-ID": "1", "Content-Type": "application/json"},
+            "POST",
+            b'{"title": "' + b"x" * 1000 + b'"}',
+        )
+        assert status == 201
+    finally:
+        assert running.stop() == 0
+
+
+def test_sighup_reopens_moved_log_file(tmp_path: Path) -> None:
+    """After logrotate moves the log and SIGHUP arrives, later lines land in the new file."""
+    port = free_port()
+    config = write_daemon_config(tmp_path, port)
+    running = start(tmp_path, [str(BIN / "aichat-backend"), "-config", str(config)], port)
+    try:
+        rotated = running.log.with_suffix(".log.1")
+        running.log.rename(rotated)
+        urllib.request.urlopen(running.base + "/health?before", timeout=5).read()
+        running.process.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 10
+        while not running.log.exists() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        urllib.request.urlopen(running.base + "/health?after", timeout=5).read()
+    finally:
+        assert running.stop() == 0
+    old, new = rotated.read_text(), running.log.read_text()
+    assert "GET /health?before" in old
+    assert "GET /health?before" not in new
+    assert "GET /health?after" in new
+    assert "GET /health?after" not in old
+    assert "SIGHUP: log file reopened" in new
+    assert "Stopped" in new
+
+
+def test_json_log_lines_have_no_record_separator(tmp_path: Path) -> None:
+    """logging.format json writes one JSON object per line and no RS byte."""
+    port = free_port()
+    config = write_daemon_config(tmp_path, port)
+    config.write_text(config.read_text().replace("level: info", "level: info\n  format: json"))
+    running = start(tmp_path, [str(BIN / "aichat-backend"), "-config", str(config)], port)
+    assert running.stop() == 0
+    raw = running.log.read_bytes()
+    assert b"\x1e" not in raw
+    records = [json.loads(line) for line in raw.decode().splitlines()]
+    listening = [r for r in records if r["message"].startswith("Listening on")]
+    assert listening
+    assert listening[0]["port"] == port
+    assert listening[0]["level"] == "info"
+
+
+def test_bad_configuration_fails_fast_with_clear_error(tmp_path: Path) -> None:
+    """A database path that cannot be created stops start-up with the reason and exit code 1."""
+    blocker = tmp_path / "blocker"
+    blocker.write_text("")
+    port = free_port()
+    config = write_daemon_config(tmp_path, port)
+    config.write_text(config.read_text().replace(str(tmp_path / "state" / "aichat.db"), str(blocker / "x.db")))
+    result = subprocess.run(
+        [str(BIN / "aichat-backend"), "-config", str(config)], env=daemon_env(), capture_output=True, timeout=30
+    )
+    assert result.returncode == 1
+    log = (tmp_path / "log" / "aichat-backend.log").read_text()
+    assert "Start-up failed: cannot use database" in log
+    assert "Traceback" not in log

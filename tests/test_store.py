@@ -1,0 +1,168 @@
+"""The SQLite store: migrations, per-user isolation, message round-trips, approvals, durability."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Coroutine
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+from twisted.internet.defer import Deferred
+from twisted.internet.task import Clock
+
+from aichat.store import Approval, Attachment, Message, StoreError, new_id, utc_now
+from aichat.store.sqlite import SQLiteStore, migrations
+from tests.support import InlinePool, inline_store
+
+T = TypeVar("T")
+
+
+def run(coroutine: Coroutine[Any, Any, T]) -> T:
+    """Drive a store coroutine that completes synchronously over the inline pool."""
+    d = Deferred.fromCoroutine(coroutine)
+    results: list[Any] = []
+    d.addBoth(results.append)
+    assert results, "inline store calls complete synchronously"
+    result = results[0]
+    if hasattr(result, "raiseException"):
+        result.raiseException()
+    return result
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> SQLiteStore:
+    """An opened store on a fresh file."""
+    return inline_store(str(tmp_path / "db" / "aichat.db"))
+
+
+def test_migrations_applied_once_and_recorded(tmp_path: Path) -> None:
+    """Opening creates the folder, applies every migration and records it; reopening applies none."""
+    path = tmp_path / "new" / "dir" / "aichat.db"
+    first = inline_store(str(path))
+    run(first.close())
+    second = inline_store(str(path))
+    run(second.close())
+    connection = sqlite3.connect(path)
+    versions = [row[0] for row in connection.execute("SELECT version FROM schema_migrations")]
+    assert versions == [m[0] for m in migrations()] == [1]
+    assert connection.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    tables = {row[0] for row in connection.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    assert {"chat_sessions", "chat_messages", "chat_attachments", "tool_approvals"} <= tables
+
+
+def test_path_under_a_file_is_a_clear_error(tmp_path: Path) -> None:
+    """A database path whose folder cannot be created fails with the path in the message."""
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    store = SQLiteStore(Clock(), str(blocker / "x.db"), pool_factory=InlinePool)  # type: ignore[arg-type]
+    with pytest.raises(StoreError, match=r"cannot use database .*file/x\.db"):
+        run(store.open())
+
+
+def test_sessions_are_isolated_per_user(store: SQLiteStore) -> None:
+    """Another user's session is invisible to get, rename, delete, messages and clear."""
+    mine = run(store.create_session("1", "Mine"))
+    assert run(store.get_session("1", mine.id)) == mine
+    assert run(store.get_session("2", mine.id)) is None
+    assert run(store.rename_session("2", mine.id, "x")) is False
+    assert run(store.delete_session("2", mine.id)) is False
+    assert run(store.list_messages("2", mine.id, 50, 0)) is None
+    assert run(store.clear_messages("2", mine.id)) is False
+    assert run(store.list_sessions("2", 20, 0)) == []
+    assert run(store.get_session("1", mine.id)) == mine
+
+
+def test_sessions_listed_most_recent_first_with_paging(store: SQLiteStore) -> None:
+    """list_sessions orders by updated_at descending; a new message moves a session to the top."""
+    a = run(store.create_session("1", "a"))
+    b = run(store.create_session("1", "b"))
+    c = run(store.create_session("1", "c"))
+    assert [s.title for s in run(store.list_sessions("1", 20, 0))] == ["c", "b", "a"]
+    run(store.add_message(Message(new_id("user"), a.id, "user", "hi")))
+    assert [s.title for s in run(store.list_sessions("1", 2, 0))] == ["a", "c"]
+    assert [s.title for s in run(store.list_sessions("1", 2, 2))] == ["b"]
+    assert b.id != c.id
+
+
+def test_rename_bumps_updated_at(store: SQLiteStore) -> None:
+    """Renaming changes the title and moves updated_at forward."""
+    session = run(store.create_session("1", "old"))
+    assert run(store.rename_session("1", session.id, "new")) is True
+    renamed = run(store.get_session("1", session.id))
+    assert renamed is not None
+    assert renamed.title == "new"
+    assert renamed.updated_at >= session.updated_at
+
+
+def test_messages_round_trip_with_tools_and_attachments(store: SQLiteStore) -> None:
+    """Tool calls, tool results with their call ids, timings and attachments come back as stored."""
+    session = run(store.create_session("1", "t"))
+    call = {"id": "call_1", "type": "function", "function": {"name": "everything__echo", "arguments": "{}"}}
+    messages = [
+        Message(new_id("user"), session.id, "user", "read this",
+                attachments=(Attachment(new_id(), "a.txt", "text/plain", 5, "aGVsbG8="),)),
+        Message(new_id("assistant"), session.id, "assistant", "", tool_calls=[call]),
+        Message(new_id("tool"), session.id, "tool", "hello", tool_call_id="call_1",
+                tool_executions=[{"id": "call_1", "tool_name": "echo", "duration_ms": 3}]),
+        Message(new_id("assistant"), session.id, "assistant", "done"),
+    ]
+    for message in messages:
+        run(store.add_message(message))
+    assert run(store.history(session.id)) == messages
+    page = run(store.list_messages("1", session.id, 2, 1))
+    assert page == messages[1:3]
+
+
+def test_message_for_missing_session_fails(store: SQLiteStore) -> None:
+    """A message cannot be added to a session that does not exist."""
+    with pytest.raises(StoreError):
+        run(store.add_message(Message(new_id("user"), "nope", "user", "x")))
+
+
+def test_delete_session_cascades(tmp_path: Path, store: SQLiteStore) -> None:
+    """Deleting a session deletes its messages, attachments and approvals."""
+    session = run(store.create_session("1", "t"))
+    run(store.add_message(Message(new_id("user"), session.id, "user", "x",
+                                  attachments=(Attachment(new_id(), "f", "", 1, "eA=="),))))
+    run(store.create_approval(Approval(new_id("approval"), session.id, "1", [], "pending", utc_now(), utc_now())))
+    assert run(store.delete_session("1", session.id)) is True
+    connection = sqlite3.connect(tmp_path / "db" / "aichat.db")
+    for table in ("chat_messages", "chat_attachments", "tool_approvals"):
+        assert connection.execute(f"SELECT count(*) FROM {table}").fetchone()[0] == 0
+
+
+def test_clear_messages_keeps_session_and_expires_approvals(store: SQLiteStore) -> None:
+    """Clearing deletes the history the model sees and cancels pending approvals."""
+    session = run(store.create_session("1", "t"))
+    run(store.add_message(Message(new_id("user"), session.id, "user", "x")))
+    approval = Approval(new_id("approval"), session.id, "1", [{"id": "c"}], "pending", utc_now(), utc_now())
+    run(store.create_approval(approval))
+    assert run(store.clear_messages("1", session.id)) is True
+    assert run(store.history(session.id)) == []
+    assert run(store.get_session("1", session.id)) is not None
+    stored = run(store.get_approval("1", approval.id))
+    assert stored is not None
+    assert stored.status == "expired"
+
+
+def test_approval_resolves_once_and_is_user_bound(store: SQLiteStore) -> None:
+    """An approval belongs to its user and leaves 'pending' exactly once."""
+    session = run(store.create_session("1", "t"))
+    approval = Approval(new_id("approval"), session.id, "1", [{"id": "c"}], "pending", utc_now(), utc_now())
+    run(store.create_approval(approval))
+    assert run(store.get_approval("2", approval.id)) is None
+    assert run(store.get_approval("1", approval.id)) == approval
+    assert run(store.resolve_approval(approval.id, "approved")) is True
+    assert run(store.resolve_approval(approval.id, "denied")) is False
+    resolved = run(store.get_approval("1", approval.id))
+    assert resolved is not None
+    assert resolved.status == "approved"
+    assert resolved.resolved_at
+
+
+def test_ping(store: SQLiteStore) -> None:
+    """ping is true on an open store and false after close."""
+    assert run(store.ping()) is True
+    run(store.close())
+    assert run(store.ping()) is False
