@@ -467,6 +467,10 @@ class Upstream:
 
     async def start(self, port: int = 0, interface: str = "127.0.0.1") -> int:
         """Listen; return the port."""
+        return self.listen(port, interface)
+
+    def listen(self, port: int = 0, interface: str = "127.0.0.1") -> int:
+        """Listen at once (``start`` without the coroutine); return the port."""
         site = Site(_Root(self), reactor=self.reactor)
         site.noisy = False
         site.log = lambda request: None  # type: ignore[method-assign]

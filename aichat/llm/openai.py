@@ -172,7 +172,8 @@ class _Exchange:
             self._reader.succeed()
             return
         self._expired = why
-        if self._pending is not None and not self._pending.called:
+        if self._pending is not None:
+            # Not guarded by ``called``: a request waiting on the connection's own Deferred is "called".
             self._pending.cancel()
         if self._reader is not None:
             self._reader.fail(self._error(why, code="timeout"))
@@ -197,6 +198,11 @@ class _Exchange:
                     raise self._error(self._expired, code="timeout") from None
                 raise
             except Exception as error:
+                # The agent reports a cancellation as ResponseNeverReceived([CancelledError]).
+                if self._expired:
+                    raise self._error(self._expired, code="timeout") from None
+                if _is_cancellation(error):
+                    raise CancelledError() from error
                 raise self._connection_error(error) from None
             finally:
                 self._pending = None
@@ -276,6 +282,10 @@ class _Exchange:
         except LLMError:
             raise
         except Exception as error:
+            if self._expired:
+                raise self._error(self._expired, code="timeout") from None
+            if _is_cancellation(error):
+                raise CancelledError() from error
             raise self._connection_error(error, during="reading the model's response") from None
         return b"".join(parts)
 
@@ -535,6 +545,14 @@ class OpenAIProvider:
 
 
 _BEARER = re.compile(r"Bearer\s+[^\s\"',]+")
+
+
+def _is_cancellation(error: BaseException) -> bool:
+    """Whether ``error`` is, or wraps (as the agent's ``ResponseNeverReceived`` does), a cancellation."""
+    if isinstance(error, CancelledError):
+        return True
+    reasons = getattr(error, "reasons", None) or ()
+    return any(isinstance(reason, Failure) and reason.check(CancelledError) for reason in reasons)
 
 
 def _content_type(headers: Headers) -> str:
