@@ -43,9 +43,12 @@ class SSEDecoder:
     _id: str | None = None
     _retry: int | None = None
     _pending_cr: bool = False
+    _first_line: bool = True
 
     def feed(self, chunk: bytes) -> list[SSEEvent]:
         """Consume ``chunk`` and return the events it completed, in order."""
+        if not chunk:
+            return []
         if self._pending_cr and chunk.startswith(b"\n"):
             chunk = chunk[1:]
         self._pending_cr = False
@@ -76,6 +79,9 @@ class SSEDecoder:
         return events
 
     def _line(self, line: str) -> SSEEvent | None:
+        if self._first_line:
+            self._first_line = False
+            line = line.removeprefix("\ufeff")
         if not line:
             return self._dispatch()
         if line.startswith(":"):
@@ -99,7 +105,9 @@ class SSEDecoder:
         return None
 
     def _dispatch(self) -> SSEEvent | None:
-        if not self._data and not self._event:
+        if not self._data:
+            # An event without a data line is not dispatched (WHATWG); a retry is kept for the next one.
+            self._event = ""
             return None
         event = SSEEvent(
             event=self._event or "message",
