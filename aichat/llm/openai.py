@@ -28,7 +28,12 @@ from twisted.internet.protocol import connectionDone
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.client import ResponseDone
+from twisted.web.client import (
+    RequestTransmissionFailed,
+    ResponseDone,
+    ResponseFailed,
+    ResponseNeverReceived,
+)
 from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
 
@@ -44,6 +49,17 @@ RETRYABLE_STATUSES = frozenset({429, 500, 502, 503, 504})
 #: Upstream error codes that a retry cannot fix even when the status says "try again".
 PERMANENT_CODES = frozenset({"insufficient_quota", "billing_hard_limit_reached"})
 ERROR_BODY_LIMIT = 64 * 1024
+#: Failures of the connection itself: retried before the first token.
+NETWORK_ERRORS = (
+    ConnectError,
+    ConnectingCancelledError,
+    ConnectionLost,
+    ConnectionDone,
+    OSError,
+    ResponseNeverReceived,
+    ResponseFailed,
+    RequestTransmissionFailed,
+)
 AFTER_DONE_GRACE = 2.0
 
 log = Logger()
@@ -203,6 +219,8 @@ class _Exchange:
                     raise self._error(self._expired, code="timeout") from None
                 if _is_cancellation(error):
                     raise CancelledError() from error
+                if not isinstance(error, NETWORK_ERRORS):
+                    raise
                 raise self._connection_error(error) from None
             finally:
                 self._pending = None
@@ -286,6 +304,8 @@ class _Exchange:
                 raise self._error(self._expired, code="timeout") from None
             if _is_cancellation(error):
                 raise CancelledError() from error
+            if not isinstance(error, NETWORK_ERRORS):
+                raise  # e.g. raised by on_text: the caller's own error, not the network's
             raise self._connection_error(error, during="reading the model's response") from None
         return b"".join(parts)
 
@@ -370,13 +390,10 @@ class _Exchange:
             detail = "; ".join(r.getErrorMessage() if isinstance(r, Failure) else str(r) for r in reasons)
         else:
             detail = str(error) or type(error).__name__
-        retryable = isinstance(
-            error, (ConnectError, ConnectingCancelledError, ConnectionLost, ConnectionDone, OSError)
-        ) or type(error).__name__ in ("ResponseNeverReceived", "ResponseFailed", "RequestTransmissionFailed")
         return self._error(
             f"connection error while {during} at {self._provider.base_url}: {detail}",
             code="connection",
-            retryable=retryable,
+            retryable=True,
         )
 
     def _status_error(self, response: Any, raw: bytes) -> LLMError:

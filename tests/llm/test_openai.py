@@ -435,6 +435,22 @@ class CancellationTests(SynchronousTestCase):
         self.assertEqual(len(http.sent), 1)
 
 
+class CallerErrorTests(SynchronousTestCase):
+    """Errors that are not the network's are not disguised as such."""
+
+    def test_on_text_raising(self) -> None:
+        """An exception from on_text ends the call with that exception and closes the connection."""
+
+        def broken(_: str) -> None:
+            raise ZeroDivisionError("caller bug")
+
+        response = FakeResponse(pieces=sse(*text_events("a", "b")), end=None)
+        http = FakeHTTP(response, FakeResponse(pieces=sse(*text_events("again"))))
+        self.failureResultOf(run(provider(http), on_text=broken), ZeroDivisionError)
+        self.assertTrue(response.transport.stopped)
+        self.assertEqual(len(http.sent), 1)
+
+
 class SecretTests(SynchronousTestCase):
     """The API key never appears in an error."""
 
