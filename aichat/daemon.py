@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import signal
-from collections.abc import Awaitable, Callable
 from types import FrameType
 from typing import Any
 
@@ -23,9 +22,16 @@ from twisted.logger import ILogObserver, Logger
 from aichat import __version__, sdnotify
 from aichat.api import API, build_resource
 from aichat.api.site import APISite
+from aichat.chat.streams import StreamRegistry
+from aichat.chat.turn import ChatService
 from aichat.config import Settings
+from aichat.llm.factory import build_provider
+from aichat.llm.provider import Provider
+from aichat.llm.unconfigured import UnconfiguredProvider
 from aichat.logs import ReopenableFile, make_observer
+from aichat.mcp import MCPHost, ServerConfig, load_servers_file
 from aichat.store.sqlite import SQLiteStore
+from aichat.validation import ConfigError
 
 log = Logger(namespace="aichat")
 
@@ -52,13 +58,42 @@ class AichatService(Service):
             settings.logging.file, settings.logging.level, settings.logging.format
         )
         self.store = SQLiteStore(reactor, settings.database.path)
-        self.api = API(settings=settings, store=self.store, clock=reactor, version=__version__)
+        self.mcp = MCPHost(reactor, self._servers() or [], max_line_bytes=settings.mcp.max_line_bytes)
+        self.provider = self._provider()
+        self.streams = StreamRegistry(reactor, settings.chat.stream_keep_seconds)
+        self.chat = ChatService(
+            reactor, self.store, self.provider, self.mcp, settings.chat, settings.llm.system_prompt, self.streams
+        )
+        self.api = API(
+            settings=settings,
+            store=self.store,
+            clock=reactor,
+            version=__version__,
+            services={"chat": self.chat, "mcp": self.mcp},
+        )
         self.site = APISite(build_resource(self.api), self._limit_for)
         self.port: IListeningPort | None = None
-        self.reload_hooks: list[Callable[[], None]] = []
-        self.stop_hooks: list[Callable[[], Awaitable[None]]] = []
         self._previous_hup: Any = None
         self._starting: Deferred[None] | None = None
+
+    def _servers(self) -> list[ServerConfig] | None:
+        """The MCP servers file's servers; ``None`` (and a logged error) when it cannot be used."""
+        path = self.settings.mcp.servers_file
+        if not os.path.exists(path):
+            log.warn("MCP servers file {path} not found: no MCP servers", path=path)
+            return []
+        try:
+            return load_servers_file(path)
+        except ConfigError as e:
+            log.error("MCP servers file rejected: {problems}", problems="; ".join(map(str, e.problems)))
+            return None
+
+    def _provider(self) -> Provider:
+        try:
+            return build_provider(self.settings.llm, self.reactor)
+        except ValueError as e:
+            log.error("LLM provider not usable: {error}; chat turns will fail until it is configured", error=str(e))
+            return UnconfiguredProvider(self.settings.llm.provider, self.settings.llm.model, str(e))
 
     def _limit_for(self, path: bytes) -> int:
         limits = self.settings.limits
@@ -91,6 +126,7 @@ class AichatService(Service):
             database=settings.database.path,
         )
         await self.store.open()
+        self.mcp.startService()
         endpoint = serverFromString(self.reactor, endpoint_string(settings.server.host, settings.server.port))
         self.port = await endpoint.listen(self.site)
         address = self.port.getHost()
@@ -124,9 +160,11 @@ class AichatService(Service):
             stopped = port.stopListening()
             if stopped is not None:
                 await stopped
-        for hook in reversed(self.stop_hooks):
-            await hook()
+        await self.chat.stop()
         await self.site.drain(self.reactor, self.settings.server.shutdown_grace_seconds)
+        if self.mcp.running:
+            await self.mcp.stopService()
+        await self.provider.close()
         await self.store.close()
         if getattr(self.reactor, "_exitSignal", None) in (signal.SIGTERM, signal.SIGINT):
             # twistd re-raises the stop signal after shutdown, so the process would die "by SIGTERM";
@@ -140,9 +178,13 @@ class AichatService(Service):
         self.reactor.callFromThread(self.reload)
 
     def reload(self) -> None:
-        """SIGHUP: reopen the log file, then run the reload hooks (the MCP servers file)."""
+        """SIGHUP: reopen the log file, then reload the MCP servers file (an invalid one is rejected)."""
         if isinstance(self.log_file, ReopenableFile):
             self.log_file.reopen()
         log.info("SIGHUP: log file reopened")
-        for hook in self.reload_hooks:
-            hook()
+        servers = self._servers()
+        if servers is None:
+            log.error("SIGHUP: keeping the running MCP servers")
+            return
+        self.mcp.reload(servers)
+        log.info("SIGHUP: MCP servers file reloaded ({count} servers)", count=len(servers))

@@ -5,16 +5,21 @@ from __future__ import annotations
 from twisted.web.resource import IResource
 
 from aichat.api.app import API
+from aichat.api.chat import register_chat
+from aichat.api.mcp import register_mcp
 from aichat.api.sessions import register_health, register_sessions
 from aichat.api.site import CORSResource
 
 
 def build_resource(api: API) -> IResource:
-    """Register every route on ``api`` and wrap its resource with CORS."""
+    """Register every route on ``api`` and wrap its resource with CORS.
+
+    Chat and MCP routes find their services in ``api.services`` (``chat``, ``mcp``) and answer 503 without.
+    """
     register_health(api)
     register_sessions(api)
-    for register in api.services.get("route_modules", ()):
-        register(api)
+    register_chat(api)
+    register_mcp(api)
     resource: IResource = CORSResource(api.app.resource(), api.settings.cors.origins)
     return resource
 

@@ -67,9 +67,6 @@ def register_sessions(api: API) -> None:
         user = api.user(request)
         if not await store.delete_session(user, session_id):
             raise NotFound(SESSION_NOT_FOUND)
-        forget = api.services.get("forget_session")
-        if forget is not None:
-            forget(user, session_id)
         return json_response(request, {"message": "Session deleted successfully"})
 
     @api.route("/v1/chat/sessions/<string:session_id>/messages", methods=["GET"])

@@ -1,0 +1,177 @@
+"""Chat routes: send (JSON and multipart), SSE streams, approvals; the reference's paths and shapes.
+
+SSE frames are ``event: message`` + ``data: <StreamMessage JSON>``; a ``: ping`` comment goes out every
+``chat.keepalive_seconds``. A stream is written from its first event, whenever the client connects, and the
+response ends after the ``done`` or ``error`` event. A client that goes away only unsubscribes: the turn
+goes on and is stored.
+"""
+
+from __future__ import annotations
+
+import base64
+import email.parser
+import email.policy
+
+from twisted.internet.defer import Deferred
+from twisted.internet.task import LoopingCall
+from twisted.web.iweb import IRequest
+
+from aichat.api.app import API, json_response, query_arg, read_json, string_field
+from aichat.api.errors import APIError, BadRequest, NotFound, ServiceUnavailable, UnsupportedMediaType
+from aichat.chat.approvals import parse_command
+from aichat.chat.streams import TERMINAL, Event, Stream, StreamError
+from aichat.chat.turn import ChatError, ChatService, TurnRecord
+from aichat.sse import encode_comment, encode_event
+from aichat.store.base import Attachment, new_id
+
+
+def _chat(api: API) -> ChatService:
+    service: ChatService | None = api.services.get("chat")
+    if service is None:
+        raise ServiceUnavailable("Chat is not running")
+    return service
+
+
+async def _begin(
+    api: API, user: str, message: str, session_id: str, attachments: list[Attachment] | None = None
+) -> TurnRecord:
+    """Start the turn a chat message asks for: an approval command, or a message to the model."""
+    chat = _chat(api)
+    try:
+        command = parse_command(message)
+        if command is not None and not attachments:
+            return await chat.start_resolution(user, command.request_id, command.approve)
+        session = await chat.open_session(user, session_id)
+        return chat.start_message(user, session, message, attachments or [])
+    except ChatError as e:
+        raise APIError(e.message, e.status) from None
+
+
+async def _respond(api: API, request: IRequest, record: TurnRecord) -> bytes:
+    """``?streaming=true``: the stream handle at once; otherwise wait and answer the final message."""
+    if query_arg(request, "streaming") == "true":
+        stream = record.stream
+        body = {"stream_id": stream.id, "session_id": record.session_id, "stream_url": f"/v1/chat/stream/{stream.id}"}
+        return json_response(request, body)
+    await _chat(api).wait(record)
+    if record.error is not None:
+        raise APIError(record.error, record.error_status)
+    return json_response(request, record.response())
+
+
+async def write_sse(api: API, request: IRequest, stream: Stream) -> None:
+    """Write ``stream`` as SSE from its first event until it ends or the client goes away."""
+    request.setResponseCode(200)
+    request.setHeader(b"Content-Type", b"text/event-stream; charset=utf-8")
+    request.setHeader(b"Cache-Control", b"no-cache")
+    request.setHeader(b"X-Accel-Buffering", b"no")
+    request.setHeader(b"Connection", b"keep-alive")
+    request.write(b"")
+    finished: Deferred[None] = Deferred()
+
+    def on_event(event: Event) -> None:
+        request.write(encode_event("message", event.to_json()))
+        if event.type in TERMINAL and not finished.called:
+            finished.callback(None)
+
+    ping = LoopingCall(lambda: request.write(encode_comment("ping")))
+    ping.clock = api.clock
+    unsubscribe = stream.subscribe(on_event)
+    try:
+        if not finished.called:
+            ping.start(api.settings.chat.keepalive_seconds, now=False)
+            await finished
+    finally:
+        unsubscribe()
+        if ping.running:
+            ping.stop()
+
+
+def _multipart(api: API, request: IRequest) -> tuple[str, str, list[Attachment]]:
+    """``message``, ``session_id`` and ``file*`` parts of a multipart/form-data body."""
+    content_type = request.getHeader("content-type") or ""
+    if not content_type.lower().startswith("multipart/form-data"):
+        raise UnsupportedMediaType("Unsupported content type: send multipart/form-data")
+    raw = request.content.read() if request.content is not None else b""
+    header = f"Content-Type: {content_type}\r\nMIME-Version: 1.0\r\n\r\n".encode()
+    parsed = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(header + raw)
+    if not parsed.is_multipart():
+        raise BadRequest("Failed to parse multipart form: no parts found")
+    fields: dict[str, str] = {}
+    attachments: list[Attachment] = []
+    limit = api.settings.limits.max_file_bytes
+    for part in parsed.iter_parts():
+        name = part.get_param("name", header="content-disposition")
+        if not isinstance(name, str):
+            continue
+        payload = part.get_payload(decode=True)
+        data = payload if isinstance(payload, bytes) else b""
+        filename = part.get_filename()
+        if filename is not None and name.startswith("file"):
+            if len(data) > limit:
+                raise BadRequest(f"File too large. Maximum size is {limit // (1024 * 1024)}MB per file.")
+            mime = part.get("content-type", "") if "content-type" in part else ""
+            attachments.append(
+                Attachment(new_id(), filename, str(mime), len(data), base64.b64encode(data).decode("ascii"))
+            )
+        elif filename is None:
+            fields[name] = data.decode("utf-8", errors="replace")
+    return fields.get("message", ""), fields.get("session_id", ""), attachments
+
+
+def register_chat(api: API) -> None:
+    """The chat routes."""
+
+    @api.route("/v1/chat/send", methods=["POST"])
+    async def send(request: IRequest) -> bytes:
+        user = api.user(request)
+        body = read_json(request)
+        message = string_field(body, "message", required=True)
+        record = await _begin(api, user, message, string_field(body, "session_id"))
+        return await _respond(api, request, record)
+
+    @api.route("/v1/chat/send-with-files", methods=["POST"])
+    async def send_with_files(request: IRequest) -> bytes:
+        user = api.user(request)
+        message, session_id, attachments = _multipart(api, request)
+        if not message:
+            raise BadRequest("message field is required")
+        record = await _begin(api, user, message, session_id, attachments)
+        return await _respond(api, request, record)
+
+    @api.route("/v1/chat/approvals/<string:approval_id>", methods=["POST"])
+    async def approve(request: IRequest, approval_id: str) -> bytes:
+        user = api.user(request)
+        body = read_json(request)
+        decision = body.get("approve")
+        if not isinstance(decision, bool):
+            raise BadRequest("Invalid request format: field 'approve' must be true or false")
+        ids = body.get("tool_call_ids")
+        if ids is not None and (not isinstance(ids, list) or not all(isinstance(i, str) for i in ids)):
+            raise BadRequest("Invalid request format: field 'tool_call_ids' must be a list of strings")
+        try:
+            record = await _chat(api).start_resolution(user, approval_id, decision, ids)
+        except ChatError as e:
+            raise APIError(e.message, e.status) from None
+        return await _respond(api, request, record)
+
+    @api.route("/v1/chat/stream/<string:stream_id>", methods=["GET"])
+    async def attach(request: IRequest, stream_id: str) -> bytes:
+        user = api.user(request)
+        try:
+            stream = _chat(api).streams.get(stream_id, user)
+        except StreamError as e:
+            raise NotFound(str(e)) from None
+        await write_sse(api, request, stream)
+        return b""
+
+    @api.route("/v1/chat/stream", methods=["GET"])
+    async def legacy_stream(request: IRequest) -> bytes:
+        message = query_arg(request, "message") or ""
+        if not message:
+            raise BadRequest("message parameter is required")
+        user = api.user(request)
+        record = await _begin(api, user, message, query_arg(request, "session_id") or "")
+        await write_sse(api, request, record.stream)
+        return b""
+
