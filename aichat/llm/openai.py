@@ -156,6 +156,7 @@ class _Exchange:
         self._reactor = provider._reactor
         self._on_text = on_text
         self._timer: IDelayedCall | None = None
+        self._why = ""
         self._expired: str | None = None
         self._pending: Deferred[Any] | None = None
         self._reader: _BodyReader | None = None
@@ -173,16 +174,19 @@ class _Exchange:
     # Timers
 
     def _arm(self, seconds: float, why: str) -> None:
+        self._why = why
         if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        self._timer = self._reactor.callLater(seconds, self._expire, why)
+            self._timer.reset(seconds)
+        else:
+            self._timer = self._reactor.callLater(seconds, self._expire)
 
     def _disarm(self) -> None:
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
 
-    def _expire(self, why: str) -> None:
+    def _expire(self) -> None:
+        why = self._why
         self._timer = None
         if self._done and self._reader is not None:
             self._reader.succeed()
