@@ -4,19 +4,22 @@ three limits on a fake Clock, cancellation, and the API key kept out of every er
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, cast
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.task import Clock
+from twisted.logger import ILogObserver, Logger, formatEvent
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.client import ResponseFailed, ResponseNeverReceived
+from twisted.web.http_headers import Headers
 
-from aichat.llm.openai import OpenAIProvider
-from aichat.llm.provider import Completion, LLMError, ToolCall, Usage
+from aichat.llm import openai
+from aichat.llm.openai import OpenAIProvider, _retry_after
+from aichat.llm.provider import Completion, LLMError, ToolCall, ToolCallAssembler, Usage
 from tests.llm.fakes import HANG, FakeHTTP, FakeResponse, sse, text_events
 from tests.upstream import chunk
 
@@ -472,3 +475,60 @@ class SecretTests(SynchronousTestCase):
         client = provider(FakeHTTP(ConnectionRefusedError(KEY)), clock, max_attempts=1)
         self.assertNotIn(KEY, self.failureResultOf(run(client), LLMError).value.message)
         self.assertNotIn(KEY, repr(client))
+
+    def test_key_not_logged(self) -> None:
+        """Retry and failure log lines carry the scrubbed message only."""
+        events: list[dict[str, Any]] = []
+        self.patch(openai, "log", Logger(observer=cast(ILogObserver, events.append)))
+        clock = Clock()
+        body = f'{{"error":{{"message":"bad key {KEY}"}}}}'.encode()
+        http = FakeHTTP(FakeResponse(503, body), FakeResponse(401, body))
+        d = run(provider(http, clock))
+        clock.advance(1)
+        self.failureResultOf(d, LLMError)
+        self.assertEqual(len(events), 2)
+        for event in events:
+            self.assertNotIn(KEY, formatEvent(event))
+            self.assertNotIn(KEY, repr(event))
+
+
+class AssemblerTests(SynchronousTestCase):
+    """ToolCallAssembler on its own: the shapes servers send."""
+
+    def test_fragments_without_index(self) -> None:
+        """Servers that omit ``index`` continue the last call until a new id starts another."""
+        assembler = ToolCallAssembler()
+        assembler.feed([{"id": "a", "function": {"name": "f", "arguments": '{"x"'}}])
+        assembler.feed([{"function": {"arguments": ": 1}"}}])
+        assembler.feed([{"id": "b", "function": {"name": "g", "arguments": "{}"}}])
+        self.assertEqual(assembler.calls(), [ToolCall("a", "f", '{"x": 1}'), ToolCall("b", "g", "{}")])
+
+    def test_whole_call_in_one_delta_and_object_arguments(self) -> None:
+        """A call sent whole (Ollama) works, and arguments sent as an object are encoded as JSON."""
+        assembler = ToolCallAssembler()
+        assembler.feed([{"index": 0, "id": "a", "function": {"name": "f", "arguments": {"x": 1}}}])
+        self.assertEqual(assembler.calls(), [ToolCall("a", "f", '{"x": 1}')])
+
+    def test_malformed_entries_ignored(self) -> None:
+        """Non-list and non-dict fragments are skipped."""
+        assembler = ToolCallAssembler()
+        assembler.feed("nonsense")
+        assembler.feed([None, 3])
+        self.assertFalse(assembler)
+        self.assertEqual(assembler.calls(), [])
+
+
+class RetryAfterTests(SynchronousTestCase):
+    """Parsing Retry-After."""
+
+    def test_seconds_and_dates(self) -> None:
+        """Seconds (also fractional) and HTTP dates are understood; nonsense is ignored."""
+
+        def parse(value: str, now: float = 0.0) -> float | None:
+            return _retry_after(Headers({b"Retry-After": [value.encode()]}), now)
+
+        self.assertEqual(parse("7"), 7.0)
+        self.assertEqual(parse("0.25"), 0.25)
+        self.assertEqual(parse("Wed, 21 Oct 2015 07:28:10 GMT", now=1445412480.0), 10.0)
+        self.assertIsNone(parse("soon"))
+        self.assertIsNone(_retry_after(Headers(), 0.0))
