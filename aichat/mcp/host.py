@@ -36,7 +36,8 @@ class MCPHost(Service):
     """Starts, supervises and stops the configured MCP servers and routes tool calls to them.
 
     ``reactor`` must also provide ``IReactorTime``; ``http_client`` is treq or a treq-like object
-    (``StubTreq`` in tests) for the ``http`` and ``sse`` transports.
+    (``StubTreq`` in tests) for the ``http`` and ``sse`` transports. ``connector`` replaces the transports
+    (tests); the grace periods and the first backoff delay are tunable for tests.
     """
 
     def __init__(
@@ -49,6 +50,7 @@ class MCPHost(Service):
         connector: Connector | None = None,
         stdin_grace: float = 1.0,
         term_grace: float = 5.0,
+        initial_backoff: float = 1.0,
     ) -> None:
         self._reactor = reactor
         self._clock = IReactorTime(reactor)
@@ -56,6 +58,7 @@ class MCPHost(Service):
         self._max_line_bytes = max_line_bytes
         self._stdin_grace = stdin_grace
         self._term_grace = term_grace
+        self._initial_backoff = initial_backoff
         self._connector: Connector = connector if connector is not None else self._connect
         self._registry = ToolRegistry()
         self._supervisors: dict[str, ServerSupervisor] = {}
@@ -64,7 +67,9 @@ class MCPHost(Service):
             self._supervisors[config.name] = self._supervisor(config)
 
     def _supervisor(self, config: ServerConfig) -> ServerSupervisor:
-        return ServerSupervisor(self._clock, config, self._connector, on_change=self._changed)
+        return ServerSupervisor(
+            self._clock, config, self._connector, on_change=self._changed, initial_backoff=self._initial_backoff
+        )
 
     async def _connect(self, config: ServerConfig) -> Connection:
         if config.transport == "stdio":
@@ -95,6 +100,10 @@ class MCPHost(Service):
         super().stopService()
         stops = [supervisor.stop() for supervisor in self._supervisors.values()]
         return DeferredList(stops).addCallback(lambda _: None)
+
+    def configs(self) -> list[ServerConfig]:
+        """The configuration in force, in order."""
+        return [supervisor.config for supervisor in self._supervisors.values()]
 
     def tools(self) -> list[Tool]:
         """The model-facing tools of every ready server, in deterministic order."""

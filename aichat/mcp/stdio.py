@@ -162,7 +162,7 @@ class StdioConnection:
     """One running MCP server process and the JSON-RPC peer talking to it.
 
     ``on_lost(reason)`` is called once if the process dies or misbehaves while we did not ask it to stop;
-    every pending request has already failed with :class:`PeerGone` by then.
+    right after it returns, every pending request fails with :class:`PeerGone` naming the reason.
     """
 
     def __init__(
@@ -192,15 +192,20 @@ class StdioConnection:
         self._ended = False
         self._lost = False
         self._closing = False
+        self._laddering = False
         self._ended_waiters: list[Deferred[None]] = []
         self._timers: list[IDelayedCall] = []
         self._dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 
     def start(self) -> None:
-        """Spawn the child; raises OSError if it cannot be spawned at all."""
+        """Spawn the child; raises OSError if the command cannot be found or spawned."""
         assert self.config.command is not None
-        executable, argv = group_command(self.config.command, self.config.args)
         env = child_environment(self.config.env, self._base_env)
+        if shutil.which(self.config.command, path=env.get("PATH", os.defpath)) is None and not (
+            self.config.cwd and shutil.which(os.path.join(self.config.cwd, self.config.command))
+        ):
+            raise FileNotFoundError(f"command not found: {self.config.command}")
+        executable, argv = group_command(self.config.command, self.config.args)
         protocol = ServerProcessProtocol(self, self._max_line_bytes)
         self._transport = self._reactor.spawnProcess(
             protocol,
@@ -275,7 +280,8 @@ class StdioConnection:
             return succeed(None)
         if not self._closing:
             self._closing = True
-            self.peer.fail_all(PeerGone(f"MCP server {self.config.name!r} is stopping"))
+            if not self._lost:
+                self.peer.fail_all(PeerGone(f"MCP server {self.config.name!r} is stopping"))
             if not self._exited:
                 self._stop_ladder()
         waiter: Deferred[None] = Deferred()
@@ -283,8 +289,9 @@ class StdioConnection:
         return waiter
 
     def _stop_ladder(self) -> None:
-        if self._transport is None or self._exited:
+        if self._transport is None or self._exited or self._laddering:
             return
+        self._laddering = True
         self._transport.closeStdin()
         self._timers.append(self._clock.callLater(self._stdin_grace, self._signal_group, signal.SIGTERM))
         self._timers.append(
@@ -316,6 +323,7 @@ class StdioConnection:
         if self._lost or self._closing:
             return
         self._lost = True
-        self.peer.fail_all(PeerGone(f"MCP server {self.config.name!r}: {reason}"))
+        # The owner learns first, so callers whose calls fail below already see the new state.
         if self.on_lost is not None:
             self.on_lost(reason)
+        self.peer.fail_all(PeerGone(f"MCP server {self.config.name!r}: {reason}"))

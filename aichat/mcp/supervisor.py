@@ -19,7 +19,7 @@ import enum
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
-from twisted.internet.defer import CancelledError, Deferred, succeed
+from twisted.internet.defer import CancelledError, Deferred, DeferredList, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -96,7 +96,7 @@ class ServerSupervisor:
         self._generation = 0
         self._listing = False
         self._relist_wanted = False
-        self._stopping: Deferred[None] | None = None
+        self._closing: set[Connection] = set()
 
     @property
     def name(self) -> str:
@@ -121,42 +121,49 @@ class ServerSupervisor:
         self._attempt()
 
     def stop(self) -> Deferred[None]:
-        """Stop the server (stop ladder for a child); fires when it is gone. Safe to call repeatedly."""
-        if self._stopping is not None:
-            d: Deferred[None] = Deferred()
-            self._stopping.addBoth(lambda _: d.callback(None))
-            return d
+        """Stop the server (stop ladder for a child); fires when every process it started is gone.
+
+        Safe to call repeatedly; also waits for connections still closing after earlier failures.
+        """
         self._cancel_retry()
         self._generation += 1
         if self._bring_up is not None:
-            self._bring_up.cancel()
-            self._bring_up = None
-        connection, self._connection, self._session = self._connection, None, None
-        if connection is None:
+            bring_up, self._bring_up = self._bring_up, None
+            bring_up.cancel()
+        if self._connection is not None or self._closing:
+            self._set_state(State.STOPPING)
+        self._drop_connection()
+        if not self._closing:
             self._set_state(State.STOPPED)
             return succeed(None)
-        self._set_state(State.STOPPING)
-        self._ready_since = None
-        stopping = connection.close()
-        self._stopping = stopping
+        waits = [connection.close() for connection in list(self._closing)]
 
-        def stopped(result: object) -> None:
-            self._stopping = None
-            if self.state is State.STOPPING:
+        def stopped(_: object) -> None:
+            if self.state is State.STOPPING and not self._closing:
                 self._set_state(State.STOPPED)
-            if isinstance(result, Failure):
-                log.failure("{server}: error while stopping", result, server=self.name)
 
-        stopping.addBoth(stopped)
-        done: Deferred[None] = Deferred()
-        stopping.addBoth(lambda _: done.callback(None))
-        return done
+        return DeferredList(waits, consumeErrors=True).addCallback(stopped)
 
     async def restart(self) -> None:
-        """Stop (if running) and start again at once, with the backoff reset."""
+        """Stop (if running), start again at once with the backoff reset, and wait for ready or failure."""
         await self.stop()
         self._backoff = self._initial_backoff
         self._attempt()
+        await self._started()
+
+    async def _started(self) -> None:
+        """Wait for the current bring-up to end (its outcome is in ``state`` and ``last_error``)."""
+        bring_up = self._bring_up
+        if bring_up is None:
+            return
+        waiter: Deferred[None] = Deferred()
+
+        def ended(result: object) -> object:
+            waiter.callback(None)
+            return result
+
+        bring_up.addBoth(ended)
+        await waiter
 
     async def call_tool(self, tool: str, arguments: dict[str, Any]) -> ToolResult:
         """Call ``tool`` with the configured per-call timeout; failures become :class:`ToolCallError`."""
@@ -180,9 +187,11 @@ class ServerSupervisor:
             raise ToolCallError(f"tool {tool!r} of MCP server {self.name!r} failed: {e}") from e
 
     async def refresh_tools(self) -> None:
-        """Re-list the tools of a ready server; retry a failed or backing-off one now."""
+        """Re-list the tools of a ready server; retry a failed or backing-off one now and wait for it."""
         if self.state in (State.FAILED, State.BACKING_OFF):
             self.start()
+        if self.state is State.STARTING:
+            await self._started()
             return
         if self.state is State.READY:
             await self._relist()
@@ -275,9 +284,19 @@ class ServerSupervisor:
         connection, self._connection, self._session = self._connection, None, None
         self._ready_since = None
         self.tools = []
-        if connection is not None:
-            closing = connection.close()
-            closing.addErrback(lambda f: log.failure("{server}: error while closing", f, server=self.name))
+        if connection is None or connection in self._closing:
+            return
+        self._closing.add(connection)
+        closing = connection.close()
+
+        def closed(result: object) -> None:
+            self._closing.discard(connection)
+            if isinstance(result, Failure):
+                log.failure("{server}: error while closing", result, server=self.name)
+            if self.state is State.STOPPING and not self._closing:
+                self._set_state(State.STOPPED)
+
+        closing.addBoth(closed)
 
     def _schedule_retry(self) -> None:
         delay = self._backoff

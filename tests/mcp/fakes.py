@@ -6,7 +6,9 @@ from collections.abc import Callable
 from typing import Any
 
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IReactorProcess, IReactorTime
+from twisted.internet.testing import MemoryReactorClock
+from zope.interface import implementer
 
 from aichat.mcp.config import ServerConfig
 from aichat.mcp.jsonrpc import JSONRPCPeer, PeerGone
@@ -20,6 +22,15 @@ def tool(name: str) -> dict[str, Any]:
     return {"name": name, "description": f"{name} tool", "inputSchema": {"type": "object"}}
 
 
+@implementer(IReactorProcess)
+class FakeProcessReactor(MemoryReactorClock):
+    """A memory reactor that claims to spawn processes; host tests replace the transports anyway."""
+
+    def spawnProcess(self, *args: Any, **kwargs: Any) -> Any:
+        """Refuse: tests using this reactor must not reach the stdio transport."""
+        raise NotImplementedError("FakeProcessReactor does not spawn processes")
+
+
 class FakeConnection:
     """A connection whose server answers from ``handlers`` (method -> params -> result, or NO_ANSWER)."""
 
@@ -29,6 +40,7 @@ class FakeConnection:
         self.on_lost: Callable[[str], None] | None = None
         self.protocol_version: str | None = None
         self.closed = False
+        self.crashed = False
         self.sent: list[dict[str, Any]] = []
         self.unanswered: list[dict[str, Any]] = []
         self.tools = tools if tools is not None else [tool("echo")]
@@ -63,15 +75,17 @@ class FakeConnection:
         return [m.get("params") for m in self.sent if m.get("method") == method and "id" not in m]
 
     def crash(self, reason: str = "server process killed by signal 9") -> None:
-        """What a transport does when the server dies: fail everything, then report."""
-        self.peer.fail_all(PeerGone(reason))
+        """What a transport does when the server dies: report, then fail everything with the reason."""
+        self.crashed = True
         if self.on_lost is not None:
             self.on_lost(reason)
+        self.peer.fail_all(PeerGone(reason))
 
     def close(self) -> Deferred[None]:
         """Stop: everything pending fails."""
         self.closed = True
-        self.peer.fail_all(PeerGone("stopping"))
+        if not self.crashed:
+            self.peer.fail_all(PeerGone("stopping"))
         return succeed(None)
 
 

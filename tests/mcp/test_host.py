@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 from twisted.internet.defer import Deferred
-from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import SynchronousTestCase
 
 from aichat.mcp import MCPHost, ServerConfig, ToolCallError, ToolNotFound, ToolResult, UnknownServer
-from tests.mcp.fakes import NO_ANSWER, FakeConnection, FakeConnector, tool
+from tests.mcp.fakes import NO_ANSWER, FakeConnection, FakeConnector, FakeProcessReactor, tool
 
 
-def make(*configs: ServerConfig) -> tuple[MemoryReactorClock, FakeConnector, MCPHost]:
+def make(*configs: ServerConfig) -> tuple[FakeProcessReactor, FakeConnector, MCPHost]:
     """A host over a fake connector whose servers list tools named after the server."""
-    reactor = MemoryReactorClock()
+    reactor = FakeProcessReactor()
     connector = FakeConnector(reactor)
 
     def prepare(connection: FakeConnection) -> None:
