@@ -1,0 +1,467 @@
+"""Chat turns without a network: a scripted model, fake tools, the real SQLite store and a fake clock."""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+from twisted.internet.defer import Deferred
+from twisted.internet.task import Clock
+
+from aichat.chat.approvals import ApprovalPolicy, parse_command
+from aichat.chat.context import NOT_EXECUTED, build_messages, user_content
+from aichat.chat.streams import Event, StreamError, StreamRegistry
+from aichat.chat.titles import clean_title, fallback_title
+from aichat.chat.turn import ChatError, ChatService, TurnRecord
+from aichat.config import ApprovalSettings, ChatSettings
+from aichat.llm.provider import Completion, LLMError, ToolCall
+from aichat.store import Attachment, Message, Session
+from aichat.store.sqlite import SQLiteStore
+from tests.support import inline_store
+
+NOW = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
+
+
+@dataclass
+class Script:
+    """What the scripted model does on one call: stream ``deltas``, then return calls or raise."""
+
+    deltas: list[str] = field(default_factory=list)
+    calls: list[ToolCall] = field(default_factory=list)
+    error: LLMError | None = None
+
+
+class ScriptedModel:
+    """A provider that plays scripts in order and records every request."""
+
+    name = "scripted"
+    model = "scripted-1"
+
+    def __init__(self, *scripts: Script) -> None:
+        self.scripts = list(scripts)
+        self.requests: list[tuple[list[dict[str, Any]], list[dict[str, Any]] | None]] = []
+
+    async def complete(
+        self,
+        messages: list[dict[str, Any]],
+        tools: list[dict[str, Any]] | None = None,
+        *,
+        on_text: Callable[[str], None] | None = None,
+    ) -> Completion:
+        self.requests.append((messages, tools))
+        script = self.scripts.pop(0) if self.scripts else Script(["Fine."])
+        for delta in script.deltas:
+            if on_text is not None:
+                on_text(delta)
+        if script.error is not None:
+            raise script.error
+        return Completion("".join(script.deltas), script.calls, "stop", None, self.model)
+
+    async def close(self) -> None:
+        """Nothing to close."""
+
+
+@dataclass(frozen=True)
+class FakeTool:
+    """A tool as the MCP host describes it."""
+
+    name: str
+    server: str
+    description: str = "a tool"
+    input_schema: dict[str, Any] = field(default_factory=lambda: {"type": "object"})
+
+    @property
+    def function_name(self) -> str:
+        return f"{self.server}__{self.name}"
+
+
+@dataclass(frozen=True)
+class Result:
+    """A tool result."""
+
+    text: str
+    is_error: bool = False
+
+
+class FakeTools:
+    """Tools that answer at once, recording calls."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, dict[str, Any]]] = []
+        self._tools = [FakeTool("echo", "everything"), FakeTool("fail", "everything"), FakeTool("read", "fs")]
+
+    def tools(self) -> list[FakeTool]:
+        return self._tools
+
+    async def call_tool(self, function_name: str, arguments: dict[str, Any]) -> Result:
+        self.calls.append((function_name, arguments))
+        if function_name == "everything__fail":
+            return Result("it broke", is_error=True)
+        if function_name not in {t.function_name for t in self._tools}:
+            raise KeyError(f"tool not found: {function_name}")
+        return Result(f"echo {json.dumps(arguments, sort_keys=True)}")
+
+
+def call(call_id: str, name: str, arguments: str = "{}") -> ToolCall:
+    """A model tool call."""
+    return ToolCall(call_id, name, arguments)
+
+
+@dataclass
+class Harness:
+    """A chat service over an inline store, with the clock, model and tools it uses."""
+
+    service: ChatService
+    store: SQLiteStore
+    clock: Clock
+    model: ScriptedModel
+    tools: FakeTools
+
+    def session(self, user: str = "1") -> Session:
+        return done(self.service.open_session(user, ""))
+
+    def send(self, session: Session, text: str, user: str = "1") -> TurnRecord:
+        return self.service.start_message(user, session, text)
+
+    def resolve(self, approval_id: str, approve: bool, ids: list[str] | None = None, user: str = "1") -> TurnRecord:
+        return done(self.service.start_resolution(user, approval_id, approve, ids))
+
+    def history(self, session: Session) -> list[Message]:
+        return done(self.store.history(session.id))
+
+
+def done(coroutine: Any) -> Any:
+    """Run a coroutine that completes synchronously; return its result or raise its error."""
+    d = Deferred.fromCoroutine(coroutine)
+    results: list[Any] = []
+    d.addBoth(results.append)
+    assert results, "completes synchronously"
+    if hasattr(results[0], "raiseException"):
+        results[0].raiseException()
+    return results[0]
+
+
+def make(tmp_path: Path, *scripts: Script, **chat: Any) -> Harness:
+    """A harness with ``scripts`` for the model and ``chat`` settings overrides."""
+    clock = Clock()
+    clock.advance(NOW.timestamp())
+    store = inline_store(str(tmp_path / "chat.db"))
+    model = ScriptedModel(*scripts)
+    tools = FakeTools()
+    settings = ChatSettings(**chat)
+    service = ChatService(clock, store, model, tools, settings, "You help.", StreamRegistry(clock, 60), now=lambda: NOW)
+    return Harness(service, store, clock, model, tools)
+
+
+def kinds(record: TurnRecord) -> list[str]:
+    """The event types of a turn's stream."""
+    return [e.type for e in record.stream.events]
+
+
+# -- context -------------------------------------------------------------------------------------
+
+
+def test_context_repairs_unanswered_calls_and_drops_orphans() -> None:
+    """Every assistant tool call gets a result; tool messages without a call are dropped."""
+    calls = [{"id": "a", "type": "function", "function": {"name": "x", "arguments": "{}"}},
+             {"id": "b", "type": "function", "function": {"name": "y", "arguments": "{}"}}]
+    history = [
+        Message("m0", "s", "tool", "orphan", tool_call_id="zz"),
+        Message("m1", "s", "user", "hi"),
+        Message("m2", "s", "assistant", "", tool_calls=calls),
+        Message("m3", "s", "tool", "result a", tool_call_id="a"),
+        Message("m4", "s", "tool_approval", "legacy"),
+        Message("m5", "s", "user", "next"),
+    ]
+    messages = build_messages("Prompt", history, 10_000, NOW)
+    assert messages[0]["role"] == "system"
+    assert messages[0]["content"].startswith("Prompt\n\nCURRENT CONTEXT:\n- Current time (UTC): 2026-01-02T03:04:05Z")
+    assert "from 2026-01-01T15:04:05Z to 2026-01-02T03:04:05Z" in messages[0]["content"]
+    assert [m["role"] for m in messages[1:]] == ["user", "assistant", "tool", "tool", "user"]
+    assert messages[3] == {"role": "tool", "tool_call_id": "a", "content": "result a"}
+    assert messages[4] == {"role": "tool", "tool_call_id": "b", "content": NOT_EXECUTED}
+    assert messages[2] == {"role": "assistant", "content": None, "tool_calls": calls}
+
+
+def test_context_trims_oldest_without_splitting_tool_groups() -> None:
+    """The budget keeps the newest messages; a tool call and its results go or stay together."""
+    call_ = [{"id": "c", "type": "function", "function": {"name": "t", "arguments": "{}"}}]
+    history = [
+        Message("1", "s", "user", "u" * 100),
+        Message("2", "s", "assistant", "", tool_calls=call_),
+        Message("3", "s", "tool", "r" * 100, tool_call_id="c"),
+        Message("4", "s", "assistant", "a" * 50),
+        Message("5", "s", "user", "v" * 50),
+    ]
+    kept = build_messages("", history, 160, NOW)
+    assert [m["role"] for m in kept] == ["assistant", "user"]
+    kept = build_messages("", history, 210, NOW)
+    assert [m["role"] for m in kept] == ["assistant", "tool", "assistant", "user"]
+    assert [m["role"] for m in build_messages("", history, 1, NOW)] == ["user"]
+
+
+def test_attachments_become_text_or_image_parts() -> None:
+    """Text files are inlined (cut at 50 000 characters), images become image parts, others are described."""
+    text = Attachment("1", "notes.md", "text/markdown", 5, base64.b64encode(b"hello").decode())
+    big = Attachment("2", "big.json", "application/json", 60_000, base64.b64encode(b"x" * 60_000).decode())
+    image = Attachment("3", "p.png", "image/png", 3, "AAAA")
+    binary = Attachment("4", "a.bin", "application/octet-stream", 3, "AAAA")
+    content = user_content("look", [text, big, image, binary])
+    assert isinstance(content, list)
+    inline = content[0]["text"]
+    header = "--- File: notes.md (Size: 5 bytes, Type: text/markdown) ---"
+    assert inline.startswith(f"look\n\nAttached files:\n{header}\nhello")
+    assert "x" * 50_000 + "\n... (content truncated)" in inline
+    assert "[Binary file - content not displayed]" in inline
+    assert content[1] == {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}
+    assert user_content("plain", []) == "plain"
+
+
+# -- titles, commands, policy ------------------------------------------------------------------
+
+
+def test_title_rules_count_characters_not_bytes() -> None:
+    """Titles are trimmed, unquoted and cut at 50 characters; short ones fall back to the first words."""
+    assert clean_title('  "Slow queries on MySQL"  ', "x") == "Slow queries on MySQL"
+    long = "é" * 60
+    assert clean_title(long, "x") == "é" * 47 + "..."
+    assert clean_title("Hi", "why is my database slow today again please") == "why is my database slow today..."
+    assert clean_title("Untitled", "short question") == "short question"
+    assert fallback_title("") == "New Chat"
+    assert fallback_title("a" * 45) == "New Chat"
+    assert fallback_title("one two three four five six seven") == "one two three four five six..."
+
+
+def test_approval_commands_and_policy() -> None:
+    """The reference's approval commands parse; the policy asks per call."""
+    assert parse_command(" [APPROVE_TOOLS:approval_1-2] ") is not None
+    command = parse_command("[DENY_TOOLS:approval_x]")
+    assert command is not None and not command.approve and command.request_id == "approval_x"
+    assert parse_command("please [APPROVE_TOOLS:x]") is None
+    assert ApprovalPolicy("always").needs_approval("s__t", "s", "t")
+    assert not ApprovalPolicy("never").needs_approval("s__t", "s", "t")
+    auto = ApprovalPolicy("auto", ("everything/*", "fs__read"))
+    assert not auto.needs_approval("everything__echo", "everything", "echo")
+    assert not auto.needs_approval("fs__read", "fs", "read")
+    assert auto.needs_approval("fs__write", "fs", "write")
+
+
+# -- streams -------------------------------------------------------------------------------------
+
+
+def test_stream_replays_to_late_subscribers_and_is_removed_after_keep() -> None:
+    """Late and second subscribers get every event; the stream is removed keep_seconds after it ends."""
+    clock = Clock()
+    registry = StreamRegistry(clock, 30)
+    stream = registry.create("s1", "1", "sess")
+    early: list[Event] = []
+    stream.subscribe(early.append)
+    stream.emit(Event("message", "sess", content="a"))
+    late: list[Event] = []
+    stream.subscribe(late.append)
+    stream.emit(Event("done", "sess"))
+    stream.emit(Event("message", "sess", content="ignored after done"))
+    assert [e.content for e in early] == [e.content for e in late] == ["a", ""]
+    with pytest.raises(StreamError):
+        registry.get("s1", "2")
+    clock.advance(29)
+    assert registry.get("s1", "1") is stream
+    clock.advance(1)
+    with pytest.raises(StreamError):
+        registry.get("s1", "1")
+    assert Event("done", "sess", synthetic=True).to_json() == {"type": "done", "session_id": "sess"}
+
+
+# -- turns -----------------------------------------------------------------------------------------
+
+
+def test_plain_turn_streams_and_stores(tmp_path: Path) -> None:
+    """Text deltas are forwarded; user and assistant messages are stored; the response has the real id."""
+    h = make(tmp_path, Script(["Hel", "lo"]))
+    session = h.session()
+    record = h.send(session, "hi")
+    assert kinds(record) == ["message", "message", "done"]
+    assert record.response()["message"]["content"] == "Hello"
+    assert record.response()["session_id"] == session.id
+    assert [(m.role, m.content) for m in h.history(session)] == [("user", "hi"), ("assistant", "Hello")]
+    sent, tools = h.model.requests[0]
+    assert sent[-1] == {"role": "user", "content": "hi"}
+    assert tools is not None and [t["function"]["name"] for t in tools] == [
+        "everything__echo", "everything__fail", "fs__read"]
+
+
+def test_history_is_reloaded_from_the_store(tmp_path: Path) -> None:
+    """A new service over the same database (a restart) sends the earlier exchange to the model."""
+    h = make(tmp_path, Script(["one"]))
+    session = h.session()
+    h.send(session, "first")
+    again = make(tmp_path, Script(["two"]))
+    again.send(session, "second")
+    sent = [m["content"] for m in again.model.requests[0][0][1:]]
+    assert sent == ["first", "one", "second"]
+
+
+def test_tool_call_waits_for_approval_then_runs(tmp_path: Path) -> None:
+    """With policy always, calls wait; approving runs them, stores results by call id and continues."""
+    h = make(tmp_path, Script(["Let me check. "], [call("c1", "everything__echo", '{"m": 1}')]), Script(["Done."]))
+    session = h.session()
+    record = h.send(session, "echo please")
+    assert kinds(record)[-2:] == ["tool_approval_request", "done"]
+    assert record.approval is not None
+    request_id = record.approval["request_id"]
+    assert h.tools.calls == []
+    resumed = h.resolve(request_id, True)
+    assert h.tools.calls == [("everything__echo", {"m": 1})]
+    assert kinds(resumed) == ["tool_execution", "message", "message", "done"]
+    assert resumed.response()["message"]["content"] == "Done."
+    assert resumed.executions[0]["result"] == 'echo {"m": 1}'
+    follow_up = h.model.requests[1][0]
+    assert follow_up[-2]["tool_calls"][0]["id"] == "c1"
+    assert follow_up[-1] == {"role": "tool", "tool_call_id": "c1", "content": 'echo {"m": 1}'}
+    with pytest.raises(ChatError) as again:
+        h.resolve(request_id, True)
+    assert again.value.status == 409
+
+
+def test_denial_is_fed_back_to_the_model(tmp_path: Path) -> None:
+    """Denying stores a refusal for each call and lets the model answer."""
+    h = make(tmp_path, Script([], [call("c1", "everything__echo")]), Script(["Understood."]))
+    session = h.session()
+    request_id = h.send(session, "x").approval["request_id"]  # type: ignore[index]
+    resumed = h.resolve(request_id, False)
+    assert h.tools.calls == []
+    assert resumed.response()["message"]["content"] == "Understood."
+    assert h.model.requests[1][0][-1] == {
+        "role": "tool", "tool_call_id": "c1", "content": "Tool execution was denied by the user."}
+    assert "❌ Tool execution was denied by user." in [e.content for e in resumed.stream.events]
+
+
+def test_selective_approval_runs_only_the_chosen_calls(tmp_path: Path) -> None:
+    """tool_call_ids approves a subset; the others are refused; unknown ids are 400."""
+    calls = [call("a", "everything__echo", '{"n": 1}'), call("b", "everything__echo", '{"n": 2}')]
+    h = make(tmp_path, Script([], calls), Script(["ok"]))
+    session = h.session()
+    request_id = h.send(session, "x").approval["request_id"]  # type: ignore[index]
+    with pytest.raises(ChatError) as bad:
+        h.resolve(request_id, True, ["zzz"])
+    assert bad.value.status == 400
+    h.resolve(request_id, True, ["b"])
+    assert h.tools.calls == [("everything__echo", {"n": 2})]
+    results = {m.tool_call_id: m.content for m in h.history(session) if m.role == "tool"}
+    assert results == {"a": "Tool execution was denied by the user.", "b": 'echo {"n": 2}'}
+
+
+def test_auto_approval_runs_matching_tools_at_once(tmp_path: Path) -> None:
+    """With policy auto, matching calls run without asking; the rest wait."""
+    calls = [call("a", "everything__echo"), call("b", "fs__read")]
+    h = make(
+        tmp_path, Script([], calls), Script(["ok"]),
+        approval=ApprovalSettings(policy="auto", auto_approve=("everything/*",)),
+    )
+    record = h.send(h.session(), "x")
+    assert h.tools.calls == [("everything__echo", {})]
+    assert record.approval is not None
+    assert [c["id"] for c in record.approval["tool_calls"]] == ["b"]
+
+
+def test_tool_errors_go_back_to_the_model(tmp_path: Path) -> None:
+    """isError results, unknown tools and bad JSON arguments become results the model reads."""
+    calls = [call("a", "everything__fail"), call("b", "nope__tool"), call("c", "everything__echo", "{bad")]
+    h = make(tmp_path, Script([], calls), Script(["noted"]), approval=ApprovalSettings(policy="never"))
+    record = h.send(h.session(), "x")
+    assert kinds(record)[-1] == "done"
+    errors = [e["error"] for e in record.executions]
+    assert errors[0] == "Tool returned an error: it broke"
+    assert errors[1].startswith("Error executing tool:") and "nope__tool" in errors[1]
+    assert errors[2].startswith("Error executing tool: failed to parse tool arguments")
+    tool_event = next(e for e in record.stream.events if e.type == "tool_execution")
+    assert tool_event.content == "Executed 3 tool(s) (partially failed)"
+    assert [m["content"] for m in h.model.requests[1][0] if m["role"] == "tool"] == errors
+
+
+def test_round_cap_stops_the_loop_with_a_clear_message(tmp_path: Path) -> None:
+    """After max_tool_rounds the next calls are not executed and the turn ends with a notice."""
+    looping = [Script([], [call(f"c{i}", "everything__echo")]) for i in range(5)]
+    h = make(tmp_path, *looping, max_tool_rounds=2, approval=ApprovalSettings(policy="never"))
+    session = h.session()
+    record = h.send(session, "loop")
+    assert len(h.tools.calls) == 2
+    assert kinds(record)[-1] == "done"
+    assert "Stopped after 2 tool rounds" in record.response()["message"]["content"]
+    unanswered = [m for m in h.history(session) if m.role == "tool" and m.tool_call_id == "c2"]
+    assert unanswered[0].content == "Tool call was not executed: the tool round limit was reached."
+
+
+def test_upstream_failure_mid_stream_keeps_what_was_said(tmp_path: Path) -> None:
+    """A stream that breaks ends with an error event and the partial answer is stored."""
+    h = make(tmp_path, Script(["partial "], error=LLMError("upstream reset", started=True, code="connection")))
+    session = h.session()
+    record = h.send(session, "x")
+    assert kinds(record) == ["message", "error"]
+    assert record.stream.events[-1].error == "Failed to process message: upstream reset"
+    assert record.error_status == 502
+    assert [(m.role, m.content) for m in h.history(session)] == [("user", "x"), ("assistant", "partial ")]
+
+
+def test_approvals_are_user_bound_and_expire(tmp_path: Path) -> None:
+    """Another user's approval is 404; an expired one is 409 and is marked expired."""
+    h = make(tmp_path, Script([], [call("a", "everything__echo")]), approval=ApprovalSettings(expire_seconds=60))
+    request_id = h.send(h.session(), "x").approval["request_id"]  # type: ignore[index]
+    with pytest.raises(ChatError) as other:
+        h.resolve(request_id, True, user="2")
+    assert other.value.status == 404
+    h.clock.advance(61)
+    with pytest.raises(ChatError) as late:
+        h.resolve(request_id, True)
+    assert late.value.status == 409 and "expired" in late.value.message
+    stored = done(h.store.get_approval("1", request_id))
+    assert stored.status == "expired"
+
+
+def test_unknown_session_is_404_and_busy_session_is_409(tmp_path: Path) -> None:
+    """A session id the user does not own is 404; a second turn while one runs is 409."""
+    h = make(tmp_path)
+    with pytest.raises(ChatError) as missing:
+        done(h.service.open_session("1", "no-such-session"))
+    assert missing.value.status == 404
+    session = h.session()
+    h.service._running[session.id] = Deferred()
+    with pytest.raises(ChatError) as busy:
+        h.send(session, "x")
+    assert busy.value.status == 409
+
+
+def test_title_generated_after_first_exchange(tmp_path: Path) -> None:
+    """The first exchange gets a model-written title; later exchanges keep it."""
+    h = make(tmp_path, Script(["Answer."]), Script(['"Database Latency Help"']), Script(["More."]))
+    session = h.session()
+    assert session.title.startswith("Chat - Jan 2, 2026 at ")
+    h.send(session, "why is it slow")
+    assert done(h.store.get_session("1", session.id)).title == "Database Latency Help"
+    h.send(session, "and now?")
+    assert done(h.store.get_session("1", session.id)).title == "Database Latency Help"
+    assert len(h.model.requests) == 3
+
+
+def test_turn_deadline_cancels_and_reports(tmp_path: Path) -> None:
+    """A turn that outlives stream_max_seconds is cancelled and its stream ends with an error."""
+    h = make(tmp_path, stream_max_seconds=5)
+    never: Deferred[Completion] = Deferred()
+
+    async def hang(*args: Any, **kwargs: Any) -> Completion:
+        return await never
+
+    h.model.complete = hang  # type: ignore[method-assign]
+    session = h.session()
+    record = h.send(session, "x")
+    assert kinds(record) == []
+    h.clock.advance(5)
+    assert kinds(record) == ["error"]
+    assert record.error == "The turn was cancelled"
+    assert session.id not in h.service._running
