@@ -569,8 +569,11 @@ _BEARER = re.compile(r"Bearer\s+[^\s\"',]+")
 
 
 def _is_cancellation(error: BaseException) -> bool:
-    """Whether ``error`` is, or wraps (as the agent's ``ResponseNeverReceived`` does), a cancellation."""
-    if isinstance(error, CancelledError):
+    """Whether ``error`` is, or wraps (as the agent's ``ResponseNeverReceived`` does), a cancellation.
+
+    A cancelled connection attempt fails with ``ConnectingCancelledError`` (a connect timeout is a
+    ``TimeoutError``), so that too is a cancellation."""
+    if isinstance(error, CancelledError | ConnectingCancelledError):
         return True
     reasons = getattr(error, "reasons", None) or ()
     return any(isinstance(reason, Failure) and reason.check(CancelledError) for reason in reasons)

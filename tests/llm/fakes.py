@@ -20,6 +20,13 @@ from tests.upstream import chunk
 HANG = "hang"
 
 
+@dataclass(frozen=True)
+class Hang:
+    """A request that never gets its headers and, when cancelled, fails with ``error`` as agents do."""
+
+    error: BaseException
+
+
 def sse(*events: Any, done: bool = True, newline: str = "\n", space: str = " ") -> bytes:
     """An event stream of ``events`` (dicts as JSON, strings as they are), then ``data: [DONE]``."""
     lines = []
@@ -127,8 +134,8 @@ class SentRequest:
 
 @dataclass
 class FakeHTTP:
-    """A treq-like client answering from a queue of outcomes: a FakeResponse, an exception, or HANG (a
-    request that never gets its headers, cancellable)."""
+    """A treq-like client answering from a queue of outcomes: a FakeResponse, an exception, HANG (a
+    request that never gets its headers, cancellable) or a :class:`Hang`."""
 
     outcomes: deque[Any] = field(default_factory=deque)
     sent: list[SentRequest] = field(default_factory=list)
@@ -150,10 +157,13 @@ class FakeHTTP:
     ) -> Deferred[Any]:
         assert unbuffered, "the client must stream the body"
         outcome = self.outcomes.popleft()
-        if outcome == HANG:
+        if isinstance(outcome, Hang) or outcome == HANG:
+            error = outcome.error if isinstance(outcome, Hang) else None
 
-            def cancel(_: Deferred[Any]) -> None:
+            def cancel(pending: Deferred[Any]) -> None:
                 self.cancelled += 1
+                if error is not None:
+                    pending.errback(error)
 
             deferred: Deferred[Any] = Deferred(cancel)
         elif isinstance(outcome, BaseException):

@@ -9,7 +9,7 @@ from typing import Any, cast
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.internet.defer import CancelledError, Deferred
-from twisted.internet.error import ConnectionRefusedError
+from twisted.internet.error import ConnectingCancelledError, ConnectionRefusedError
 from twisted.internet.task import Clock
 from twisted.logger import ILogObserver, Logger, formatEvent
 from twisted.python.failure import Failure
@@ -20,7 +20,7 @@ from twisted.web.http_headers import Headers
 from aichat.llm import openai
 from aichat.llm.openai import OpenAIProvider, _retry_after
 from aichat.llm.provider import Completion, LLMError, ToolCall, ToolCallAssembler, Usage
-from tests.llm.fakes import HANG, FakeHTTP, FakeResponse, sse, text_events
+from tests.llm.fakes import HANG, FakeHTTP, FakeResponse, Hang, sse, text_events
 from tests.upstream import chunk
 
 KEY = "sk-test-SECRET-0123456789abcdef"
@@ -416,6 +416,20 @@ class CancellationTests(SynchronousTestCase):
         self.failureResultOf(d, CancelledError)
         self.assertEqual(http.cancelled, 1)
         self.assertEqual(clock.getDelayedCalls(), [])
+
+    def test_cancel_reported_as_agent_errors(self) -> None:
+        """However the agent reports a cancelled attempt, the caller gets CancelledError and no retry."""
+        for error in (
+            ConnectingCancelledError(None),
+            ResponseNeverReceived([Failure(CancelledError())]),
+        ):
+            clock = Clock()
+            http = FakeHTTP(Hang(error), FakeResponse(pieces=sse()))
+            d = run(provider(http, clock))
+            d.cancel()
+            self.failureResultOf(d, CancelledError)
+            clock.advance(60)
+            self.assertEqual(len(http.sent), 1)
 
     def test_cancel_while_streaming(self) -> None:
         """The body's connection is closed and the call fails with CancelledError, not LLMError."""
