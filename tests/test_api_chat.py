@@ -1,0 +1,217 @@
+"""Chat routes through StubTreq: response shapes, SSE framing and replay, approvals, uploads, errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from twisted.internet.task import Clock
+
+from aichat.chat.streams import StreamRegistry
+from aichat.chat.turn import ChatService
+from aichat.config import ChatSettings
+from aichat.llm.provider import LLMError, ToolCall
+from tests.support import build_api, inline_store, make_settings
+from tests.test_api import USER, Client
+from tests.test_chat import FakeTools, Script, ScriptedModel
+
+OTHER = {"X-User-ID": "8"}
+
+
+class Fixture:
+    """An API with a chat service over a scripted model and fake tools."""
+
+    def __init__(self, tmp_path: Path, *scripts: Script, yaml_text: str = "") -> None:
+        settings = make_settings(tmp_path, yaml_text)
+        self.clock = Clock()
+        self.clock.advance(1_800_000_000)
+        store = inline_store(settings.database.path)
+        self.model = ScriptedModel(*scripts)
+        self.streams = StreamRegistry(self.clock, 60)
+        chat = ChatService(self.clock, store, self.model, FakeTools(), settings.chat, "sys", self.streams)
+        api, resource = build_api(settings, store, self.clock)
+        api.services["chat"] = chat
+        self.client = Client(resource)
+
+    def raw(
+        self, method: str, path: str, headers: dict[str, str] | None = None, body: bytes | None = None
+    ) -> tuple[int, bytes, Any]:
+        """A request returning the raw body (for SSE)."""
+        treq = self.client.treq
+        d = treq.request(method, "http://127.0.0.1" + path, data=body, headers=headers or {})
+        treq.flush()
+        responses: list[Any] = []
+        d.addBoth(responses.append)
+        content = treq.content(responses[0])
+        treq.flush()
+        out: list[bytes] = []
+        content.addCallback(out.append)
+        return responses[0].code, out[0], responses[0].headers
+
+
+def sse_events(body: bytes) -> list[dict[str, Any]]:
+    """Decode ``event: message`` frames; every frame must use that event name."""
+    events = []
+    for frame in body.decode().split("\n\n"):
+        if not frame.strip() or frame.startswith(":"):
+            continue
+        lines = frame.split("\n")
+        assert lines[0] == "event: message"
+        assert lines[1].startswith("data: ")
+        events.append(json.loads(lines[1][len("data: "):]))
+    return events
+
+
+def test_send_returns_final_text_and_real_session(tmp_path: Path) -> None:
+    """Non-streaming send creates a session when none is given and returns its real id."""
+    f = Fixture(tmp_path, Script(["Hi ", "there"]))
+    status, body, _ = f.client.call("POST", "/v1/chat/send", {"message": "hello"}, USER)
+    assert status == 200
+    assert body["message"]["content"] == "Hi there"
+    assert body["message"]["role"] == "assistant"
+    assert body["message"]["id"].startswith("assistant_")
+    session_id = body["session_id"]
+    assert f.client.call("GET", f"/v1/chat/sessions/{session_id}", headers=USER)[0] == 200
+    assert f.client.call("GET", f"/v1/chat/sessions/{session_id}", headers=OTHER)[0] == 404
+
+
+def test_send_validation_and_unknown_session(tmp_path: Path) -> None:
+    """Missing message is 400; an unknown session id is 404 (never silently replaced)."""
+    f = Fixture(tmp_path)
+    status, body, _ = f.client.call("POST", "/v1/chat/send", {"session_id": "x"}, USER)
+    assert status == 400 and "'message'" in body["error"]
+    status, body, _ = f.client.call("POST", "/v1/chat/send", {"message": "hi", "session_id": "nope"}, USER)
+    assert (status, body) == (404, {"error": "Session not found"})
+    assert f.client.call("POST", "/v1/chat/send", {"message": "hi"})[0] == 401
+
+
+def test_upstream_failure_is_a_non_200_error(tmp_path: Path) -> None:
+    """A provider error surfaces as 502 (504 for timeouts) with its message."""
+    f = Fixture(tmp_path, Script(error=LLMError("rate limited", status=429)),
+                Script(error=LLMError("no first byte", code="timeout")))
+    status, body, _ = f.client.call("POST", "/v1/chat/send", {"message": "hi"}, USER)
+    assert (status, body) == (502, {"error": "Failed to process message: rate limited"})
+    status, body, _ = f.client.call("POST", "/v1/chat/send", {"message": "hi"}, USER)
+    assert status == 504
+
+
+def test_streaming_send_then_sse_replays_everything(tmp_path: Path) -> None:
+    """send?streaming=true returns a handle; the SSE stream replays from the start, twice, owner only."""
+    f = Fixture(tmp_path, Script(["a", "b"]))
+    status, handle, _ = f.client.call("POST", "/v1/chat/send?streaming=true", {"message": "hi"}, USER)
+    assert status == 200
+    assert handle["stream_id"].startswith("stream_7_")
+    assert handle["stream_url"] == f"/v1/chat/stream/{handle['stream_id']}"
+    for _ in range(2):
+        status, body, headers = f.raw("GET", handle["stream_url"], USER)
+        assert status == 200
+        assert headers.getRawHeaders("content-type") == ["text/event-stream; charset=utf-8"]
+        assert headers.getRawHeaders("cache-control") == ["no-cache"]
+        assert headers.getRawHeaders("x-accel-buffering") == ["no"]
+        events = sse_events(body)
+        assert [(e["type"], e.get("content")) for e in events] == [("message", "a"), ("message", "b"), ("done", None)]
+        assert {e["session_id"] for e in events} == {handle["session_id"]}
+    status, body, _ = f.raw("GET", handle["stream_url"], OTHER)
+    assert status == 404
+
+
+def test_legacy_stream_endpoint(tmp_path: Path) -> None:
+    """GET /v1/chat/stream?message= runs a turn as SSE; without message it is 400 JSON."""
+    f = Fixture(tmp_path, Script(["x"]))
+    status, body, _ = f.raw("GET", "/v1/chat/stream?message=hello", USER)
+    assert status == 200
+    assert [e["type"] for e in sse_events(body)] == ["message", "done"]
+    status, body, _ = f.raw("GET", "/v1/chat/stream", USER)
+    assert status == 400 and json.loads(body) == {"error": "message parameter is required"}
+
+
+def test_approval_via_chat_command_and_endpoint(tmp_path: Path) -> None:
+    """The approval id comes back in the response; both the command and the endpoint resolve approvals."""
+    calls = [ToolCall("c1", "everything__echo", '{"a": 1}')]
+    f = Fixture(tmp_path, Script([], calls), Script(["ran it"]), Script([], calls), Script(["skipped"]),
+                yaml_text="chat:\n  title_generation: false\n")
+    _, first, _ = f.client.call("POST", "/v1/chat/send", {"message": "go"}, USER)
+    request_id = first["approval_request"]["request_id"]
+    assert first["approval_request"]["tool_calls"][0]["id"] == "c1"
+    status, body, _ = f.client.call("POST", "/v1/chat/send", {"message": f"[APPROVE_TOOLS:{request_id}]"}, USER)
+    assert status == 200
+    assert body["message"]["content"] == "ran it"
+    assert body["message"]["tool_executions"][0]["result"] == 'echo {"a": 1}'
+    assert body["session_id"] == first["session_id"]
+    _, second, _ = f.client.call("POST", "/v1/chat/send", {"message": "again", "session_id": first["session_id"]}, USER)
+    request_id = second["approval_request"]["request_id"]
+    url = f"/v1/chat/approvals/{request_id}"
+    assert f.client.call("POST", url, {"approve": True}, OTHER)[0] == 404
+    assert f.client.call("POST", url, {"approve": "yes"}, USER)[0] == 400
+    assert f.client.call("POST", url, {"approve": True, "tool_call_ids": [1]}, USER)[0] == 400
+    status, handle, _ = f.client.call("POST", url + "?streaming=true", {"approve": False}, USER)
+    assert status == 200
+    _, body, _ = f.raw("GET", handle["stream_url"], USER)
+    contents = [e.get("content") for e in sse_events(body)]
+    assert "❌ Tool execution was denied by user." in contents
+    assert contents[-2:] == ["skipped", None]
+    status, body, _ = f.client.call("POST", "/v1/chat/send", {"message": f"[DENY_TOOLS:{request_id}]"}, USER)
+    assert status == 409
+
+
+def multipart(fields: dict[str, str], files: list[tuple[str, str, str, bytes]]) -> tuple[bytes, str]:
+    """Encode a multipart/form-data body."""
+    boundary = "----aichat-test-boundary"
+    parts = []
+    for name, value in fields.items():
+        parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{value}\r\n'.encode())
+    for field_name, filename, mime, data in files:
+        head = (f'--{boundary}\r\nContent-Disposition: form-data; name="{field_name}"; filename="{filename}"\r\n'
+                f"Content-Type: {mime}\r\n\r\n")
+        parts.append(head.encode() + data + b"\r\n")
+    parts.append(f"--{boundary}--\r\n".encode())
+    return b"".join(parts), f"multipart/form-data; boundary={boundary}"
+
+
+def test_send_with_files_stores_attachments_and_shows_text_to_model(tmp_path: Path) -> None:
+    """file* parts become attachments; text reaches the model; non-file fields are ignored as files."""
+    f = Fixture(tmp_path, Script(["read it"]))
+    body, content_type = multipart(
+        {"message": "summarize"},
+        [("file", "a.txt", "text/plain", b"alpha beta"), ("file2", "b.bin", "application/octet-stream", b"\x00\x01"),
+         ("other", "c.txt", "text/plain", b"ignored")],
+    )
+    status, raw, _ = f.raw("POST", "/v1/chat/send-with-files", {**USER, "Content-Type": content_type}, body)
+    assert status == 200, raw
+    answer = json.loads(raw)
+    assert answer["message"]["content"] == "read it"
+    sent = f.model.requests[0][0][-1]["content"]
+    assert "--- File: a.txt (Size: 10 bytes, Type: text/plain) ---\nalpha beta" in sent
+    assert "b.bin" in sent and "ignored" not in sent
+    _, listing, _ = f.client.call("GET", f"/v1/chat/sessions/{answer['session_id']}/messages", headers=USER)
+    attachments = listing["messages"][0]["attachments"]
+    assert [(a["filename"], a["size"]) for a in attachments] == [("a.txt", 10), ("b.bin", 2)]
+
+
+def test_send_with_files_errors(tmp_path: Path) -> None:
+    """Missing message, oversized file and wrong content type are clear 4xx errors."""
+    f = Fixture(tmp_path, yaml_text="limits:\n  max_file_bytes: 2048\n")
+    body, content_type = multipart({"session_id": ""}, [])
+    status, raw, _ = f.raw("POST", "/v1/chat/send-with-files", {**USER, "Content-Type": content_type}, body)
+    assert (status, json.loads(raw)) == (400, {"error": "message field is required"})
+    body, content_type = multipart({"message": "x"}, [("file", "big.txt", "text/plain", b"x" * 4096)])
+    status, raw, _ = f.raw("POST", "/v1/chat/send-with-files", {**USER, "Content-Type": content_type}, body)
+    assert status == 400 and "File too large" in json.loads(raw)["error"]
+    status, raw, _ = f.raw("POST", "/v1/chat/send-with-files", {**USER, "Content-Type": "application/json"}, b"{}")
+    assert status == 415
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/mcp/tools", "/api/v1/mcp/servers/status"])
+def test_mcp_routes_without_host_are_503(tmp_path: Path, path: str) -> None:
+    """Without an MCP host the MCP routes say so with 503 JSON."""
+    f = Fixture(tmp_path)
+    status, body, _ = f.client.call("GET", path)
+    assert (status, body) == (503, {"error": "MCP support is not running"})
+
+
+def test_settings_defaults_for_chat() -> None:
+    """The chat defaults the issue names: 10 tool rounds, approval always."""
+    settings = ChatSettings()
+    assert (settings.max_tool_rounds, settings.approval.policy, settings.keepalive_seconds) == (10, "always", 15.0)
