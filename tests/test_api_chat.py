@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from twisted.internet.task import Clock
+from twisted.web.iweb import IRequest
 
 from aichat.chat.streams import StreamRegistry
 from aichat.chat.turn import ChatService
@@ -231,7 +232,7 @@ def test_sse_sends_keepalive_pings_and_cancels_its_timer(tmp_path: Path) -> None
     stream = StreamRegistry(clock, 60).create("s", "7", "sess")
     stream.emit(Event("message", "sess", content="early"))
     request = DummyRequest([b""])
-    writing = Deferred.fromCoroutine(write_sse(api_object, request, stream))
+    writing = Deferred.fromCoroutine(write_sse(api_object, cast(IRequest, request), stream))
     assert b"".join(request.written).count(b"event: message") == 1
     clock.advance(15)
     clock.advance(15)
