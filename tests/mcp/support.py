@@ -68,6 +68,11 @@ def group_members(pgid: int) -> list[int]:
     return members
 
 
+def group_empty(pgid: int) -> bool:
+    """True once no live process is left in group ``pgid``."""
+    return not group_members(pgid)
+
+
 def alive(pid: int) -> bool:
     """True while ``pid`` exists and is not a zombie."""
     try:

@@ -6,6 +6,7 @@ import json
 import os
 import signal
 import time
+from functools import partial
 from typing import Any
 
 from twisted.internet import reactor
@@ -18,6 +19,7 @@ from tests.mcp.support import (
     everything,
     fake,
     filesystem,
+    group_empty,
     group_members,
     memory,
     require_npm_servers,
@@ -145,7 +147,7 @@ class CrashTests(TestCase):
                 failure.trap(ToolCallError)
                 self.assertRegex(str(failure.value), "killed by signal 9|not ready")
             self.assertLess(elapsed, 2.0, "in-flight calls fail fast")
-            await wait_for(lambda pgid=pid: not group_members(pgid), 5, "the killed server's group to be empty")
+            await wait_for(partial(group_empty, pid), 5, "the killed server's group to be empty")
             await wait_for(lambda: host.status()[0]["state"] == "ready", 20, "the server to come back")
             self.assertNotEqual(host.status()[0]["pid"], pid)
             result = await host.call_tool("everything__echo", {"message": "back"})

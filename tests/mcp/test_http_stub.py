@@ -1,0 +1,145 @@
+"""Unit tests of the Streamable HTTP transport with StubTreq: headers, sessions, 404 re-initialize, DELETE."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from treq.testing import StubTreq
+from twisted.internet.defer import Deferred
+from twisted.trial.unittest import SynchronousTestCase
+from twisted.web.resource import Resource
+from twisted.web.server import Request
+
+from aichat.mcp import MCPHost, ServerConfig, ToolCallError
+from tests.mcp.fakes import FakeProcessReactor
+
+
+class FakeStreamableServer(Resource):
+    """A Streamable HTTP MCP endpoint that records every request it gets."""
+
+    isLeaf = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.requests: list[tuple[str, dict[str, str], Any]] = []
+        self.sessions = 0
+        self.expired: set[str] = set()
+        self.sse = False
+        self.fail_calls_with: int | None = None
+
+    def render(self, request: Request) -> bytes:
+        headers = {k.decode().lower(): v[0].decode() for k, v in request.requestHeaders.getAllRawHeaders()}
+        assert request.method is not None and request.content is not None
+        method = request.method.decode()
+        body = json.loads(request.content.read()) if method == "POST" else None
+        self.requests.append((method, headers, body))
+        session = headers.get("mcp-session-id")
+        if method == "DELETE":
+            return b""
+        assert isinstance(body, dict)
+        if body.get("method") != "initialize" and session in self.expired:
+            request.setResponseCode(404)
+            return b"unknown session"
+        if "id" not in body:
+            request.setResponseCode(202)
+            return b""
+        if body["method"] == "initialize":
+            self.sessions += 1
+            request.setHeader("Mcp-Session-Id", f"session-{self.sessions}")
+            result: Any = {"protocolVersion": "2025-06-18", "capabilities": {"tools": {}},
+                           "serverInfo": {"name": "stub", "version": "1"}}
+        elif body["method"] == "tools/list":
+            result = {"tools": [{"name": "add", "inputSchema": {"type": "object"}}]}
+        else:
+            if self.fail_calls_with is not None:
+                request.setResponseCode(self.fail_calls_with)
+                return b"upstream broke"
+            args = body["params"]["arguments"]
+            result = {"content": [{"type": "text", "text": str(args["a"] + args["b"])}]}
+        response = json.dumps({"jsonrpc": "2.0", "id": body["id"], "result": result}).encode()
+        if self.sse:
+            request.setHeader("Content-Type", "text/event-stream")
+            return b": hello\n\nevent: message\ndata: " + response + b"\n\n"
+        request.setHeader("Content-Type", "application/json")
+        return response
+
+
+class StreamableHTTPTests(SynchronousTestCase):
+    """The transport's HTTP behaviour, observed at a fake server."""
+
+    def start(self, server: FakeStreamableServer) -> MCPHost:
+        """A started host with one Streamable HTTP server behind StubTreq."""
+        host = MCPHost(
+            FakeProcessReactor(),
+            [ServerConfig("remote", transport="http", url="http://mcp.test/mcp",
+                          headers={"Authorization": "Bearer secret-token"})],
+            http_client=StubTreq(server),
+        )
+        host.startService()
+        return host
+
+    def add(self, host: MCPHost) -> Deferred[Any]:
+        """Call remote__add(2, 3)."""
+        return Deferred.fromCoroutine(host.call_tool("remote__add", {"a": 2, "b": 3}))
+
+    def test_handshake_headers_and_session(self) -> None:
+        """Accept both types, bearer header always, the session id and protocol version after initialize."""
+        server = FakeStreamableServer()
+        host = self.start(server)
+        self.assertEqual(host.status()[0]["state"], "ready")
+        self.assertEqual(self.successResultOf(self.add(host)).text, "5")
+        init, initialized, listing, call = server.requests
+        self.assertEqual(init[2]["method"], "initialize")
+        self.assertNotIn("mcp-session-id", init[1])
+        for _, headers, _ in server.requests:
+            self.assertEqual(headers["accept"], "application/json, text/event-stream")
+            self.assertEqual(headers["authorization"], "Bearer secret-token")
+        for _, headers, _ in (initialized, listing, call):
+            self.assertEqual(headers["mcp-session-id"], "session-1")
+        for _, headers, _ in (listing, call):
+            self.assertEqual(headers["mcp-protocol-version"], "2025-06-18")
+
+    def test_sse_response(self) -> None:
+        """A response delivered as an event stream is read like a JSON body."""
+        server = FakeStreamableServer()
+        server.sse = True
+        host = self.start(server)
+        self.assertEqual(self.successResultOf(self.add(host)).text, "5")
+
+    def test_expired_session_reinitializes(self) -> None:
+        """A 404 on the session fails that call, and the server is initialized again with a new session."""
+        server = FakeStreamableServer()
+        reactor = FakeProcessReactor()
+        host = MCPHost(
+            reactor,
+            [ServerConfig("remote", transport="http", url="http://mcp.test/mcp")],
+            http_client=StubTreq(server),
+            initial_backoff=0.5,
+        )
+        host.startService()
+        server.expired.add("session-1")
+        error = self.failureResultOf(self.add(host), ToolCallError).value
+        self.assertIn("session expired", str(error))
+        self.assertEqual(host.status()[0]["state"], "backing_off")
+        reactor.advance(0.5)
+        self.assertEqual(host.status()[0]["state"], "ready")
+        self.assertEqual(self.successResultOf(self.add(host)).text, "5")
+        self.assertEqual(server.requests[-1][1]["mcp-session-id"], "session-2")
+
+    def test_http_error_fails_the_call_only(self) -> None:
+        """An HTTP 500 answer fails that call clearly; the server stays ready."""
+        server = FakeStreamableServer()
+        host = self.start(server)
+        server.fail_calls_with = 500
+        error = self.failureResultOf(self.add(host), ToolCallError).value
+        self.assertIn("HTTP 500", str(error))
+        self.assertEqual(host.status()[0]["state"], "ready")
+
+    def test_delete_on_close(self) -> None:
+        """Stopping the host ends the session with DELETE carrying its id."""
+        server = FakeStreamableServer()
+        host = self.start(server)
+        self.successResultOf(host.stopService())
+        method, headers, _ = server.requests[-1]
+        self.assertEqual((method, headers["mcp-session-id"]), ("DELETE", "session-1"))
