@@ -9,11 +9,14 @@ are ``{"error": {"message", "type", "param", "code"}}``. ``GET /v1/models`` list
 In-process use (trial)::
 
     upstream = Upstream(reactor)
-    await upstream.start()                      # 127.0.0.1, a free port
+    upstream.listen()                           # 127.0.0.1, a free port (or: await upstream.start())
     upstream.push(text_stream(["Hel", "lo"], delay=0.01), error_reply(429, "slow down", retry_after=1))
     ... point the client at upstream.base_url ...
     upstream.requests[0].body["messages"]       # what was received, in order
-    await upstream.stop()
+    await upstream.stop()                       # also cuts stalled connections
+
+``upstream.requests[n].closed`` fires with ``"finished"`` or ``"lost"`` (the client went away), so a test
+can see that a cancellation reached the server.
 
 Each request takes the next :class:`Script` from the queue (``push``); when the queue is empty the
 ``responder`` (a callable from the request's JSON body to a Script) answers: by default :func:`echo`.
@@ -35,7 +38,7 @@ still happen).
 
 As a process, for benchmarks and end-to-end tests of the daemon::
 
-    python -m tests.upstream --port 8089 [--chunks N] [--delay S] [--first-delay S] [--model M]
+    python -m tests.upstream --port 8089 [--host H] [--chunks N] [--delay S] [--first-delay S] [--model M]
                              [--api-key KEY]
 
 prints ``listening on http://127.0.0.1:<port>/v1`` once ready and answers every request with
