@@ -75,15 +75,22 @@ def _mcp_problems(settings: Settings) -> tuple[list[Problem], list[str]]:
     return [], [f"mcp servers:    {len(enabled)} enabled of {len(servers)}: {names or 'none'}"]
 
 
-def validate(options: usage.Options) -> int:
-    """``-validate``: print a summary and return 0, or print every problem and return 1."""
+def _load(options: usage.Options) -> Settings | list[Problem]:
+    """Settings for the parsed options, or the problems that prevent them."""
     from aichat.tap import Options
 
     assert isinstance(options, Options)
     try:
-        settings = load_settings(options["config"], env_only=bool(options["env-only"]), flags=options.overrides())
+        return load_settings(options["config"], env_only=bool(options["env-only"]), flags=options.overrides())
     except ConfigError as e:
-        return _report(e.problems)
+        return e.problems
+
+
+def validate(options: usage.Options) -> int:
+    """``-validate``: print a summary and return 0, or print every problem and return 1."""
+    settings = _load(options)
+    if isinstance(settings, list):
+        return _report(settings)
     problems, mcp_lines = _mcp_problems(settings)
     if problems:
         return _report(problems)
@@ -126,22 +133,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if options["validate"]:
         return validate(options)
     # Report configuration problems cleanly before twistd would print them with its usage text.
-    code = validate_quietly(options)
-    if code:
-        return code
+    settings = _load(options)
+    if isinstance(settings, list):
+        return _report(settings)
     return run_daemon(args)
-
-
-def validate_quietly(options: usage.Options) -> int:
-    """Like :func:`validate` but silent on success."""
-    from aichat.tap import Options
-
-    assert isinstance(options, Options)
-    try:
-        load_settings(options["config"], env_only=bool(options["env-only"]), flags=options.overrides())
-    except ConfigError as e:
-        return _report(e.problems)
-    return 0
 
 
 if __name__ == "__main__":

@@ -2,8 +2,9 @@
 
 Start order is that list; the HTTP listener comes last and readiness (``READY=1`` over
 ``NOTIFY_SOCKET``) is announced once it listens. Stop order is the reverse: stop listening, let
-in-flight requests finish for up to ``server.shutdown_grace_seconds``, stop the chat service and the MCP
-children, then close the store. SIGHUP reopens the log file and runs the reload hooks.
+in-flight requests (and the turns they wait for) finish for up to ``server.shutdown_grace_seconds``, cancel
+the turns still running, stop the MCP children, then close the store. SIGHUP reopens the log file and
+reloads the MCP servers file.
 """
 
 from __future__ import annotations
@@ -160,8 +161,8 @@ class AichatService(Service):
             stopped = port.stopListening()
             if stopped is not None:
                 await stopped
-        await self.chat.stop()
         await self.site.drain(self.reactor, self.settings.server.shutdown_grace_seconds)
+        await self.chat.stop()
         if self.mcp.running:
             await self.mcp.stopService()
         await self.provider.close()

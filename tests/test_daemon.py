@@ -6,6 +6,7 @@ import json
 import signal
 import socket
 import subprocess
+import threading
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import BIN, daemon_env, free_port, wait_for_http
+from tests.support import BIN, ROOT, daemon_env, free_port, wait_for_http
 
 pytestmark = pytest.mark.slow
 
@@ -208,3 +209,41 @@ def test_bad_configuration_fails_fast_with_clear_error(tmp_path: Path) -> None:
     log = (tmp_path / "log" / "aichat-backend.log").read_text()
     assert "Start-up failed: cannot use database" in log
     assert "Traceback" not in log
+
+
+def test_sigterm_lets_an_in_flight_turn_finish(tmp_path: Path) -> None:
+    """SIGTERM stops listening but the chat turn already under way completes and is answered; exit 0."""
+    upstream_port = free_port()
+    upstream = subprocess.Popen(
+        [str(BIN / "python"), "-m", "tests.upstream", "--port", str(upstream_port), "--first-delay", "1.5"],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    )
+    try:
+        assert upstream.stdout is not None
+        assert b"listening on" in upstream.stdout.readline()
+        port = free_port()
+        config = write_daemon_config(tmp_path, port, "chat:\n  title_generation: false\n")
+        config.write_text(config.read_text().replace(
+            "llm:\n  provider: mock\n",
+            f"llm:\n  provider: openai\n  base_url: http://127.0.0.1:{upstream_port}/v1\n  api_key: test\n",
+        ))
+        running = start(tmp_path, [str(BIN / "aichat-backend"), "-config", str(config)], port)
+        answers: list[tuple[int, object]] = []
+        sender = threading.Thread(target=lambda: answers.append(get_json(
+            running.base + "/v1/chat/send", {"X-User-ID": "1", "Content-Type": "application/json"}, "POST",
+            b'{"message": "still there"}',
+        )))
+        sender.start()
+        time.sleep(0.5)
+        running.process.send_signal(signal.SIGTERM)
+        sender.join(15)
+        assert running.process.wait(15) == 0
+        assert len(answers) == 1
+        status, body = answers[0]
+        assert status == 200
+        assert isinstance(body, dict) and body["message"]["content"] == "Echo: still there"
+        with pytest.raises(urllib.error.URLError, match="Connection refused"):
+            urllib.request.urlopen(running.base + "/health", timeout=2)
+    finally:
+        upstream.kill()
+        upstream.wait()
