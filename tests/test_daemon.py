@@ -9,7 +9,7 @@ import subprocess
 import threading
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -247,3 +247,37 @@ def test_sigterm_lets_an_in_flight_turn_finish(tmp_path: Path) -> None:
     finally:
         upstream.kill()
         upstream.wait()
+
+
+def test_sighup_reloads_the_mcp_servers_file(tmp_path: Path) -> None:
+    """SIGHUP starts a newly configured server; an invalid file is rejected and the running set stays."""
+    port = free_port()
+    config = write_daemon_config(tmp_path, port)
+    running = start(tmp_path, [str(BIN / "aichat-backend"), "-config", str(config)], port)
+    servers = tmp_path / "mcp-servers.json"
+    everything = ROOT / "node_modules" / "@modelcontextprotocol" / "server-everything" / "dist" / "index.js"
+
+    def tool_names() -> list[str]:
+        status, body = get_json(running.base + "/api/v1/mcp/tools")
+        assert status == 200 and isinstance(body, dict)
+        return sorted(t["function_name"] for t in body["tools"])
+
+    def wait_until(check: Callable[[], bool], what: str) -> None:
+        deadline = time.monotonic() + 20
+        while not check():
+            assert time.monotonic() < deadline, f"timed out waiting for {what}"
+            time.sleep(0.05)
+
+    try:
+        assert tool_names() == []
+        entry = {"command": "node", "args": [str(everything), "stdio"]}
+        servers.write_text(json.dumps({"mcpServers": {"everything": entry}}))
+        running.process.send_signal(signal.SIGHUP)
+        wait_until(lambda: "everything__echo" in tool_names(), "everything's tools after SIGHUP")
+        before = tool_names()
+        servers.write_text("{not json")
+        running.process.send_signal(signal.SIGHUP)
+        wait_until(lambda: "SIGHUP: keeping the running MCP servers" in running.log.read_text(), "the rejection")
+        assert tool_names() == before
+    finally:
+        assert running.stop() == 0
