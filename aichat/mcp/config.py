@@ -39,6 +39,10 @@ class ServerConfig:
     tools_allow: tuple[str, ...] = ()
     tools_deny: tuple[str, ...] = ()
 
+    def __post_init__(self) -> None:
+        if self.command is None and self.url and self.transport == "stdio":
+            object.__setattr__(self, "transport", _infer_transport(None, self.url))
+
 
 def load_servers_file(path: str) -> list[ServerConfig]:
     """Read, validate and convert ``path``; raise :class:`ConfigError` listing every problem."""

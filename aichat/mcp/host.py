@@ -17,10 +17,10 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from aichat.mcp.config import ServerConfig
-from aichat.mcp.registry import ServerTools, Tool, ToolNotFound, ToolRegistry
+from aichat.mcp.registry import ServerTools, Tool, ToolNotFound, ToolRegistry, function_name_prefix
 from aichat.mcp.session import ToolResult
 from aichat.mcp.stdio import DEFAULT_MAX_LINE_BYTES, StdioConnection
-from aichat.mcp.supervisor import Connection, Connector, ServerSupervisor, State
+from aichat.mcp.supervisor import Connection, Connector, ServerSupervisor, State, ToolCallError
 
 log = Logger()
 
@@ -121,11 +121,24 @@ class MCPHost(Service):
         ready, crashes, times out or answers a protocol error. A tool's own failure (``isError``) is a
         result with ``is_error``. Cancelling the caller sends ``notifications/cancelled`` to the server.
         """
-        tool = self._registry.lookup(function_name)
+        try:
+            tool = self._registry.lookup(function_name)
+        except ToolNotFound:
+            self._raise_if_server_down(function_name)
+            raise
         supervisor = self._supervisors.get(tool.server)
         if supervisor is None:
             raise ToolNotFound(function_name)
         return await supervisor.call_tool(tool.name, arguments)
+
+    def _raise_if_server_down(self, function_name: str) -> None:
+        """A tool of a known server that is not ready: say so, rather than "not found"."""
+        for supervisor in self._supervisors.values():
+            prefix = function_name_prefix(supervisor.name)
+            if function_name.startswith(prefix) and supervisor.state is not State.READY:
+                state = supervisor.state.value
+                reason = f": {supervisor.last_error}" if supervisor.last_error else ""
+                raise ToolCallError(f"MCP server {supervisor.name!r} is not ready ({state}){reason}")
 
     def status(self) -> list[dict[str, Any]]:
         """One entry per configured server, in configuration order."""

@@ -47,7 +47,7 @@ class _BodyReader(Protocol):
 
     def __init__(self, on_data: Callable[[bytes], None]) -> None:
         self.on_data = on_data
-        self.finished: Deferred[None] = Deferred()
+        self.finished: Deferred[None] = Deferred(lambda _: self.abort())
         self._done = False
 
     def dataReceived(self, data: bytes) -> None:
@@ -67,6 +67,7 @@ class _BodyReader(Protocol):
 
     def abort(self) -> None:
         """Stop reading and drop the connection."""
+        self._done = True
         if self.transport is not None:
             self.transport.stopProducing()  # type: ignore[attr-defined]
 

@@ -52,6 +52,11 @@ def function_name(server: str, tool: str, *, hashed: bool = False) -> str:
     return name
 
 
+def function_name_prefix(server: str) -> str:
+    """The start every function name of ``server`` shares (unless hashing had to cut into it)."""
+    return _INVALID.sub("_", f"{server}__")
+
+
 def tool_allowed(tool: str, allow: Sequence[str], deny: Sequence[str]) -> bool:
     """An empty ``allow`` allows everything; ``deny`` wins over ``allow``. Globs match case-sensitively."""
     if allow and not any(fnmatch.fnmatchcase(tool, pattern) for pattern in allow):

@@ -118,14 +118,14 @@ class HostTests(SynchronousTestCase):
         self.assertEqual(host.timeout_for("change__shared"), 5)
 
     def test_not_ready_call(self) -> None:
-        """Calling a tool of a server that is gone fails with a clear ToolCallError."""
+        """A tool of a server that is down fails with ToolCallError saying why; an unknown server's is not found."""
         _, connector, host = make(ServerConfig("a", command="x"))
         host.startService()
         connector.last.crash("server process exited with status 1")
-        self.failureResultOf(Deferred.fromCoroutine(host.call_tool("a__a_tool", {})), ToolNotFound)
-        supervisor = host.supervisor("a")
-        error = self.failureResultOf(Deferred.fromCoroutine(supervisor.call_tool("a_tool", {})), ToolCallError)
-        self.assertIn("not ready (backing_off): server process exited with status 1", str(error.value))
+        self.assertEqual(host.tools(), [])
+        error = self.failureResultOf(Deferred.fromCoroutine(host.call_tool("a__a_tool", {})), ToolCallError)
+        self.assertIn("'a' is not ready (backing_off): server process exited with status 1", str(error.value))
+        self.failureResultOf(Deferred.fromCoroutine(host.call_tool("b__a_tool", {})), ToolNotFound)
 
     def test_stop_service(self) -> None:
         """stopService closes every connection and leaves nothing scheduled."""
