@@ -51,12 +51,13 @@ clean-rpm:
 	rm -rf build/rpm build/tarball build/wheels build/system-test
 	rm -f $(RPM_NAME)-*.tar.gz
 
-# Source0: the project's files (tracked and not ignored, as in the working tree).
+# Source0: the files git tracks, as they are in the working tree (new files count once `git add`ed);
+# outside a git checkout, the tree without build output.
 tarball:
 	rm -rf build/tarball $(RPM_TARBALL)
 	mkdir -p build/tarball/$(RPM_NAME)-$(VERSION)
 	if git rev-parse --is-inside-work-tree >/dev/null 2>&1; then \
-		git ls-files -z --cached --others --exclude-standard \
+		git ls-files -z --cached \
 		| xargs -0 -I{} sh -c 'test -e "{}" && printf "%s\0" "{}"' \
 		| tar --null -cf - -T - | tar -xf - -C build/tarball/$(RPM_NAME)-$(VERSION); \
 	else \
