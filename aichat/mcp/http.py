@@ -4,7 +4,9 @@ Streamable HTTP: every message is a POST to the server's URL with ``Accept: appl
 text/event-stream``; a request is answered by a JSON body or an event stream carrying the response (and
 maybe server requests and notifications before it). The ``Mcp-Session-Id`` the server gives at
 ``initialize`` is echoed on every later message, with ``MCP-Protocol-Version``; a 404 on a session is a
-lost session (the supervisor reconnects and initializes again); closing sends DELETE.
+lost session (the supervisor reconnects and initializes again); closing sends DELETE. After the handshake
+a GET stream is opened for the server's own requests and notifications (``tools/list_changed``), if the
+server offers one.
 
 Legacy HTTP+SSE (protocol 2024-11-05, what the reference used): GET the URL as an event stream, wait for
 the ``endpoint`` event, POST every message there; answers arrive as ``message`` events on the stream.
@@ -201,6 +203,49 @@ class StreamableHTTPConnection(_RemoteConnection):
         super().__init__(clock, config, client, max_bytes)
         self.session_id: str | None = None
         self._closing: Deferred[None] | None = None
+        self._listener: Deferred[None] | None = None
+        self._listen_timer: IDelayedCall | None = None
+
+    def _listen(self) -> None:
+        """Open the optional GET stream on which the server sends requests and notifications."""
+        self._listen_timer = None
+        if self._closed or self._lost or self._listener is not None:
+            return
+        listener = Deferred.fromCoroutine(self._get_stream())
+        self._listener = listener
+
+        def ended(result: object) -> None:
+            self._listener = None
+            if isinstance(result, Failure) and not result.check(CancelledError):
+                log.info("{server}: GET stream failed: {error}", server=self.config.name, error=str(result.value))
+
+        listener.addBoth(ended)
+
+    async def _get_stream(self) -> None:
+        headers = self._headers("text/event-stream")
+        if self.session_id is not None:
+            headers["Mcp-Session-Id"] = self.session_id
+        if self.protocol_version is not None:
+            headers["MCP-Protocol-Version"] = self.protocol_version
+        response = await self._client.request("GET", self.url, headers=headers, unbuffered=True)
+        if response.code == 404 and self.session_id is not None:
+            await _read_body(response, 4096)
+            self._lose("session expired (HTTP 404); reconnecting")
+            return
+        if response.code != 200 or _media_type(response) != "text/event-stream":
+            # 405: this server offers no GET stream, which the specification allows.
+            await _read_body(response, 65536)
+            return
+        decoder = SSEDecoder(max_event_size=self._max_bytes)
+
+        def on_data(data: bytes) -> None:
+            for event in decoder.feed(data):
+                if event.event == "message" and event.data:
+                    self._dispatch_json(event.data)
+
+        await _read_stream(response, on_data).finished
+        if not (self._closed or self._lost):
+            self._listen_timer = self._clock.callLater(1.0, self._listen)
 
     def _post_headers(self) -> dict[str, str]:
         headers = self._headers(ACCEPT_BOTH)
@@ -231,6 +276,8 @@ class StreamableHTTPConnection(_RemoteConnection):
             return
         if response.code in (202, 204):
             await _read_body(response, self._max_bytes)
+            if message.get("method") == "notifications/initialized":
+                self._listen()
             return
         if response.code >= 300:
             text = (await _read_body(response, self._max_bytes)).decode("utf-8", "replace")
@@ -272,6 +319,10 @@ class StreamableHTTPConnection(_RemoteConnection):
             self._closing.addBoth(lambda _: waiter.callback(None))
             return waiter
         self._shut()
+        if self._listen_timer is not None and self._listen_timer.active():
+            self._listen_timer.cancel()
+        if self._listener is not None:
+            self._listener.cancel()
         if self.session_id is None:
             self._closing = succeed(None)
             return succeed(None)

@@ -54,7 +54,11 @@ class ToolResult:
 
 
 class MCPSession:
-    """An initialized (or initializing) MCP conversation with one server over ``peer``."""
+    """An initialized (or initializing) MCP conversation with one server over ``peer``.
+
+    ``on_negotiated(version)`` hears the agreed protocol version before ``notifications/initialized`` goes
+    out (Streamable HTTP sends it as a header from then on).
+    """
 
     def __init__(
         self,
@@ -62,8 +66,10 @@ class MCPSession:
         *,
         name: str,
         on_tools_changed: Callable[[], None] | None = None,
+        on_negotiated: Callable[[str], None] | None = None,
     ) -> None:
         self.peer = peer
+        self.on_negotiated = on_negotiated
         self.name = name
         self.on_tools_changed = on_tools_changed
         self.info: ServerInfo | None = None
@@ -94,6 +100,8 @@ class MCPSession:
             capabilities=capabilities if isinstance(capabilities, dict) else {},
             instructions=instructions if isinstance(instructions, str) else None,
         )
+        if self.on_negotiated is not None:
+            self.on_negotiated(version)
         self.peer.notify("notifications/initialized")
         return self.info
 

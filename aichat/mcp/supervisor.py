@@ -236,11 +236,16 @@ class ServerSupervisor:
             return
         self._connection = connection
         connection.on_lost = lambda reason: self._lost(generation, reason)
-        session = MCPSession(connection.peer, name=self.name, on_tools_changed=self._tools_changed)
+
+        def negotiated(version: str) -> None:
+            connection.protocol_version = version
+
+        session = MCPSession(
+            connection.peer, name=self.name, on_tools_changed=self._tools_changed, on_negotiated=negotiated
+        )
         self._session = session
         # The init_timeout timer of _attempt bounds the whole bring-up, these requests included.
         self.info = await session.initialize()
-        connection.protocol_version = self.info.protocol_version
         self._relist_wanted = False
         tools = await session.list_tools()
         if generation != self._generation:

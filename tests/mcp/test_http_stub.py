@@ -9,7 +9,7 @@ from treq.testing import StubTreq
 from twisted.internet.defer import Deferred
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.resource import Resource
-from twisted.web.server import Request
+from twisted.web.server import NOT_DONE_YET, Request
 
 from aichat.mcp import MCPHost, ServerConfig, ToolCallError
 from tests.mcp.fakes import FakeProcessReactor
@@ -27,8 +27,11 @@ class FakeStreamableServer(Resource):
         self.expired: set[str] = set()
         self.sse = False
         self.fail_calls_with: int | None = None
+        self.offer_stream = False
+        self.streams: list[Request] = []
+        self.tool_names = ["add"]
 
-    def render(self, request: Request) -> bytes:
+    def render(self, request: Request) -> bytes | int:
         headers = {k.decode().lower(): v[0].decode() for k, v in request.requestHeaders.getAllRawHeaders()}
         assert request.method is not None and request.content is not None
         method = request.method.decode()
@@ -37,6 +40,14 @@ class FakeStreamableServer(Resource):
         session = headers.get("mcp-session-id")
         if method == "DELETE":
             return b""
+        if method == "GET":
+            if not self.offer_stream:
+                request.setResponseCode(405)
+                return b""
+            request.setHeader("Content-Type", "text/event-stream")
+            request.write(b": stream open\n\n")
+            self.streams.append(request)
+            return NOT_DONE_YET
         assert isinstance(body, dict)
         if body.get("method") != "initialize" and session in self.expired:
             request.setResponseCode(404)
@@ -50,7 +61,7 @@ class FakeStreamableServer(Resource):
             result: Any = {"protocolVersion": "2025-06-18", "capabilities": {"tools": {}},
                            "serverInfo": {"name": "stub", "version": "1"}}
         elif body["method"] == "tools/list":
-            result = {"tools": [{"name": "add", "inputSchema": {"type": "object"}}]}
+            result = {"tools": [{"name": n, "inputSchema": {"type": "object"}} for n in self.tool_names]}
         else:
             if self.fail_calls_with is not None:
                 request.setResponseCode(self.fail_calls_with)
@@ -84,20 +95,26 @@ class StreamableHTTPTests(SynchronousTestCase):
         return Deferred.fromCoroutine(host.call_tool("remote__add", {"a": 2, "b": 3}))
 
     def test_handshake_headers_and_session(self) -> None:
-        """Accept both types, bearer header always, the session id and protocol version after initialize."""
+        """Accept both types, bearer header always, the session id and protocol version after initialize.
+
+        After notifications/initialized the optional GET stream is asked for (this server answers 405).
+        """
         server = FakeStreamableServer()
         host = self.start(server)
         self.assertEqual(host.status()[0]["state"], "ready")
         self.assertEqual(self.successResultOf(self.add(host)).text, "5")
-        init, initialized, listing, call = server.requests
+        [get] = [r for r in server.requests if r[0] == "GET"]
+        init, initialized, listing, call = [r for r in server.requests if r[0] == "POST"]
+        self.assertEqual(get[1]["accept"], "text/event-stream")
         self.assertEqual(init[2]["method"], "initialize")
         self.assertNotIn("mcp-session-id", init[1])
-        for _, headers, _ in server.requests:
+        for _, headers, _ in (init, initialized, listing, call):
             self.assertEqual(headers["accept"], "application/json, text/event-stream")
             self.assertEqual(headers["authorization"], "Bearer secret-token")
-        for _, headers, _ in (initialized, listing, call):
+        for _, headers, _ in (initialized, listing, get, call):
             self.assertEqual(headers["mcp-session-id"], "session-1")
-        for _, headers, _ in (listing, call):
+            self.assertEqual(headers["authorization"], "Bearer secret-token")
+        for _, headers, _ in (listing, get, call):
             self.assertEqual(headers["mcp-protocol-version"], "2025-06-18")
 
     def test_sse_response(self) -> None:
@@ -143,3 +160,23 @@ class StreamableHTTPTests(SynchronousTestCase):
         self.successResultOf(host.stopService())
         method, headers, _ = server.requests[-1]
         self.assertEqual((method, headers["mcp-session-id"]), ("DELETE", "session-1"))
+
+    def test_get_stream_notifications(self) -> None:
+        """tools/list_changed arriving on the GET stream makes the host re-list the server's tools."""
+        server = FakeStreamableServer()
+        server.offer_stream = True
+        stub = StubTreq(server)
+        host = MCPHost(
+            FakeProcessReactor(),
+            [ServerConfig("remote", transport="http", url="http://mcp.test/mcp")],
+            http_client=stub,
+        )
+        host.startService()
+        stub.flush()
+        [stream] = server.streams
+        server.tool_names = ["add", "multiply"]
+        stream.write(b'event: message\ndata: {"jsonrpc":"2.0","method":"notifications/tools/list_changed"}\n\n')
+        stub.flush()
+        self.assertEqual([t.function_name for t in host.tools()], ["remote__add", "remote__multiply"])
+        self.successResultOf(host.stopService())
+        stub.flush()

@@ -10,7 +10,7 @@ from twisted.internet.defer import Deferred
 from twisted.trial.unittest import TestCase
 
 from aichat.mcp import MCPHost, ServerConfig, ToolCallError
-from tests.mcp.support import fake, structured, wait_for
+from tests.mcp.support import alive, fake, group_members, structured, wait_for
 
 
 class MisbehavingServerTests(TestCase):
@@ -168,3 +168,34 @@ class MisbehavingServerTests(TestCase):
         self.assertEqual(ids["pgid"], ids["pid"])
         self.assertEqual(ids["pid"], host.status()[0]["pid"])
         self.assertEqual(os.path.realpath(ids["cwd"]), os.path.realpath(directory))
+
+
+class StopLadderTests(TestCase):
+    """The stop ladder escalates: close stdin, SIGTERM the group, SIGKILL the group."""
+
+    timeout = 30
+
+    async def test_stubborn_server_is_killed(self) -> None:
+        """A server ignoring stdin EOF and SIGTERM (with a grandchild) is SIGKILLed after the grace."""
+        host = MCPHost(reactor, [fake("mule", "--stubborn", "--spawn-grandchild")], stdin_grace=0.2, term_grace=0.5)
+        host.startService()
+        await host.wait_ready(10)
+        ids = await structured(host, "mule__ids", {})
+        started = time.monotonic()
+        await host.stopService()
+        elapsed = time.monotonic() - started
+        self.assertGreaterEqual(elapsed, 0.65, "it waited for stdin and SIGTERM first")
+        self.assertLess(elapsed, 3)
+        self.assertFalse(alive(ids["pid"]))
+        self.assertFalse(alive(ids["grandchild"]))
+        self.assertEqual(group_members(ids["pgid"]), [])
+        self.assertEqual(host.status()[0]["state"], "stopped")
+
+    async def test_polite_server_stops_on_stdin_close(self) -> None:
+        """A well-behaved server exits when its stdin closes, before any signal."""
+        host = MCPHost(reactor, [fake("polite")], stdin_grace=5, term_grace=5)
+        host.startService()
+        await host.wait_ready(10)
+        started = time.monotonic()
+        await host.stopService()
+        self.assertLess(time.monotonic() - started, 2)

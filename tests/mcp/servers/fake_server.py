@@ -3,7 +3,8 @@
 Start-up options: ``--slow-start S`` sleeps before reading; ``--hang-init`` never answers ``initialize``;
 ``--protocol V`` answers ``initialize`` with version V; ``--garbage`` writes non-JSON lines before every
 answer; ``--page-size N`` pages ``tools/list``; ``--spawn-grandchild`` starts a ``sleep`` grandchild
-(an ``npx`` -> node chain in miniature); ``--exit-at-start N`` exits at once with status N.
+(an ``npx`` -> node chain in miniature); ``--exit-at-start N`` exits at once with status N;
+``--stubborn`` ignores SIGTERM and keeps running after stdin closes (only SIGKILL ends it).
 
 Tools: ``echo``, ``hang`` (never answers; the request id is remembered), ``cancelled`` (ids we received
 ``notifications/cancelled`` for), ``crash`` (exits with status 3), ``big`` (answers with one line of
@@ -19,6 +20,7 @@ import argparse
 import base64
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -37,7 +39,10 @@ def main() -> None:
     parser.add_argument("--page-size", type=int, default=0)
     parser.add_argument("--spawn-grandchild", action="store_true")
     parser.add_argument("--exit-at-start", type=int, default=None)
+    parser.add_argument("--stubborn", action="store_true")
     options = parser.parse_args()
+    if options.stubborn:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
     if options.exit_at_start is not None:
         print("exiting at start as asked", file=sys.stderr, flush=True)
         sys.exit(options.exit_at_start)
@@ -140,6 +145,8 @@ def main() -> None:
                 send({"jsonrpc": "2.0", "id": request_id, "error": {"code": -32602, "message": f"no tool {name}"}})
         elif request_id is not None:
             send({"jsonrpc": "2.0", "id": request_id, "error": {"code": -32601, "message": "nope"}})
+    while options.stubborn:
+        time.sleep(1)
 
 
 if __name__ == "__main__":
