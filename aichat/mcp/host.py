@@ -16,11 +16,12 @@ from twisted.internet.interfaces import IDelayedCall, IReactorProcess, IReactorT
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from aichat.mcp.config import ServerConfig
+from aichat.mcp.config import ServerConfig, load_servers_file
 from aichat.mcp.registry import ServerTools, Tool, ToolNotFound, ToolRegistry, function_name_prefix
 from aichat.mcp.session import ToolResult
 from aichat.mcp.stdio import DEFAULT_MAX_LINE_BYTES, StdioConnection
 from aichat.mcp.supervisor import Connection, Connector, ServerSupervisor, State, ToolCallError
+from aichat.validation import ConfigError
 
 log = Logger()
 
@@ -63,6 +64,7 @@ class MCPHost(Service):
         self._registry = ToolRegistry()
         self._supervisors: dict[str, ServerSupervisor] = {}
         self._ready_waiters: list[Deferred[None]] = []
+        self._retiring: set[Deferred[None]] = set()
         for config in servers:
             self._supervisors[config.name] = self._supervisor(config)
 
@@ -99,6 +101,7 @@ class MCPHost(Service):
         """Stop every server with the stop ladder; fires when all children are gone."""
         super().stopService()
         stops = [supervisor.stop() for supervisor in self._supervisors.values()]
+        stops.extend(self._retiring)
         return DeferredList(stops).addCallback(lambda _: None)
 
     def configs(self) -> list[ServerConfig]:
@@ -192,7 +195,7 @@ class MCPHost(Service):
             if current is not None:
                 log.info("{server}: configuration changed; restarting", server=config.name)
                 current.on_change = None
-                current.stop()
+                self._retire(current)
             else:
                 log.info("{server}: added", server=config.name)
             supervisor = self._supervisor(config)
@@ -203,10 +206,27 @@ class MCPHost(Service):
             if name not in new:
                 log.info("{server}: removed; stopping", server=name)
                 supervisor.on_change = None
-                supervisor.stop()
+                self._retire(supervisor)
         self._supervisors = new
         self._rebuild()
         self._check_ready()
+
+    def reload_file(self, path: str) -> bool:
+        """SIGHUP: re-read ``path`` and :meth:`reload`; an invalid file is logged and the running set stays."""
+        try:
+            servers = load_servers_file(path)
+        except ConfigError as e:
+            for problem in e.problems:
+                log.error("MCP servers file rejected, keeping the running set: {problem}", problem=str(problem))
+            return False
+        self.reload(servers)
+        return True
+
+    def _retire(self, supervisor: ServerSupervisor) -> None:
+        """Stop a server that left the configuration; stopService still waits for it."""
+        stopping = supervisor.stop()
+        self._retiring.add(stopping)
+        stopping.addBoth(lambda _: self._retiring.discard(stopping))
 
     def wait_ready(self, timeout: float) -> Deferred[None]:
         """Fire once no enabled server is ``starting``; fail with TimeoutError after ``timeout`` seconds."""

@@ -13,8 +13,9 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred, DeferredList
 from twisted.trial.unittest import TestCase
 
-from aichat.mcp import MCPHost, ToolCallError
+from aichat.mcp import MCPHost, ServerConfig, ToolCallError
 from tests.mcp.support import (
+    ROOT,
     alive,
     everything,
     fake,
@@ -194,3 +195,31 @@ class ShutdownTests(TestCase):
             self.assertEqual(group_members(pid), [], f"group {pid} is empty")
         self.assertFalse(alive(grandchild))
         self.assertEqual({s["state"] for s in host.status()}, {"stopped"})
+
+
+class NpxChainTests(TestCase):
+    """A real ``npx`` -> npm -> node chain (``npx --offline`` finds the pinned package in node_modules)."""
+
+    timeout = 90
+
+    async def test_npx_chain_leaves_no_orphan(self) -> None:
+        """kill -9 of npx kills the node server too; stopping the host empties the new group."""
+        require_npm_servers()
+        config = ServerConfig(
+            "npx", command="npx", args=("--offline", "mcp-server-everything", "stdio"), cwd=str(ROOT), init_timeout=30
+        )
+        host = MCPHost(reactor, [config], initial_backoff=0.05)
+        host.startService()
+        self.addCleanup(host.stopService)
+        await host.wait_ready(40)
+        self.assertEqual((await host.call_tool("npx__echo", {"message": "via npx"})).text, "Echo: via npx")
+        leader = host.status()[0]["pid"]
+        members = group_members(leader)
+        self.assertGreater(len(members), 1, "npx runs the server in a child process of the same group")
+        os.kill(leader, signal.SIGKILL)
+        await wait_for(partial(group_empty, leader), 5, "every process of the npx group to die")
+        await wait_for(lambda: host.status()[0]["state"] == "ready", 40, "the server to come back")
+        second = host.status()[0]["pid"]
+        self.assertNotEqual(second, leader)
+        await host.stopService()
+        self.assertEqual(group_members(second), [])
