@@ -2,9 +2,10 @@
 
 Run ``python -m benchmarks.mcp_calls`` from the repository root after ``npm ci``. In one run it measures
 sequential calls and calls with 100 in flight, through :class:`aichat.mcp.MCPHost` and through a bare
-blocking client (pipes, ``json``, nothing else) on the same server, then the time from ``startService`` to
-all three npm servers ready. Targets: sequential within 1.3x of the bare client, at least 3000 calls/s with
-100 in flight, all-ready within 0.6 s.
+blocking client (pipes, ``json``, nothing else) on its own instance of the same server (sequential calls of
+both clients interleave in blocks of 100, so both see the same machine load), then the time from
+``startService`` to all three npm servers ready. Targets: sequential within 1.3x of the bare client, at
+least 3000 calls/s with 100 in flight, all-ready within 0.6 s.
 """
 
 from __future__ import annotations
@@ -117,23 +118,6 @@ def summary(label: str, latencies: list[float], elapsed: float) -> dict[str, Any
     }
 
 
-def bare_sequential(calls: int) -> dict[str, Any]:
-    """Sequential echo calls through the bare client."""
-    client = BareClient()
-    try:
-        for _ in range(200):
-            client.request("tools/call", {"name": "echo", "arguments": ECHO})
-        latencies = []
-        start = time.perf_counter()
-        for _ in range(calls):
-            t = time.perf_counter()
-            client.request("tools/call", {"name": "echo", "arguments": ECHO})
-            latencies.append(time.perf_counter() - t)
-        return summary("bare sequential", latencies, time.perf_counter() - start)
-    finally:
-        client.close()
-
-
 def bare_parallel(calls: int, window: int) -> dict[str, Any]:
     """Pipelined echo calls through the bare client."""
     client = BareClient()
@@ -146,17 +130,32 @@ def bare_parallel(calls: int, window: int) -> dict[str, Any]:
         client.close()
 
 
-async def ours_sequential(host: MCPHost, calls: int) -> dict[str, Any]:
-    """Sequential echo calls through MCPHost.call_tool."""
-    for _ in range(200):
-        await host.call_tool("everything__echo", ECHO)
-    latencies = []
-    start = time.perf_counter()
-    for _ in range(calls):
-        t = time.perf_counter()
-        await host.call_tool("everything__echo", ECHO)
-        latencies.append(time.perf_counter() - t)
-    return summary("aichat sequential", latencies, time.perf_counter() - start)
+async def sequential(host: MCPHost, calls: int, block: int = 100) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Sequential echo calls, bare client and ours interleaved in blocks so both see the same machine load."""
+    client = BareClient()
+    try:
+        for _ in range(200):
+            client.request("tools/call", {"name": "echo", "arguments": ECHO})
+            await host.call_tool("everything__echo", ECHO)
+        bare: list[float] = []
+        ours: list[float] = []
+        bare_time = ours_time = 0.0
+        while len(bare) < calls:
+            start = time.perf_counter()
+            for _ in range(block):
+                t = time.perf_counter()
+                client.request("tools/call", {"name": "echo", "arguments": ECHO})
+                bare.append(time.perf_counter() - t)
+            bare_time += time.perf_counter() - start
+            start = time.perf_counter()
+            for _ in range(block):
+                t = time.perf_counter()
+                await host.call_tool("everything__echo", ECHO)
+                ours.append(time.perf_counter() - t)
+            ours_time += time.perf_counter() - start
+        return summary("bare sequential", bare, bare_time), summary("aichat sequential", ours, ours_time)
+    finally:
+        client.close()
 
 
 async def ours_parallel(host: MCPHost, calls: int, window: int) -> dict[str, Any]:
@@ -211,16 +210,13 @@ def table(rows: list[dict[str, Any]], bare: dict[str, dict[str, Any]]) -> str:
 
 async def main(reactor: Any, args: argparse.Namespace) -> None:
     """Run every measurement and print the table."""
-    bare = {
-        "sequential": bare_sequential(args.calls),
-        "parallel": bare_parallel(args.calls, args.window),
-    }
     with tempfile.TemporaryDirectory() as tmp:
         host = MCPHost(reactor, npm_servers(tmp)[:1])
         host.startService()
         await host.wait_ready(30)
         try:
-            seq = await ours_sequential(host, args.calls)
+            bare_seq, seq = await sequential(host, args.calls)
+            bare = {"sequential": bare_seq, "parallel": bare_parallel(args.calls, args.window)}
             par = await ours_parallel(host, args.calls, args.window)
         finally:
             await host.stopService()

@@ -188,6 +188,7 @@ class StdioConnection:
         self._stdin_grace = stdin_grace
         self._term_grace = term_grace
         self._transport: IProcessTransport | None = None
+        self._stdin_writer: Any = None
         self._exited = False
         self._ended = False
         self._lost = False
@@ -217,6 +218,9 @@ class StdioConnection:
             childFDs={0: "w", 1: "r", 2: "r"},
         )
         self.pid = self._transport.pid
+        writer = getattr(self._transport, "pipes", {}).get(0)
+        if all(hasattr(writer, name) for name in ("fd", "offset", "dataBuffer", "_tempDataBuffer")):
+            self._stdin_writer = writer
         log.info(
             "{server}: started {command} as pid {pid}",
             server=self.config.name,
@@ -227,7 +231,19 @@ class StdioConnection:
     def _send(self, message: dict[str, Any]) -> None:
         if self._transport is None or self._exited:
             raise PeerGone(f"MCP server {self.config.name!r} is not running")
-        self._transport.write(self._dumps(message).encode("utf-8") + b"\n")
+        data = self._dumps(message).encode("utf-8") + b"\n"
+        writer = self._stdin_writer
+        if writer is not None and not writer._tempDataBuffer and writer.offset >= len(writer.dataBuffer):
+            # Nothing queued: write now instead of after the next reactor iteration (half the latency of
+            # a sequential call); whatever the pipe does not take goes through the transport's buffer.
+            try:
+                written = os.write(writer.fd, data)
+            except OSError:
+                written = 0
+            data = data[written:]
+            if not data:
+                return
+        self._transport.write(data)
 
     def stderr_line(self, line: bytes) -> None:
         """Log one line the server wrote to stderr."""
@@ -292,6 +308,7 @@ class StdioConnection:
         if self._transport is None or self._exited or self._laddering:
             return
         self._laddering = True
+        self._stdin_writer = None
         self._transport.closeStdin()
         self._timers.append(self._clock.callLater(self._stdin_grace, self._signal_group, signal.SIGTERM))
         self._timers.append(
