@@ -263,9 +263,9 @@ class MCPHost(Service):
         )
 
     def _all_settled(self) -> bool:
-        return not any(
-            s.config.enabled and s.state in (State.STARTING, State.STOPPED) for s in self._supervisors.values()
-        ) or not self.running
+        return not self.running or not any(
+            s.config.enabled and s.state is State.STARTING for s in self._supervisors.values()
+        )
 
     def _check_ready(self) -> None:
         if self._ready_waiters and self._all_settled():

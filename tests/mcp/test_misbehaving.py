@@ -199,3 +199,25 @@ class StopLadderTests(TestCase):
         started = time.monotonic()
         await host.stopService()
         self.assertLess(time.monotonic() - started, 2)
+
+
+class ReloadTests(TestCase):
+    """SIGHUP-style reload with real children: unchanged ones keep their process."""
+
+    timeout = 30
+
+    async def test_reload_with_processes(self) -> None:
+        """Unchanged keeps its pid, changed gets a new one, removed is gone, added starts."""
+        host = MCPHost(reactor, [fake("same"), fake("changed"), fake("removed")], stdin_grace=0.2, term_grace=1.0)
+        host.startService()
+        self.addCleanup(host.stopService)
+        await host.wait_ready(10)
+        before = {s["name"]: s["pid"] for s in host.status()}
+        host.reload([fake("same"), fake("changed", timeout=5), fake("added")])
+        await host.wait_ready(10)
+        after = {s["name"]: s["pid"] for s in host.status()}
+        self.assertEqual(set(after), {"same", "changed", "added"})
+        self.assertEqual(after["same"], before["same"])
+        self.assertNotEqual(after["changed"], before["changed"])
+        await wait_for(lambda: not alive(before["removed"]) and not alive(before["changed"]), 5, "old children to exit")
+        self.assertEqual((await host.call_tool("added__echo", {"message": "new"})).text, "new")
