@@ -34,6 +34,7 @@ SKIPPED=0
 START=$(date +%s)
 CPID=
 NSPID=
+BUILD2=
 
 rm -rf "$WORK"
 mkdir -p "$WORK" "$CACHE"
@@ -62,14 +63,19 @@ http_code() { cx curl -s -o /dev/null -w '%{http_code}' --max-time 5 "http://127
 main_pid() { cx systemctl show -p MainPID --value "$UNIT"; }
 # PIDs in the service's cgroup, one per line (empty when stopped).
 service_pids() {
-    local cg
+    local cg root
     cg=$(cx systemctl show -p ControlGroup --value "$UNIT")
-    [ -n "$cg" ] && cx cat "/sys/fs/cgroup$cg/cgroup.procs" 2>/dev/null
+    [ -n "$cg" ] || return 0
+    # cgroup v2 (unified), or the hybrid layout of a v1 host.
+    for root in /sys/fs/cgroup /sys/fs/cgroup/unified /sys/fs/cgroup/systemd; do
+        cx test -e "$root$cg/cgroup.procs" && { cx cat "$root$cg/cgroup.procs"; return 0; }
+    done
     return 0
 }
 rpmq() { cx rpm "${DBPATH[@]}" "$@"; }
 
 cleanup() {
+    if [ -n "$BUILD2" ]; then wait "$BUILD2" 2>/dev/null; fi
     if [ -n "$CPID" ] && kill -0 "$CPID" 2>/dev/null; then
         cx journalctl --no-pager -u "$UNIT" >"$WORK/journal.txt" 2>&1 || true
         timeout 20 nsenter -t "$CPID" -a systemctl poweroff >/dev/null 2>&1 || true
@@ -121,10 +127,11 @@ check "RPM named $NAME-$VERSION-$RELEASE.<dist>.x86_64.rpm: ${RPM1##*/}" \
     grep -Eq "^$NAME-$VERSION-$RELEASE\.[a-z0-9_]+\.x86_64\.rpm\$" <<<"${RPM1##*/}"
 check "SRPM named $NAME-$VERSION-$RELEASE.<dist>.src.rpm: ${SRPM1##*/}" \
     grep -Eq "^$NAME-$VERSION-$RELEASE\.[a-z0-9_]+\.src\.rpm\$" <<<"${SRPM1##*/}"
-check "make rpm VERSION=$NEXT_VERSION builds the upgrade" \
-    make -f rpm.mk rpm VERSION=$NEXT_VERSION RELEASE=$RELEASE RPM_PYTHON="$RPM_PYTHON"
-RPM2=$(first build/rpm/RPMS/x86_64/$NAME-$NEXT_VERSION-$RELEASE.*x86_64.rpm)
-if [ -z "$RPM1" ] || [ -z "$RPM2" ] || [ -z "$SRPM1" ]; then
+# The upgrade's package builds in the background while the first one is checked and installed.
+make -f rpm.mk rpm VERSION=$NEXT_VERSION RELEASE=$RELEASE RPM_PYTHON="$RPM_PYTHON" \
+    >"$WORK/build-$NEXT_VERSION.log" 2>&1 &
+BUILD2=$!
+if [ -z "$RPM1" ] || [ -z "$SRPM1" ]; then
     fail "packages missing; stopping"
     printf '%s passed, %s failed, %s skipped\n' "$PASSED" "$FAILED" "$SKIPPED"
     exit 1
@@ -237,7 +244,9 @@ check "npm MCP server-everything available for the container" \
     test -e "$MCPDIR/node_modules/@modelcontextprotocol/server-everything/dist/index.js"
 
 phase "Boot systemd in the container"
-systemd-nspawn -q -D "$BASE" --register=no --keep-unit --boot --private-network --volatile=overlay \
+# A machine name of its own: two containers of one directory would share nspawn's runtime folder.
+systemd-nspawn -q -D "$BASE" --machine="aichat-st-$$" --register=no --keep-unit --boot --private-network \
+    --volatile=overlay \
     --bind-ro="$ROOT/build/rpm/RPMS/x86_64:/mnt/rpms" --bind-ro="$MCPDIR:/opt/aichat-mcp" \
     --bind-ro="$ROOT/tests/system:/mnt/system-test" --console=pipe </dev/null >"$WORK/nspawn.log" 2>&1 &
 NSPID=$!
@@ -251,6 +260,7 @@ state=
 for _ in $(seq 60); do
     state=$(cx systemctl is-system-running --wait 2>&1)
     case $state in running | degraded | maintenance | stopping) break ;; esac
+    kill -0 "$NSPID" 2>/dev/null || break
     sleep 0.5
 done
 if [ "$state" = running ] || [ "$state" = degraded ]; then
@@ -363,7 +373,7 @@ check "new aichat-backend.log is 0640 aichat:aichat" \
 check "reload kept the same daemon (MainPID)" test "$(main_pid)" = "$main_before"
 check "lines after the reload are in the new file" cx grep -q "marker=$marker" "$LOGDIR/aichat-backend.log"
 check "... and not in the rotated one" cx sh -c "! grep -q 'marker=$marker' $LOGDIR/aichat-backend.log.1"
-logged=$(csh "cd $LOGDIR && zcat -f aichat-backend.log*" | grep -o 'GET /health?seq=[0-9]* ' | sed 's/.*seq=//' | sort -n)
+logged=$(csh "cd $LOGDIR && zcat -f aichat-backend.log*" | grep -o 'GET /health?seq=[0-9]* ' | sed 's/.*seq=\([0-9]*\).*/\1/' | sort -n)
 in_old=$(cx grep -c 'GET /health?seq=' "$LOGDIR/aichat-backend.log.1")
 in_new=$(cx grep -c 'GET /health?seq=' "$LOGDIR/aichat-backend.log")
 note "$nsent numbered requests: $in_old logged before the rotation, $in_new after"
@@ -418,6 +428,12 @@ cx systemctl reset-failed "$UNIT" >>"$LOG" 2>&1
 
 # ---------------------------------------------------------------------------------------------------
 phase "Upgrade"
+wait "$BUILD2"
+build2_rc=$?
+BUILD2=
+cat "$WORK/build-$NEXT_VERSION.log" >>"$LOG"
+check "make rpm VERSION=$NEXT_VERSION builds the upgrade" test $build2_rc = 0
+RPM2=$(first build/rpm/RPMS/x86_64/$NAME-$NEXT_VERSION-$RELEASE.*x86_64.rpm)
 check "start before the upgrade" cx systemctl start "$UNIT"
 before=$(main_pid)
 check "rpm -Uvh --nodeps ${RPM2##*/}" cx rpm -Uvh --nodeps "${DBPATH[@]}" "/mnt/rpms/${RPM2##*/}"
