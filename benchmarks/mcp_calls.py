@@ -221,6 +221,7 @@ async def main(reactor: Any, args: argparse.Namespace) -> None:
         finally:
             await host.stopService()
         ready = await all_ready(reactor, tmp, args.rounds)
+    print(f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f} (other work on the machine skews every row)")
     print(table([bare["sequential"], seq, bare["parallel"], par], bare))
     print("(ratio: bare calls/s over this row's calls/s; 1.00x is the bare client's speed)")
     print(

@@ -373,7 +373,7 @@ class LegacySSEConnection(_RemoteConnection):
         try:
             await self._endpoint_known
         except BaseException:
-            self._shut()
+            self.close()
             raise
 
     def _on_data(self, data: bytes) -> None:
