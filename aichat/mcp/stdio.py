@@ -144,7 +144,8 @@ class ServerProcessProtocol(ProcessProtocol):
         try:
             lines = self._stderr.feed(data)
         except LineTooLong:
-            lines = [self._stderr.flush()[:STDERR_MAX_LINE_BYTES] + b"... (truncated)"]
+            self._stderr.flush()
+            lines = [b"(a stderr line longer than %d bytes was dropped)" % STDERR_MAX_LINE_BYTES]
         for line in lines:
             self._connection.stderr_line(line)
 

@@ -7,7 +7,7 @@ from typing import Any
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorProcess, IReactorTime
-from twisted.internet.testing import MemoryReactorClock
+from twisted.internet.testing import MemoryReactorClock, StringTransport
 from zope.interface import implementer
 
 from aichat.mcp.config import ServerConfig
@@ -22,13 +22,34 @@ def tool(name: str) -> dict[str, Any]:
     return {"name": name, "description": f"{name} tool", "inputSchema": {"type": "object"}}
 
 
+class FakeProcessTransport(StringTransport):
+    """What spawnProcess returns: stdin bytes collected, a pid no process can have (above pid_max)."""
+
+    pid = 2**22 + 4242
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stdin_closed = False
+
+    def closeStdin(self) -> None:
+        """Remember that stdin was closed."""
+        self.stdin_closed = True
+
+
 @implementer(IReactorProcess)
 class FakeProcessReactor(MemoryReactorClock):
-    """A memory reactor that claims to spawn processes; host tests replace the transports anyway."""
+    """A memory reactor that records spawnProcess calls and returns fake process transports."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.spawned: list[tuple[tuple[Any, ...], dict[str, Any], FakeProcessTransport]] = []
 
     def spawnProcess(self, *args: Any, **kwargs: Any) -> Any:
-        """Refuse: tests using this reactor must not reach the stdio transport."""
-        raise NotImplementedError("FakeProcessReactor does not spawn processes")
+        """Record the call; the protocol gets a fake transport."""
+        transport = FakeProcessTransport()
+        self.spawned.append((args, kwargs, transport))
+        args[0].makeConnection(transport)
+        return transport
 
 
 class FakeConnection:
