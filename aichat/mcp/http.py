@@ -38,6 +38,7 @@ log = Logger()
 
 ACCEPT_BOTH = "application/json, text/event-stream"
 CLOSE_TIMEOUT = 5.0
+POST_GRACE = 5.0
 
 
 class BodyTooLarge(Exception):
@@ -145,8 +146,13 @@ class _RemoteConnection:
             raise PeerGone(f"MCP server {self.config.name!r} is not connected")
         post = Deferred.fromCoroutine(self._post(message))
         self._posts.add(post)
+        # No POST outlives the longest wait the protocol allows for an answer.
+        limit = max(self.config.timeout, self.config.init_timeout) + POST_GRACE
+        watchdog = self._clock.callLater(limit, post.cancel)
 
         def done(result: object) -> None:
+            if watchdog.active():
+                watchdog.cancel()
             self._posts.discard(post)
             if isinstance(result, Failure) and not result.check(CancelledError):
                 log.failure("{server}: POST failed unexpectedly", result, server=self.config.name)
