@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import selectors
 import statistics
 import subprocess
 import sys
@@ -196,6 +197,49 @@ async def all_ready(reactor: Any, tmp: str, rounds: int) -> list[float]:
     return times
 
 
+def bare_all_ready(tmp: str, rounds: int) -> list[float]:
+    """The floor for all-ready: the same three servers, raw pipes, initialize + tools/list written at once."""
+    times = []
+    handshake = b"".join(
+        json.dumps(m).encode() + b"\n"
+        for m in (
+            {"jsonrpc": "2.0", "id": 1, "method": "initialize",
+             "params": {"protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "b"}}},
+            {"jsonrpc": "2.0", "method": "notifications/initialized"},
+            {"jsonrpc": "2.0", "id": 2, "method": "tools/list"},
+        )
+    )
+    for _ in range(rounds):
+        start = time.perf_counter()
+        processes = []
+        for config in npm_servers(tmp):
+            env = {"PATH": os.environ.get("PATH", ""), **config.env}
+            process = subprocess.Popen(
+                ["node", *config.args], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                env=env,
+            )
+            assert process.stdin is not None
+            process.stdin.write(handshake)
+            process.stdin.flush()
+            processes.append(process)
+        with selectors.DefaultSelector() as selector:
+            for process in processes:
+                assert process.stdout is not None
+                selector.register(process.stdout, selectors.EVENT_READ)
+            waiting = len(processes)
+            while waiting:
+                for key, _ in selector.select():
+                    line = key.fileobj.readline()  # type: ignore[union-attr]
+                    if line and json.loads(line).get("id") == 2:
+                        selector.unregister(key.fileobj)
+                        waiting -= 1
+        times.append(time.perf_counter() - start)
+        for process in processes:
+            process.kill()
+            process.wait()
+    return times
+
+
 def table(rows: list[dict[str, Any]], bare: dict[str, dict[str, Any]]) -> str:
     """Rows with calls/s, p50, p99 and the p50 ratio to the bare client of the same kind."""
     lines = [f"{'client':<26}{'calls/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'ratio':>8}"]
@@ -221,12 +265,14 @@ async def main(reactor: Any, args: argparse.Namespace) -> None:
         finally:
             await host.stopService()
         ready = await all_ready(reactor, tmp, args.rounds)
+        bare_ready = bare_all_ready(tmp, args.rounds)
     print(f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f} (other work on the machine skews every row)")
     print(table([bare["sequential"], seq, bare["parallel"], par], bare))
     print("(ratio: bare calls/s over this row's calls/s; 1.00x is the bare client's speed)")
     print(
         f"start to all-ready, 3 npm servers: median {statistics.median(ready):.3f} s, "
-        f"max {max(ready):.3f} s over {len(ready)} rounds"
+        f"max {max(ready):.3f} s over {len(ready)} rounds "
+        f"(bare pipes, same servers: median {statistics.median(bare_ready):.3f} s)"
     )
     seq_ratio = bare["sequential"]["calls_per_s"] / seq["calls_per_s"]
     checks: list[tuple[str, Callable[[], bool]]] = [
