@@ -124,6 +124,8 @@ class MCPHost(Service):
         ready, crashes, times out or answers a protocol error. A tool's own failure (``isError``) is a
         result with ``is_error``. Cancelling the caller sends ``notifications/cancelled`` to the server.
         """
+        if not isinstance(arguments, dict):
+            raise ToolCallError(f"arguments of {function_name} must be a JSON object, not {type(arguments).__name__}")
         try:
             tool = self._registry.lookup(function_name)
         except ToolNotFound:

@@ -38,6 +38,8 @@ class HostTests(SynchronousTestCase):
         self.assertEqual(connector.connections[1].sent[-1]["params"], {"name": "shared", "arguments": {"k": 1}})
         self.assertEqual(host.timeout_for("b__shared"), 7)
         self.failureResultOf(Deferred.fromCoroutine(host.call_tool("c__x", {})), ToolNotFound)
+        bad = Deferred.fromCoroutine(host.call_tool("a__shared", ["not", "an", "object"]))  # type: ignore[arg-type]
+        self.assertIn("must be a JSON object", str(self.failureResultOf(bad, ToolCallError).value))
 
     def test_disabled_server_not_started(self) -> None:
         """enabled: false is honoured: no connection, state stopped, visible in status."""
