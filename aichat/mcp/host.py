@@ -113,8 +113,14 @@ class MCPHost(Service):
         return self._registry.tools()
 
     def timeout_for(self, function_name: str) -> float:
-        """The per-call timeout of the server behind ``function_name``."""
-        tool = self._registry.lookup(function_name)
+        """The per-call timeout of the server behind ``function_name`` (also while that server is down)."""
+        try:
+            tool = self._registry.lookup(function_name)
+        except ToolNotFound:
+            for supervisor in self._supervisors.values():
+                if function_name.startswith(function_name_prefix(supervisor.name)):
+                    return supervisor.config.timeout
+            raise
         return self._supervisors[tool.server].config.timeout
 
     async def call_tool(self, function_name: str, arguments: dict[str, Any]) -> ToolResult:

@@ -140,6 +140,9 @@ class HostTests(SynchronousTestCase):
         host.startService()
         connector.last.crash("server process exited with status 1")
         self.assertEqual(host.tools(), [])
+        self.assertEqual(host.timeout_for("a__a_tool"), 30)
+        with self.assertRaises(ToolNotFound):
+            host.timeout_for("b__a_tool")
         error = self.failureResultOf(Deferred.fromCoroutine(host.call_tool("a__a_tool", {})), ToolCallError)
         self.assertIn("'a' is not ready (backing_off): server process exited with status 1", str(error.value))
         self.failureResultOf(Deferred.fromCoroutine(host.call_tool("b__a_tool", {})), ToolNotFound)
