@@ -14,11 +14,13 @@ import signal
 from types import FrameType
 from typing import Any
 
+from treq.client import HTTPClient
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IListeningPort
 from twisted.logger import ILogObserver, Logger
+from twisted.web.client import Agent, HTTPConnectionPool
 
 from aichat import __version__, sdnotify
 from aichat.api import API, build_resource
@@ -59,7 +61,13 @@ class AichatService(Service):
             settings.logging.file, settings.logging.level, settings.logging.format
         )
         self.store = SQLiteStore(reactor, settings.database.path)
-        self.mcp = MCPHost(reactor, self._servers() or [], max_line_bytes=settings.mcp.max_line_bytes)
+        self._mcp_pool = HTTPConnectionPool(reactor, persistent=True)
+        self.mcp = MCPHost(
+            reactor,
+            self._servers() or [],
+            http_client=HTTPClient(Agent(reactor, connectTimeout=10, pool=self._mcp_pool)),
+            max_line_bytes=settings.mcp.max_line_bytes,
+        )
         self.provider = self._provider()
         self.streams = StreamRegistry(reactor, settings.chat.stream_keep_seconds)
         self.chat = ChatService(
@@ -165,6 +173,7 @@ class AichatService(Service):
         await self.chat.stop()
         if self.mcp.running:
             await self.mcp.stopService()
+        await self._mcp_pool.closeCachedConnections()
         await self.provider.close()
         await self.store.close()
         if getattr(self.reactor, "_exitSignal", None) in (signal.SIGTERM, signal.SIGINT):
