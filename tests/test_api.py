@@ -135,7 +135,7 @@ def test_other_users_session_is_404_everywhere(client: Client) -> None:
     assert client.call("GET", f"/v1/chat/sessions/{sid}", headers=USER)[0] == 200
 
 
-@pytest.mark.parametrize("header", [None, "", "0", "-1", "abc", "1.5", "９"])
+@pytest.mark.parametrize("header", [None, "", "0", "-1", "+0", "abc", "1.5", "９", "1 2", "+", "9223372036854775808"])
 def test_invalid_user_ids_are_401(client: Client, header: str | None) -> None:
     """Only base-10 integers > 0 are user ids; anything else on a user route is 401."""
     headers = {} if header is None else {"X-User-ID": header}
@@ -247,6 +247,16 @@ def test_cors_preflight_and_headers(client: Client) -> None:
     assert headers.getRawHeaders("access-control-allow-origin") == ["https://ui.example"]
     _, _, headers = client.call("GET", "/health", headers={"Origin": "https://evil.example"})
     assert headers.getRawHeaders("access-control-allow-origin") is None
+
+
+@pytest.mark.parametrize(
+    ("header", "user"), [("7", "7"), ("007", "7"), ("+7", "7"), ("9223372036854775807", "9223372036854775807")]
+)
+def test_reference_user_ids_are_accepted(client: Client, header: str, user: str) -> None:
+    """Every id the reference's strconv.Atoi accepts works, normalised to its decimal form."""
+    status, body, _ = client.call("POST", "/v1/chat/sessions", {}, {"X-User-ID": header})
+    assert status == 201
+    assert body["user_id"] == user
 
 
 def test_token_digest_is_not_the_token() -> None:

@@ -19,11 +19,13 @@ from aichat.config import token_digest
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 MISSING = "Authentication required: missing or invalid user ID"
+INT64_MAX = 2**63 - 1
 
 
 def valid_user_id(value: str) -> bool:
-    """The reference's rule: a base-10 integer greater than zero."""
-    return value.isascii() and value.isdigit() and int(value) > 0
+    """The reference's rule (Go's ``strconv.Atoi``): a base-10 integer, optionally ``+``-signed, above zero."""
+    digits = value[1:] if value.startswith("+") else value
+    return digits.isascii() and digits.isdigit() and 0 < int(digits) <= INT64_MAX
 
 
 def peer_address(request: IRequest) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
