@@ -1,26 +1,27 @@
 """Benchmark: streaming chat turns through the daemon next to the same upstream called directly.
 
 Run ``python -m benchmarks.chat_stream`` from the repository root (``--levels 1 100 1000`` by default). For
-each concurrency level it starts the scripted OpenAI upstream (``python -m tests.upstream``: every answer is
-``--chunks`` text deltas ``--delay`` seconds apart, the first at once) and a fresh daemon (``aichat-backend``,
-OpenAI provider pointed at that upstream, no MCP servers, no title generation, SQLite in a temporary
-folder) as child processes with a raised open-files limit, then measures, in the same run:
+each concurrency level it starts the scripted OpenAI upstream (``python -m tests.upstream --chunks N --delay
+S``: every answer is N text deltas S seconds apart, the first at once; N and S per level in ``LEVELS``) and a
+fresh daemon (``aichat-backend``, OpenAI provider pointed at that upstream, no MCP servers, no title
+generation, SQLite in a temporary folder) as child processes with a raised open-files limit, then measures, in
+the same run:
 
-- direct: N streams of ``POST /v1/chat/completions`` (``stream: true``) straight to the upstream;
-- daemon: N streams of the one-request turn ``GET /v1/chat/stream?session_id=&message=`` read as SSE (each
+- direct: the level's streams as ``POST /v1/chat/completions`` (``stream: true``) straight to the upstream;
+- daemon: the same number of one-request turns ``GET /v1/chat/stream?session_id=&message=`` read as SSE (each
   stream continues its own session: the user message is stored, the history read back, the model
   streamed, the answer stored).
 
-Each of the N streams runs turns back to back (one warm-up, then the measured ones) over a persistent
-HTTP/1.1 connection opened beforehand, so connection set-up is not in the figures; their starts are spread
-over one answer's length so turns begin all the time instead of in one burst. The client is raw asyncio.
-Time to first token (TTFT) runs from writing the request to the first line carrying text; inter-chunk gaps
-are between successive text lines. The table shows the daemon's added TTFT (median and p99 of the daemon's
-minus the direct ones), the added p99 inter-chunk gap, errors (non-200, ``error`` events, missing or extra
-chunks, broken connections) and the daemon's peak RSS (``VmHWM``). Targets (2 cores): added TTFT median
-<= 1 ms and p99 <= 5 ms at 100; at 1000, 0 errors, added inter-chunk p99 <= 50 ms, RSS <= 300 MB; each is
-printed as PASS or MISS (``--strict``: exit status 1 on a miss). Everything listens on 127.0.0.1; every wait
-has a deadline.
+Each stream runs turns back to back (one warm-up, then the measured ones) over a persistent HTTP/1.1
+connection opened beforehand, so connection set-up is not in the figures; their starts are spread over one
+answer's length so turns begin all the time instead of in one burst. The client is raw asyncio. Time to first
+token (TTFT) runs from writing the request to the first line carrying text; inter-chunk gaps are between
+successive text lines. The table shows the daemon's added TTFT (median and p99 of the daemon's minus the
+direct ones), the added p99 inter-chunk gap, errors (non-200, ``error`` events, missing or extra chunks,
+broken connections), the daemon's peak RSS (``VmHWM``) and its CPU use while it streamed (100%: one core).
+Targets (2 cores): added TTFT median <= 1 ms and p99 <= 5 ms at 100; at 1000, 0 errors, added inter-chunk p99
+<= 50 ms, RSS <= 300 MB; each is printed as PASS or MISS (``--strict``: exit status 1 on a miss). Everything
+listens on 127.0.0.1; every wait has a deadline.
 """
 
 from __future__ import annotations
@@ -250,10 +251,17 @@ def create_sessions(port: int, count: int) -> list[str]:
     return ids
 
 
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU time of process ``pid`` so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 async def measure_level(
-    level: int, turns: int, chunks: int, span: float, upstream_port: int, daemon_port: int
-) -> tuple[Measured, Measured]:
-    """``level`` concurrent streams straight to the upstream, then the same through the daemon."""
+    level: int, turns: int, chunks: int, span: float, upstream_port: int, daemon_port: int, daemon_pid: int
+) -> tuple[Measured, Measured, float]:
+    """``level`` concurrent streams straight to the upstream, then the same through the daemon; also the
+    daemon's CPU use while it streamed (1.0: one core busy all the time)."""
     sessions = await asyncio.to_thread(create_sessions, daemon_port, level)
     direct_pool = await open_pool(upstream_port, level)
     try:
@@ -263,12 +271,13 @@ async def measure_level(
             connection.close()
     daemon_pool = await open_pool(daemon_port, level)
     targets = [daemon_target(daemon_port, n % 50 + 1, session) for n, session in enumerate(sessions)]
+    cpu, wall = cpu_seconds(daemon_pid), time.monotonic()
     try:
         through = await measure_side(daemon_pool, targets, chunks, turns, span)
     finally:
         for connection in daemon_pool:
             connection.close()
-    return direct, through
+    return direct, through, (cpu_seconds(daemon_pid) - cpu) / (time.monotonic() - wall)
 
 
 def raise_open_files() -> None:
@@ -398,8 +407,14 @@ async def measure(level: Level) -> dict[str, float]:
         with tempfile.TemporaryDirectory(prefix="aichat-bench-") as tmp:
             daemon, daemon_port = start_daemon(Path(tmp), upstream_port)
             try:
-                direct, through = await measure_level(
-                    level.streams, level.turns, level.chunks, level.chunks * level.delay, upstream_port, daemon_port
+                direct, through, cpu = await measure_level(
+                    level.streams,
+                    level.turns,
+                    level.chunks,
+                    level.chunks * level.delay,
+                    upstream_port,
+                    daemon_port,
+                    daemon.pid,
                 )
                 if daemon.poll() is not None:
                     raise SystemExit(f"the daemon exited with {daemon.returncode} at {level.streams} streams")
@@ -427,6 +442,7 @@ async def measure(level: Level) -> dict[str, float]:
         "added_gap_p99": quantile(through.gaps, 0.99) - quantile(direct.gaps, 0.99),
         "errors": direct.errors + through.errors,
         "rss_mib": rss,
+        "cpu": cpu,
     }
 
 
@@ -436,14 +452,14 @@ def table(rows: list[dict[str, float]]) -> str:
         "chat streaming through the daemon vs straight to the same upstream (times in ms; 'added' = daemon - direct)",
         f"{'streams':>8}{'turns':>7}{'chunks':>7}{'every':>7}{'TTFT direct':>12}{'TTFT daemon':>12}"
         f"{'added p50':>10}{'added p99':>10}{'gap p99 direct':>15}{'added gap p99':>14}{'errors':>7}"
-        f"{'peak RSS MiB':>13}",
+        f"{'peak RSS MiB':>13}{'daemon CPU':>11}",
     ]
     for row in rows:
         lines.append(
             f"{row['streams']:>8.0f}{row['turns']:>7.0f}{row['chunks']:>7.0f}{ms(row['delay']):>7}"
             f"{ms(row['direct_ttft']):>12}{ms(row['daemon_ttft']):>12}{ms(row['added_median']):>10}"
             f"{ms(row['added_p99']):>10}{ms(row['direct_gap_p99']):>15}{ms(row['added_gap_p99']):>14}"
-            f"{row['errors']:>7.0f}{row['rss_mib']:>13.1f}"
+            f"{row['errors']:>7.0f}{row['rss_mib']:>13.1f}{row['cpu']:>10.0%}"
         )
     return "\n".join(lines)
 
