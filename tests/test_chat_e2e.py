@@ -25,6 +25,7 @@ import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +47,7 @@ SUM = 'call everything__get-sum {"a": 2, "b": 3}'
 ECHO_RESULT = "everything__echo: Echo: hi"
 SUM_RESULT = "everything__get-sum: The sum of 2 and 3 is 5."
 DENIED = "Tool execution was denied by the user."
+EXPIRE_SECONDS = 4
 
 Json = dict[str, Any]
 
@@ -199,8 +201,12 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def approving(tmp_path_factory: pytest.TempPathFactory, files: Path) -> Iterator[Chat]:
-    """Mock model, every tool call needs approval."""
-    chat = launch(tmp_path_factory.mktemp("approving"), "chat:\n  approval:\n    policy: always\n", filesystem=files)
+    """Mock model, every tool call needs approval, approvals expire after ``EXPIRE_SECONDS``."""
+    chat = launch(
+        tmp_path_factory.mktemp("approving"),
+        f"chat:\n  approval:\n    policy: always\n    expire_seconds: {EXPIRE_SECONDS}\n",
+        filesystem=files,
+    )
     yield chat
     chat.close()
 
@@ -391,9 +397,44 @@ def test_selective_approval_runs_only_the_chosen_calls(approving: Chat) -> None:
     assert results == {echo_id: DENIED, sum_id: "The sum of 2 and 3 is 5."}
 
 
+def test_tool_error_goes_back_to_the_model_as_a_result(approving: Chat, files: Path) -> None:
+    """A call the MCP server refuses (a path outside server-filesystem's folder) is recorded as a failed
+    execution and given to the model as the call's result; the turn ends normally with the model's answer."""
+    outside = files.parent / "outside.txt"
+    first = approving.ok(approving.send(f'call filesystem__read_text_file {{"path": "{outside}"}}'))
+    done = approving.ok(
+        approving.request(
+            "POST", f"/v1/chat/approvals/{first['approval_request']['request_id']}", body={"approve": True}
+        )
+    )
+    [execution] = done["message"]["tool_executions"]
+    assert execution["result"] == ""
+    assert "outside allowed directories" in execution["error"]
+    assert done["message"]["content"].startswith("Mock summary of 1 tool result(s): filesystem__read_text_file: ")
+    assert "outside allowed directories" in done["message"]["content"]
+    stored = approving.messages(first["session_id"])
+    assert roles(stored) == ["user", "assistant", "tool", "assistant"]
+    assert stored[2]["content"] == execution["error"]
+
+
+def test_expired_approval_cannot_be_resolved(approving: Chat) -> None:
+    """Once ``chat.approval.expire_seconds`` have passed, approving is a 409 and the call never runs."""
+    first = approving.ok(approving.send(ECHO))
+    request = first["approval_request"]
+    expires = datetime.strptime(request["expires_at"], "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC)
+    assert expires > datetime.now(UTC)
+    deadline = time.monotonic() + EXPIRE_SECONDS + TIMEOUT
+    while datetime.now(UTC) <= expires and time.monotonic() < deadline:
+        time.sleep(0.05)
+    status, body = approving.request("POST", f"/v1/chat/approvals/{request['request_id']}", body={"approve": True})
+    assert status == 409, body
+    assert "expired" in body["error"]
+    assert roles(approving.messages(first["session_id"])) == ["user", "assistant"]
+
+
 def test_two_users_are_kept_apart(approving: Chat) -> None:
     """Another user's session, messages, stream and approval are all 404 (by the API and by chat command),
-    and none of those attempts resolves the owner's approval."""
+    and none of those attempts resolves the owner's approval; an unknown session id is 404, not replaced."""
     owner, other = user_id(), user_id()
     handle = approving.ok(approving.send(ECHO, user=owner, streaming=True))
     session, stream_url = handle["session_id"], handle["stream_url"]
@@ -408,6 +449,7 @@ def test_two_users_are_kept_apart(approving: Chat) -> None:
     assert approving.send(f"[APPROVE_TOOLS:{request_id}]", user=other)[0] == 404
     assert approving.send(f"[DENY_TOOLS:{request_id}]", user=other)[0] == 404
     assert approving.request("DELETE", f"/v1/chat/clear?session_id={session}", other)[0] == 404
+    assert approving.send("hello", user=owner, session_id=str(uuid.uuid4()))[0] == 404
     listing = approving.ok(approving.request("GET", "/v1/chat/sessions", other))
     assert session not in [s["id"] for s in listing["sessions"]]
 
