@@ -175,10 +175,14 @@ class _Exchange:
 
     def _arm(self, seconds: float, why: str) -> None:
         self._why = why
-        if self._timer is not None and self._timer.active():
-            self._timer.reset(seconds)
-        else:
-            self._timer = self._reactor.callLater(seconds, self._expire)
+        timer = self._timer
+        if timer is not None and timer.active():
+            if self._reactor.seconds() + seconds >= timer.getTime():
+                # Pushing a timer later is cheap; pulling one earlier makes the reactor search its heap.
+                timer.reset(seconds)
+                return
+            timer.cancel()
+        self._timer = self._reactor.callLater(seconds, self._expire)
 
     def _disarm(self) -> None:
         if self._timer is not None and self._timer.active():
