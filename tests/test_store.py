@@ -8,8 +8,9 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.task import Clock
+from twisted.trial.unittest import TestCase
 
 from aichat.store import Approval, Attachment, Message, StoreError, new_id, utc_now
 from aichat.store.sqlite import SQLiteStore, migrations
@@ -166,3 +167,37 @@ def test_ping(store: SQLiteStore) -> None:
     assert run(store.ping()) is True
     run(store.close())
     assert run(store.ping()) is False
+
+
+class GroupCommitTests(TestCase):
+    """Concurrent writes through the real thread pool share transactions but stay independent."""
+
+    async def test_concurrent_writes_are_grouped_and_isolated(self) -> None:
+        """50 concurrent writes commit in fewer transactions; a failing one does not undo the others."""
+        from twisted.internet import reactor
+
+        store = SQLiteStore(reactor, self.mktemp() + ".db")
+        await store.open()
+        self.addCleanup(lambda: Deferred.fromCoroutine(store.close()))
+        transactions = 0
+        run_interaction = store.pool.runInteraction
+
+        def counting(*args: Any, **kwargs: Any) -> Any:
+            nonlocal transactions
+            transactions += 1
+            return run_interaction(*args, **kwargs)
+
+        store.pool.runInteraction = counting  # type: ignore[method-assign]
+        session = await store.create_session("1", "t")
+        writes = [
+            Deferred.fromCoroutine(store.add_message(Message(new_id("user"), session.id, "user", str(i))))
+            for i in range(50)
+        ]
+        bad = Deferred.fromCoroutine(store.add_message(Message(new_id("user"), "missing", "user", "x")))
+        writes.append(Deferred.fromCoroutine(store.add_message(Message(new_id("user"), session.id, "user", "50"))))
+        results = await DeferredList([*writes, bad], consumeErrors=True)
+        assert all(ok for ok, _ in results[:-1])
+        assert not results[-1][0] and results[-1][1].check(StoreError)
+        history = await store.history(session.id)
+        assert [m.content for m in history] == [str(i) for i in range(51)]
+        assert transactions < 20, f"{transactions} transactions for 52 writes"

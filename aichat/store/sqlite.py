@@ -1,8 +1,9 @@
-"""The SQLite store: ``twisted.enterprise.adbapi`` on one connection thread, WAL, foreign keys on.
+"""The SQLite store: ``twisted.enterprise.adbapi``, WAL, foreign keys on; one writer, a few readers.
 
-Every write is one transaction committed with ``synchronous=FULL`` before the call returns, so a
-message the API has acknowledged is on disk. Migrations in ``aichat/store/migrations/NNNN_*.sql`` are
-applied in order at :meth:`SQLiteStore.open` and recorded in ``schema_migrations``.
+Every write is committed with ``synchronous=FULL`` before the call returns, so a message the API has
+acknowledged is on disk; concurrent writes share one transaction and one fsync (group commit).
+Migrations in ``aichat/store/migrations/NNNN_*.sql`` are applied in order at :meth:`SQLiteStore.open` and
+recorded in ``schema_migrations``.
 """
 
 from __future__ import annotations
@@ -10,13 +11,16 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
+from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from twisted.enterprise import adbapi
+from twisted.internet.defer import Deferred, fail
 from twisted.internet.interfaces import IReactorThreads
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from aichat.store.base import Approval, Attachment, Message, Session, StoreError, new_id, utc_now
 
@@ -63,17 +67,44 @@ class SQLiteStore:
 
     log = Logger()
 
+    READERS = 3
+
     def __init__(self, reactor: IReactorThreads, path: str, *, pool_factory: Any = None) -> None:
         self._reactor = reactor
         self.path = path
         self._pool: adbapi.ConnectionPool | None = None
+        self._readers: adbapi.ConnectionPool | None = None
         self._pool_factory = pool_factory or adbapi.ConnectionPool
+        self._queue: list[tuple[Callable[..., Any], tuple[Any, ...], Deferred[Any]]] = []
+        self._flushing = False
 
     @property
     def pool(self) -> adbapi.ConnectionPool:
+        """The single writer connection."""
         if self._pool is None:
             raise StoreError("the store is not open")
         return self._pool
+
+    @property
+    def readers(self) -> adbapi.ConnectionPool:
+        """Reader connections: in WAL mode they run beside the writer and see every committed write."""
+        if self._readers is None:
+            raise StoreError("the store is not open")
+        return self._readers
+
+    def _open_pool(self, size: int) -> adbapi.ConnectionPool:
+        pool = self._pool_factory(
+            "sqlite3",
+            self.path,
+            check_same_thread=False,
+            isolation_level=None,
+            cp_min=1,
+            cp_max=size,
+            cp_openfun=_connect_hook,
+            cp_reactor=self._reactor,
+        )
+        pool.start()
+        return pool
 
     async def open(self) -> None:
         """Create the folder and database if missing, check they are writable, migrate."""
@@ -84,22 +115,13 @@ class SQLiteStore:
                 raise PermissionError(13, "permission denied")
         except OSError as e:
             raise StoreError(f"cannot use database {self.path}: {e.strerror or e}") from None
-        self._pool = self._pool_factory(
-            "sqlite3",
-            self.path,
-            check_same_thread=False,
-            isolation_level=None,
-            cp_min=1,
-            cp_max=1,
-            cp_openfun=_connect_hook,
-            cp_reactor=self._reactor,
-        )
-        self._pool.start()
+        self._pool = self._open_pool(1)
         try:
             applied = await self.pool.runInteraction(self._migrate)
         except sqlite3.Error as e:
             await self.close()
             raise StoreError(f"cannot open database {self.path}: {e}") from None
+        self._readers = self._open_pool(self.READERS)
         for version in applied:
             self.log.info("Applied database migration {version}", version=version, path=self.path)
 
@@ -131,38 +153,78 @@ class SQLiteStore:
         return applied
 
     async def close(self) -> None:
-        if self._pool is not None:
-            pool, self._pool = self._pool, None
-            pool.close()
+        for pool in (self._readers, self._pool):
+            if pool is not None:
+                pool.close()
+        self._pool = self._readers = None
 
     async def ping(self) -> bool:
         try:
-            rows = await self.pool.runQuery("SELECT 1")
+            rows = await self.readers.runQuery("SELECT 1")
         except (sqlite3.Error, StoreError):
             return False
         return bool(rows == [(1,)])
 
-    async def _write(self, work: Any, *args: Any) -> Any:
-        """Run ``work(txn, *args)`` inside one immediate transaction."""
+    async def _write(self, work: Callable[..., Any], *args: Any) -> Any:
+        """Run ``work(txn, *args)`` atomically and return once it is committed to disk.
 
-        def transaction(txn: Cursor) -> Any:
+        Writes that arrive while a commit is under way are grouped into the next transaction (each inside
+        its own savepoint, so one failing write does not undo the others): one fsync serves them all.
+        """
+        done: Deferred[Any] = Deferred()
+        self._queue.append((work, args, done))
+        if not self._flushing:
+            self._flush()
+        return await done
+
+    def _flush(self) -> None:
+        batch, self._queue = self._queue, []
+        self._flushing = True
+
+        def transaction(txn: Cursor) -> list[tuple[bool, Any]]:
+            outcomes: list[tuple[bool, Any]] = []
             txn.execute("BEGIN IMMEDIATE")
             try:
-                result = work(txn, *args)
+                for work, args, _ in batch:
+                    txn.execute("SAVEPOINT write")
+                    try:
+                        outcomes.append((True, work(txn, *args)))
+                    except sqlite3.Error as e:
+                        txn.execute("ROLLBACK TO write")
+                        outcomes.append((False, e))
+                    txn.execute("RELEASE write")
+                txn.execute("COMMIT")
             except BaseException:
                 txn.execute("ROLLBACK")
                 raise
-            txn.execute("COMMIT")
-            return result
+            return outcomes
+
+        def committed(outcomes: list[tuple[bool, Any]]) -> None:
+            for (_, _, waiter), (ok, value) in zip(batch, outcomes, strict=True):
+                if ok:
+                    waiter.callback(value)
+                else:
+                    waiter.errback(StoreError(str(value)))
+
+        def failed(failure: Failure) -> None:
+            error = failure.value if isinstance(failure.value, StoreError) else StoreError(str(failure.value))
+            for _, _, waiter in batch:
+                waiter.errback(error)
+
+        def next_batch(_: object) -> None:
+            self._flushing = False
+            if self._queue:
+                self._flush()
 
         try:
-            return await self.pool.runInteraction(transaction)
-        except sqlite3.Error as e:
-            raise StoreError(str(e)) from e
+            running = self.pool.runInteraction(transaction)
+        except StoreError as e:
+            running = fail(e)
+        running.addCallbacks(committed, failed).addBoth(next_batch)
 
     async def _read(self, sql: str, params: tuple[Any, ...]) -> list[tuple[Any, ...]]:
         try:
-            rows: list[tuple[Any, ...]] = await self.pool.runQuery(sql, params)
+            rows: list[tuple[Any, ...]] = await self.readers.runQuery(sql, params)
         except sqlite3.Error as e:
             raise StoreError(str(e)) from e
         return rows
@@ -279,7 +341,7 @@ class SQLiteStore:
             ]
 
         try:
-            result: list[Message] = await self.pool.runInteraction(select)
+            result: list[Message] = await self.readers.runInteraction(select)
         except sqlite3.Error as e:
             raise StoreError(str(e)) from e
         return result
