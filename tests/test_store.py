@@ -5,11 +5,13 @@ from __future__ import annotations
 import sqlite3
 from collections.abc import Coroutine
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import pytest
 from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.interfaces import IReactorThreads
 from twisted.internet.task import Clock
+from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 
 from aichat.store import Approval, Attachment, Message, StoreError, new_id, utc_now
@@ -176,7 +178,7 @@ class GroupCommitTests(TestCase):
         """50 concurrent writes commit in fewer transactions; a failing one does not undo the others."""
         from twisted.internet import reactor
 
-        store = SQLiteStore(reactor, self.mktemp() + ".db")
+        store = SQLiteStore(cast(IReactorThreads, reactor), self.mktemp() + ".db")
         await store.open()
         self.addCleanup(lambda: Deferred.fromCoroutine(store.close()))
         transactions = 0
@@ -197,7 +199,9 @@ class GroupCommitTests(TestCase):
         writes.append(Deferred.fromCoroutine(store.add_message(Message(new_id("user"), session.id, "user", "50"))))
         results = await DeferredList([*writes, bad], consumeErrors=True)
         assert all(ok for ok, _ in results[:-1])
-        assert not results[-1][0] and results[-1][1].check(StoreError)
+        failed, failure = results[-1]
+        assert not failed
+        assert isinstance(failure, Failure) and failure.check(StoreError)
         history = await store.history(session.id)
         assert [m.content for m in history] == [str(i) for i in range(51)]
         assert transactions < 20, f"{transactions} transactions for 52 writes"
