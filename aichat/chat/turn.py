@@ -9,7 +9,7 @@ restart, and resolving it starts a new turn that continues where the model left 
 from __future__ import annotations
 
 import json
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Protocol
@@ -90,6 +90,8 @@ class TurnRecord:
     assistant_id: str = ""
     timestamp: str = ""
     turn: Deferred[None] | None = None
+    pending: Message | None = None
+    pending_write: Deferred[None] | None = None
 
     def response(self) -> dict[str, Any]:
         """The reference's ``ChatResponse``, with the real session id and a pending approval's id."""
@@ -171,7 +173,10 @@ class ChatService:
         message = Message(new_id("user"), session.id, "user", text, attachments=tuple(attachments))
 
         async def first(record: TurnRecord) -> None:
-            await self.store.add_message(message)
+            # The model is asked while the message is committed; nothing the model says is stored (or the
+            # turn finished) before the message is on disk.
+            record.pending = message
+            record.pending_write = Deferred.fromCoroutine(self.store.add_message(message))
 
         return self._start(user_id, session.id, first)
 
@@ -255,15 +260,35 @@ class ChatService:
             stream.emit(Event("error", record.session_id, error=record.error))
             raise
         except Exception as e:
+            await self._settle(record)
             log.failure("Turn failed in session {session_id}", session_id=record.session_id)
             record.error = f"Failed to process message: internal error ({type(e).__name__})"
             record.error_status = 500
             stream.emit(Event("error", record.session_id, error=record.error))
 
+    async def _settle(self, record: TurnRecord) -> None:
+        """Wait for the user's message to be committed (a failure is logged; the turn already failed)."""
+        if record.pending_write is not None:
+            write, record.pending_write = record.pending_write, None
+            try:
+                await write
+            except Exception:
+                log.failure("Storing the user message failed in session {session_id}", session_id=record.session_id)
+
+    async def _committed(self, record: TurnRecord) -> None:
+        """Raise if the user's message could not be stored."""
+        if record.pending_write is not None:
+            write, record.pending_write = record.pending_write, None
+            await write
+
     async def _loop(self, record: TurnRecord, user_id: str) -> None:
         session_id = record.session_id
         while True:
             history = await self.store.history(session_id)
+            if record.pending is not None:
+                if all(m.id != record.pending.id for m in history):
+                    history.append(record.pending)
+                record.pending = None
             rounds = _rounds_since_last_user(history)
             available = list(self.tools.tools()) if self.tools is not None else []
             specs = [tool_spec(t) for t in available] or None
@@ -314,10 +339,12 @@ class ChatService:
         try:
             completion = await self.provider.complete(messages, specs, on_text=on_text)
         except (LLMError, CancelledError):
+            await self._committed(record)
             if said:
                 partial = Message(new_id("assistant"), session_id, "assistant", "".join(said))
                 await self.store.add_message(partial)
             raise
+        await self._committed(record)
         calls = [call.to_openai() for call in completion.tool_calls]
         assistant = Message(new_id("assistant"), session_id, "assistant", completion.text, tool_calls=calls or None)
         await self.store.add_message(assistant)
@@ -354,27 +381,30 @@ class ChatService:
     async def _store_refusals(
         self, session_id: str, calls: list[dict[str, Any]], text: str = "Tool execution was denied by the user."
     ) -> None:
-        for call in calls:
-            await self.store.add_message(
-                Message(new_id("tool"), session_id, "tool", text, tool_call_id=call["id"])
-            )
+        await self._store_all(
+            Message(new_id("tool"), session_id, "tool", text, tool_call_id=call["id"]) for call in calls
+        )
+
+    async def _store_all(self, messages: Iterable[Message]) -> None:
+        """Store messages in order, committed together (the store groups concurrent writes)."""
+        writes = [Deferred.fromCoroutine(self.store.add_message(m)) for m in messages]
+        await gatherResults(writes, consumeErrors=True)
 
     async def _run_tools(self, record: TurnRecord, calls: list[dict[str, Any]]) -> None:
         semaphore = DeferredSemaphore(self.settings.tool_concurrency)
         runs = [semaphore.run(self._run_tool, call) for call in calls]
         executions: list[dict[str, Any]] = await gatherResults(runs, consumeErrors=True)
-        for call, execution in zip(calls, executions, strict=True):
-            content = execution["result"] if "error" not in execution else execution["error"]
-            await self.store.add_message(
-                Message(
-                    new_id("tool"),
-                    record.session_id,
-                    "tool",
-                    content,
-                    tool_call_id=call["id"],
-                    tool_executions=[execution],
-                )
+        await self._store_all(
+            Message(
+                new_id("tool"),
+                record.session_id,
+                "tool",
+                execution["result"] if "error" not in execution else execution["error"],
+                tool_call_id=call["id"],
+                tool_executions=[execution],
             )
+            for call, execution in zip(calls, executions, strict=True)
+        )
         record.executions.extend(executions)
         failed = sum(1 for e in executions if "error" in e)
         outcome = "successful" if not failed else "partially failed"
