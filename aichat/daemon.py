@@ -133,6 +133,7 @@ class AichatService(Service):
             version=__version__,
             config=settings.config_path or "(none)",
             database=settings.database.path,
+            announce=True,
         )
         await self.store.open()
         self.mcp.startService()
@@ -143,6 +144,7 @@ class AichatService(Service):
             "Listening on {host}:{port}",
             host=getattr(address, "host", "?"),
             port=getattr(address, "port", "?"),
+            announce=True,
         )
         sdnotify.notify("READY=1\nSTATUS=serving")
 
@@ -163,7 +165,7 @@ class AichatService(Service):
 
     async def _stop(self) -> None:
         sdnotify.notify("STOPPING=1")
-        log.info("Stopping: no new connections")
+        log.info("Stopping: no new connections", announce=True)
         if self.port is not None:
             port, self.port = self.port, None
             stopped = port.stopListening()
@@ -180,7 +182,7 @@ class AichatService(Service):
             # twistd re-raises the stop signal after shutdown, so the process would die "by SIGTERM";
             # a completed graceful stop is a success and exits 0.
             self.reactor._exitSignal = None
-        log.info("Stopped")
+        log.info("Stopped", announce=True)
         if isinstance(self.log_file, ReopenableFile):
             self.log_file.flush()
 

@@ -16,10 +16,12 @@ from typing import IO, Any
 
 from twisted.logger import (
     FilteringLogObserver,
+    ILogFilterPredicate,
     ILogObserver,
     LogEvent,
     LogLevel,
     LogLevelFilterPredicate,
+    PredicateResult,
     formatEvent,
     formatEventAsClassicLogText,
 )
@@ -118,9 +120,39 @@ class LineObserver:
                 flush()
 
 
+@implementer(ILogFilterPredicate)
+class AnnouncedOrWarning:
+    """Passes events logged with ``announce=True`` (start-up, listening, stopping) and warnings or worse."""
+
+    def __call__(self, event: LogEvent) -> PredicateResult:
+        level = event.get("log_level")
+        if event.get("announce") or (level is not None and level >= LogLevel.warn):
+            return PredicateResult.yes
+        return PredicateResult.no
+
+
 def make_observer(path: str, level: str, fmt: str) -> tuple[ILogObserver, ReopenableFile | None]:
-    """The daemon's observer for ``logging.*`` settings, and the file to reopen on SIGHUP, if any."""
-    target: ReopenableFile | None = ReopenableFile(path) if path else None
-    out: Any = target if target is not None else sys.stdout
+    """The daemon's observer for ``logging.*`` settings, and the file to reopen on SIGHUP, if any.
+
+    With a log file, the start-up and shutdown announcements and every warning also go to standard error,
+    so ``journalctl -u aichat-backend`` shows them.
+    """
     predicate = LogLevelFilterPredicate(defaultLogLevel=LEVELS[level])
-    return FilteringLogObserver(LineObserver(out, fmt), [predicate]), target
+    if not path:
+        return FilteringLogObserver(LineObserver(sys.stdout, fmt), [predicate]), None
+    target = ReopenableFile(path)
+    to_file = FilteringLogObserver(LineObserver(target, fmt), [predicate])
+    to_stderr = FilteringLogObserver(LineObserver(sys.stderr, "text"), [AnnouncedOrWarning()])
+    return Tee(to_file, to_stderr), target
+
+
+@implementer(ILogObserver)
+class Tee:
+    """Passes every event to each of its observers."""
+
+    def __init__(self, *observers: ILogObserver) -> None:
+        self.observers = observers
+
+    def __call__(self, event: LogEvent) -> None:
+        for observer in self.observers:
+            observer(event)

@@ -116,6 +116,11 @@ def test_serves_health_and_sessions_then_stops_cleanly(daemon: Daemon) -> None:
     assert "Listening on 127.0.0.1:" in log
     assert "Stopped" in log
     assert "Traceback" not in log
+    assert daemon.process.stdout is not None
+    console = daemon.process.stdout.read().decode()
+    assert "Listening on 127.0.0.1:" in console, "start-up is announced on stderr for the journal"
+    assert "Stopped" in console
+    assert "GET /health" not in console, "access lines go to the log file only"
 
 
 def test_oversized_body_is_refused_before_it_is_read(tmp_path: Path) -> None:
