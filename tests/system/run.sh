@@ -250,9 +250,15 @@ systemd-nspawn -q -D "$BASE" --machine="aichat-st-$$" --register=no --keep-unit 
     --bind-ro="$ROOT/build/rpm/RPMS/x86_64:/mnt/rpms" --bind-ro="$MCPDIR:/opt/aichat-mcp" \
     --bind-ro="$ROOT/tests/system:/mnt/system-test" --console=pipe </dev/null >"$WORK/nspawn.log" 2>&1 &
 NSPID=$!
-for _ in $(seq 100); do
-    CPID=$(pgrep -P "$NSPID" | head -1)
-    [ -n "$CPID" ] && break
+# The container's PID 1 is the child of nspawn that has exec'd systemd (nspawn forks helpers first).
+CPID=
+for _ in $(seq 200); do
+    for child in $(pgrep -P "$NSPID"); do
+        if [ "$(cat "/proc/$child/comm" 2>/dev/null)" = systemd ]; then
+            CPID=$child
+            break 2
+        fi
+    done
     sleep 0.1
 done
 # PID 1 needs a moment before its bus answers.
