@@ -117,6 +117,17 @@ def test_messages_round_trip_with_tools_and_attachments(store: SQLiteStore) -> N
     assert page == messages[1:3]
 
 
+def test_session_history_reads_both_for_the_owner_only(store: SQLiteStore) -> None:
+    """session_history returns the session and its messages in one read; nothing for another user."""
+    session = run(store.create_session("1", "t"))
+    message = Message(new_id("user"), session.id, "user", "hi")
+    run(store.add_message(message))
+    found, history = run(store.session_history("1", session.id))
+    assert found is not None and found.id == session.id
+    assert history == [message]
+    assert run(store.session_history("2", session.id)) == (None, [])
+
+
 def test_message_for_missing_session_fails(store: SQLiteStore) -> None:
     """A message cannot be added to a session that does not exist."""
     with pytest.raises(StoreError):

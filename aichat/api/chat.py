@@ -41,8 +41,8 @@ async def _begin(
         command = parse_command(message)
         if command is not None and not attachments:
             return await chat.start_resolution(user, command.request_id, command.approve)
-        session = await chat.open_session(user, session_id)
-        return chat.start_message(user, session, message, attachments or [])
+        session, history = await chat.resume(user, session_id)
+        return chat.start_message(user, session, message, attachments or [], history)
     except ChatError as e:
         raise APIError(e.message, e.status) from None
 

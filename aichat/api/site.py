@@ -39,6 +39,10 @@ class LimitedRequest(Request):
         return limit_for(path) if limit_for is not None else 1 << 62
 
     def gotLength(self, length: int | None) -> None:
+        set_no_delay = getattr(self.channel.transport, "setTcpNoDelay", None)
+        if set_no_delay is not None:
+            # SSE events are small writes that must leave at once, not wait for the previous one's ACK.
+            set_no_delay(True)
         self._max_body = self._limit()
         if length is not None and length > self._max_body:
             self._reject()

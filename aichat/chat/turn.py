@@ -92,6 +92,7 @@ class TurnRecord:
     turn: Deferred[None] | None = None
     pending: Message | None = None
     pending_write: Deferred[None] | None = None
+    history: list[Message] | None = None
 
     def response(self) -> dict[str, Any]:
         """The reference's ``ChatResponse``, with the real session id and a pending approval's id."""
@@ -164,12 +165,26 @@ class ChatService:
             raise ChatError("Session not found", 404)
         return session
 
+    async def resume(self, user_id: str, session_id: str) -> tuple[Session, list[Message]]:
+        """Like :meth:`open_session`, with the session's history read in the same query (empty when new)."""
+        if not session_id:
+            return await self.open_session(user_id, ""), []
+        session, history = await self.store.session_history(user_id, session_id)
+        if session is None:
+            raise ChatError("Session not found", 404)
+        return session, history
+
     # -- starting turns -----------------------------------------------------------------------------
 
     def start_message(
-        self, user_id: str, session: Session, text: str, attachments: Sequence[Attachment] = ()
+        self,
+        user_id: str,
+        session: Session,
+        text: str,
+        attachments: Sequence[Attachment] = (),
+        history: list[Message] | None = None,
     ) -> TurnRecord:
-        """Begin a turn for a new user message."""
+        """Begin a turn for a new user message; ``history``, if given, is the session's as just read."""
         message = Message(new_id("user"), session.id, "user", text, attachments=tuple(attachments))
 
         async def first(record: TurnRecord) -> None:
@@ -177,6 +192,7 @@ class ChatService:
             # turn finished) before the message is on disk.
             record.pending = message
             record.pending_write = Deferred.fromCoroutine(self.store.add_message(message))
+            record.history = history
 
         return self._start(user_id, session.id, first)
 
@@ -284,7 +300,10 @@ class ChatService:
     async def _loop(self, record: TurnRecord, user_id: str) -> None:
         session_id = record.session_id
         while True:
-            history = await self.store.history(session_id)
+            if record.history is not None:
+                history, record.history = record.history, None
+            else:
+                history = await self.store.history(session_id)
             if record.pending is not None:
                 if all(m.id != record.pending.id for m in history):
                     history.append(record.pending)

@@ -165,6 +165,9 @@ class Store(Protocol):
     async def history(self, session_id: str) -> list[Message]:
         """Every message of the session in order, for building the model's context."""
 
+    async def session_history(self, user_id: str, session_id: str) -> tuple[Session | None, list[Message]]:
+        """The user's session and its history in one read; ``(None, [])`` if not found for this user."""
+
     async def clear_messages(self, user_id: str, session_id: str) -> bool:
         """Delete every message of the session (and pending approvals); ``False`` if not found."""
 

@@ -310,46 +310,41 @@ class SQLiteStore:
         await self._write(insert)
 
     async def _messages(self, where: str, params: tuple[Any, ...]) -> list[Message]:
-        def select(txn: Cursor) -> list[Message]:
-            txn.execute(f"SELECT {MESSAGE_COLUMNS} FROM chat_messages {where}", params)
-            rows = txn.fetchall()
-            ids = [row[0] for row in rows]
-            attachments: dict[str, list[Attachment]] = {}
-            if ids:
-                marks = ",".join("?" * len(ids))
-                txn.execute(
-                    "SELECT message_id, id, filename, mime_type, size, content FROM chat_attachments "
-                    f"WHERE message_id IN ({marks}) ORDER BY rowid",
-                    ids,
-                )
-                for message_id, *fields in txn.fetchall():
-                    attachments.setdefault(message_id, []).append(Attachment(*fields))
-            return [
-                Message(
-                    id=row[0],
-                    session_id=row[1],
-                    role=row[2],
-                    content=row[3],
-                    created_at=row[4],
-                    tool_calls=_load(row[5]),
-                    tool_call_id=row[6],
-                    tool_executions=_load(row[7]),
-                    approval_request=_load(row[8]),
-                    attachments=tuple(attachments.get(row[0], ())),
-                )
-                for row in rows
-            ]
-
         try:
-            result: list[Message] = await self.readers.runInteraction(select)
+            result: list[Message] = await self.readers.runInteraction(_select_messages, where, params)
         except sqlite3.Error as e:
             raise StoreError(str(e)) from e
         return result
 
+    async def session_history(self, user_id: str, session_id: str) -> tuple[Session | None, list[Message]]:
+        def select(txn: Cursor) -> tuple[Session | None, list[Message]]:
+            txn.execute(
+                f"SELECT {SESSION_COLUMNS} FROM chat_sessions WHERE id = ? AND user_id = ?", (session_id, user_id)
+            )
+            row = txn.fetchone()
+            if row is None:
+                return None, []
+            return _session(row), _select_messages(txn, "WHERE session_id = ? ORDER BY seq", (session_id,))
+
+        try:
+            found: tuple[Session | None, list[Message]] = await self.readers.runInteraction(select)
+        except sqlite3.Error as e:
+            raise StoreError(str(e)) from e
+        return found
+
     async def list_messages(self, user_id: str, session_id: str, limit: int, offset: int) -> list[Message] | None:
-        if await self.get_session(user_id, session_id) is None:
-            return None
-        return await self._messages("WHERE session_id = ? ORDER BY seq LIMIT ? OFFSET ?", (session_id, limit, offset))
+        def select(txn: Cursor) -> list[Message] | None:
+            txn.execute("SELECT 1 FROM chat_sessions WHERE id = ? AND user_id = ?", (session_id, user_id))
+            if txn.fetchone() is None:
+                return None
+            page = "WHERE session_id = ? ORDER BY seq LIMIT ? OFFSET ?"
+            return _select_messages(txn, page, (session_id, limit, offset))
+
+        try:
+            found: list[Message] | None = await self.readers.runInteraction(select)
+        except sqlite3.Error as e:
+            raise StoreError(str(e)) from e
+        return found
 
     async def history(self, session_id: str) -> list[Message]:
         return await self._messages("WHERE session_id = ? ORDER BY seq", (session_id,))
@@ -410,6 +405,38 @@ class SQLiteStore:
             return bool(txn.rowcount)
 
         return bool(await self._write(update))
+
+
+def _select_messages(txn: Cursor, where: str, params: tuple[Any, ...]) -> list[Message]:
+    """Messages matching ``where`` with their attachments, inside a transaction."""
+    txn.execute(f"SELECT {MESSAGE_COLUMNS} FROM chat_messages {where}", params)
+    rows = txn.fetchall()
+    ids = [row[0] for row in rows]
+    attachments: dict[str, list[Attachment]] = {}
+    if ids:
+        marks = ",".join("?" * len(ids))
+        txn.execute(
+            "SELECT message_id, id, filename, mime_type, size, content FROM chat_attachments "
+            f"WHERE message_id IN ({marks}) ORDER BY rowid",
+            ids,
+        )
+        for message_id, *fields in txn.fetchall():
+            attachments.setdefault(message_id, []).append(Attachment(*fields))
+    return [
+        Message(
+            id=row[0],
+            session_id=row[1],
+            role=row[2],
+            content=row[3],
+            created_at=row[4],
+            tool_calls=_load(row[5]),
+            tool_call_id=row[6],
+            tool_executions=_load(row[7]),
+            approval_request=_load(row[8]),
+            attachments=tuple(attachments.get(row[0], ())),
+        )
+        for row in rows
+    ]
 
 
 def _statements(sql: str) -> list[str]:
