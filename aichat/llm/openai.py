@@ -18,7 +18,7 @@ import json
 import re
 from collections.abc import Callable, Mapping
 from email.utils import parsedate_to_datetime
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, NoReturn, Protocol
 
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.error import ConnectError, ConnectingCancelledError, ConnectionDone, ConnectionLost
@@ -217,19 +217,8 @@ class _Exchange:
             self._pending = provider._http.request("POST", url, headers=headers, data=body, unbuffered=True)
             try:
                 response = await self._pending
-            except CancelledError:
-                if self._expired:
-                    raise self._error(self._expired, code="timeout") from None
-                raise
             except Exception as error:
-                # The agent reports a cancellation as ResponseNeverReceived([CancelledError]).
-                if self._expired:
-                    raise self._error(self._expired, code="timeout") from None
-                if _is_cancellation(error):
-                    raise CancelledError() from error
-                if not isinstance(error, NETWORK_ERRORS):
-                    raise
-                raise self._connection_error(error) from None
+                self._reraise(error, "connecting to the model")
             finally:
                 self._pending = None
             if response.code != 200:
@@ -301,20 +290,8 @@ class _Exchange:
         response.deliverBody(self._reader)
         try:
             await self._reader.finished
-        except CancelledError:
-            if self._expired:
-                raise self._error(self._expired, code="timeout") from None
-            raise
-        except LLMError:
-            raise
         except Exception as error:
-            if self._expired:
-                raise self._error(self._expired, code="timeout") from None
-            if _is_cancellation(error):
-                raise CancelledError() from error
-            if not isinstance(error, NETWORK_ERRORS):
-                raise  # e.g. raised by on_text: the caller's own error, not the network's
-            raise self._connection_error(error, during="reading the model's response") from None
+            self._reraise(error, "reading the model's response")
         return b"".join(parts)
 
     # Parsing
@@ -391,6 +368,20 @@ class _Exchange:
             self._on_text(text)
 
     # Errors
+
+    def _reraise(self, error: Exception, during: str) -> NoReturn:
+        """Raise what a failure of the exchange means: our timeout, a cancellation, a connection error, or
+        the error itself (an :class:`LLMError`, or one raised by the caller's ``on_text``)."""
+        if self._expired:
+            raise self._error(self._expired, code="timeout") from None
+        if isinstance(error, LLMError | CancelledError):
+            raise error
+        if _is_cancellation(error):
+            # The agent reports a cancellation as ResponseNeverReceived([CancelledError]).
+            raise CancelledError() from error
+        if not isinstance(error, NETWORK_ERRORS):
+            raise error
+        raise self._connection_error(error, during=during) from None
 
     def _connection_error(self, error: BaseException, during: str = "connecting to the model") -> LLMError:
         reasons = getattr(error, "reasons", None)
