@@ -286,3 +286,24 @@ def test_sighup_reloads_the_mcp_servers_file(tmp_path: Path) -> None:
         assert tool_names() == before
     finally:
         assert running.stop() == 0
+
+
+def test_malformed_multipart_gets_a_json_error(tmp_path: Path) -> None:
+    """Multipart bodies are parsed by the route, so even a broken one is answered with JSON."""
+    port = free_port()
+    running = start(tmp_path, [str(BIN / "aichat-backend"), "-config", str(write_daemon_config(tmp_path, port))], port)
+    try:
+        for content_type, body, message in (
+            ("multipart/form-data", b"no boundary at all", "Failed to parse multipart form"),
+            ("multipart/form-data; boundary=xyz", b"--xyz\r\nbroken", "message field is required"),
+        ):
+            status, answer = get_json(
+                running.base + "/v1/chat/send-with-files",
+                {"X-User-ID": "1", "Content-Type": content_type},
+                "POST",
+                body,
+            )
+            assert status == 400
+            assert isinstance(answer, dict) and answer["error"].startswith(message), answer
+    finally:
+        assert running.stop() == 0

@@ -32,6 +32,12 @@ class LimitedRequest(Request):
 
     _rejected = False
     _received = 0
+    _multipart_type: list[bytes] | None = None
+
+    def process(self) -> None:
+        if self._multipart_type is not None:
+            self.requestHeaders.setRawHeaders(b"content-type", self._multipart_type)
+        super().process()
 
     def _limit(self) -> int:
         limit_for: LimitFor | None = getattr(getattr(self.channel, "site", None), "limit_for", None)
@@ -61,6 +67,12 @@ class LimitedRequest(Request):
     def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
         if self._rejected:
             return
+        content_type = self.requestHeaders.getRawHeaders(b"content-type")
+        if content_type and content_type[0].lower().startswith(b"multipart/form-data"):
+            # Twisted would parse the form itself and answer a malformed one with a bare 400; the route parses
+            # it (keeping file names and types) and reports problems as JSON.
+            self.requestHeaders.removeHeader(b"content-type")
+            self._multipart_type = content_type
         active: set[Request] | None = getattr(getattr(self.channel, "site", None), "active", None)
         if active is not None:
             active.add(self)
