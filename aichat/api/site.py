@@ -32,7 +32,7 @@ class LimitedRequest(Request):
 
     _rejected = False
     _received = 0
-    _multipart_type: list[bytes] | None = None
+    _multipart_type: Sequence[bytes] | None = None
 
     def process(self) -> None:
         if self._multipart_type is not None:
