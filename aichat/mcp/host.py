@@ -16,12 +16,11 @@ from twisted.internet.interfaces import IDelayedCall, IReactorProcess, IReactorT
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from aichat.mcp.config import ServerConfig, load_servers_file
+from aichat.mcp.config import ServerConfig
 from aichat.mcp.registry import ServerTools, Tool, ToolNotFound, ToolRegistry, function_name_prefix
 from aichat.mcp.session import ToolResult
 from aichat.mcp.stdio import DEFAULT_MAX_LINE_BYTES, StdioConnection
 from aichat.mcp.supervisor import Connection, Connector, ServerSupervisor, State, ToolCallError
-from aichat.validation import ConfigError
 
 log = Logger()
 
@@ -218,17 +217,6 @@ class MCPHost(Service):
         self._supervisors = new
         self._rebuild()
         self._check_ready()
-
-    def reload_file(self, path: str) -> bool:
-        """SIGHUP: re-read ``path`` and :meth:`reload`; an invalid file is logged and the running set stays."""
-        try:
-            servers = load_servers_file(path)
-        except ConfigError as e:
-            for problem in e.problems:
-                log.error("MCP servers file rejected, keeping the running set: {problem}", problem=str(problem))
-            return False
-        self.reload(servers)
-        return True
 
     def _retire(self, supervisor: ServerSupervisor) -> None:
         """Stop a server that left the configuration; stopService still waits for it."""

@@ -119,21 +119,6 @@ class HostTests(SynchronousTestCase):
         self.assertTrue(all(s["state"] == "ready" for s in host.status()))
         self.assertEqual(host.timeout_for("change__shared"), 5)
 
-    def test_reload_file(self) -> None:
-        """A valid file is applied; an invalid one is logged and the running set stays."""
-        _, connector, host = make(ServerConfig("a", command="x"))
-        host.startService()
-        path = self.mktemp()
-        with open(path, "w") as f:
-            f.write('{"mcpServers": {"a": {"command": "x"}, "b": {"command": "y", "tools": {"deny": ["shared"]}}}}')
-        self.assertTrue(host.reload_file(path))
-        self.assertEqual([t.function_name for t in host.tools()], ["a__a_tool", "a__shared", "b__b_tool"])
-        with open(path, "w") as f:
-            f.write('{"mcpServers": {"a": {"command": "x", "url": "http://h/"}}}')
-        self.assertFalse(host.reload_file(path))
-        self.assertEqual([s["name"] for s in host.status()], ["a", "b"])
-        self.assertEqual(len(connector.connections), 2)
-
     def test_not_ready_call(self) -> None:
         """A tool of a server that is down fails with ToolCallError saying why; an unknown server's is not found."""
         _, connector, host = make(ServerConfig("a", command="x"))
