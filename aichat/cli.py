@@ -46,6 +46,7 @@ def _options_class() -> type[usage.Options]:
             return f"Usage: {PROGRAM} [options]"
 
         def opt_help(self) -> None:
+            """Show this help and exit."""
             print(self.__str__())
             print(
                 "Flags take one or two dashes. Without -validate the daemon runs in the foreground\n"

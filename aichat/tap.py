@@ -55,9 +55,9 @@ class Options(usage.Options):
     ]
     optParameters = [
         ["config", "c", None, "Config file (default: config.yaml, or $AICHAT_CONFIG)."],
-        ["port", None, None, "Listen port (server.port).", _port],
+        ["port", None, None, "Listen port (server.port)", _port],
         ["host", None, None, "Listen address (server.host)."],
-        ["log-level", None, None, "Log level (logging.level).", _log_level],
+        ["log-level", None, None, "Log level (logging.level)", _log_level],
         ["log-file", None, None, "Log file, reopened on SIGHUP (logging.file); '' for stdout."],
         ["database-path", None, None, "SQLite database file (database.path)."],
         ["database-url", None, None, "sqlite:PATH (database.dsn); PostgreSQL is not supported yet."],
