@@ -465,3 +465,31 @@ def test_turn_deadline_cancels_and_reports(tmp_path: Path) -> None:
     assert kinds(record) == ["error"]
     assert record.error == "The turn was cancelled"
     assert session.id not in h.service._running
+
+
+def test_session_is_held_while_an_approval_is_being_resolved(tmp_path: Path) -> None:
+    """A message sent while an approval's decision is being stored is 409, and the approval still runs."""
+    h = make(tmp_path, Script([], [call("a", "everything__echo")]), Script(["ran"]), Script(["late"]))
+    session = h.session()
+    request_id = h.send(session, "x").approval["request_id"]  # type: ignore[index]
+    stored: Deferred[bool] = Deferred()
+    real = h.store.resolve_approval
+
+    async def slow_resolve(approval_id: str, status: str) -> bool:
+        await stored
+        return await real(approval_id, status)
+
+    h.store.resolve_approval = slow_resolve  # type: ignore[method-assign]
+    resolving = Deferred.fromCoroutine(h.service.start_resolution("1", request_id, True))
+    with pytest.raises(ChatError) as busy:
+        h.send(session, "meanwhile")
+    assert busy.value.status == 409
+    stored.callback(True)
+    record = done(resolving_result(resolving))
+    assert kinds(record)[-1] == "done"
+    assert h.tools.calls == [("everything__echo", {})]
+
+
+async def resolving_result(resolving: Deferred[TurnRecord]) -> TurnRecord:
+    """Await a Deferred inside a coroutine, for :func:`done`."""
+    return await resolving

@@ -215,7 +215,16 @@ class ChatService:
                 raise ChatError(f"tool_call_ids not in approval request {approval_id}: {', '.join(unknown)}", 400)
         if approval.session_id in self._running:
             raise ChatError("A turn is already running in this session", 409)
-        if not await self.store.resolve_approval(approval_id, "approved" if approve else "denied"):
+        # Hold the session while the decision is stored, so no other turn starts in between and the
+        # approval is never consumed without its turn.
+        reservation: Deferred[None] = Deferred()
+        self._running[approval.session_id] = reservation
+        try:
+            resolved = await self.store.resolve_approval(approval_id, "approved" if approve else "denied")
+        finally:
+            if self._running.get(approval.session_id) is reservation:
+                del self._running[approval.session_id]
+        if not resolved:
             raise ChatError(f"approval request {approval_id} was already resolved", 409)
         chosen = set(known if tool_call_ids is None else tool_call_ids) if approve else set()
         run = [call for call in approval.tool_calls if call["id"] in chosen]
