@@ -493,3 +493,13 @@ def test_session_is_held_while_an_approval_is_being_resolved(tmp_path: Path) -> 
 async def resolving_result(resolving: Deferred[TurnRecord]) -> TurnRecord:
     """Await a Deferred inside a coroutine, for :func:`done`."""
     return await resolving
+
+
+def test_mock_provider_sessions_are_titled_from_the_user_message(tmp_path: Path) -> None:
+    """With the offline mock, the title is the user's first words rather than the mock's canned reply."""
+    h = make(tmp_path, Script(["Mock answer."]))
+    h.model.name = "mock"
+    session = h.session()
+    h.send(session, "how do I tune innodb buffer pool size for a big server")
+    assert done(h.store.get_session("1", session.id)).title == "how do I tune innodb buffer..."
+    assert len(h.model.requests) == 1
