@@ -242,6 +242,12 @@ class StreamableHTTPConnection(_RemoteConnection):
             # 405: this server offers no GET stream, which the specification allows.
             await _read_body(response, 65536)
             return
+        await self._read_events(response)
+        if not (self._closed or self._lost):
+            self._listen_timer = self._clock.callLater(1.0, self._listen)
+
+    async def _read_events(self, response: Any) -> None:
+        """Dispatch every JSON-RPC message of an SSE response body until it ends."""
         decoder = SSEDecoder(max_event_size=self._max_bytes)
 
         def on_data(data: bytes) -> None:
@@ -250,8 +256,6 @@ class StreamableHTTPConnection(_RemoteConnection):
                     self._dispatch_json(event.data)
 
         await _read_stream(response, on_data).finished
-        if not (self._closed or self._lost):
-            self._listen_timer = self._clock.callLater(1.0, self._listen)
 
     def _post_headers(self) -> dict[str, str]:
         headers = self._headers(ACCEPT_BOTH)
@@ -292,14 +296,7 @@ class StreamableHTTPConnection(_RemoteConnection):
         kind = _media_type(response)
         try:
             if kind == "text/event-stream":
-                decoder = SSEDecoder(max_event_size=self._max_bytes)
-
-                def on_data(data: bytes) -> None:
-                    for event in decoder.feed(data):
-                        if event.event == "message" and event.data:
-                            self._dispatch_json(event.data)
-
-                await _read_stream(response, on_data).finished
+                await self._read_events(response)
             elif kind == "application/json":
                 self._dispatch_json(await _read_body(response, self._max_bytes))
             else:
