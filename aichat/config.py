@@ -263,9 +263,6 @@ def _environment_overrides(environ: Mapping[str, str], problems: list[Problem]) 
                 overrides[dotted] = "json"
         else:
             overrides[dotted] = raw
-    key = environ.get("AICHAT_API_KEY") or ""
-    if not key and environ.get("OPENAI_API_KEY"):
-        overrides.setdefault("llm.api_key:fallback", environ["OPENAI_API_KEY"])
     return overrides
 
 
@@ -323,7 +320,7 @@ def load_settings(
         problems.extend(validate(document, "config", str(config_path)))
     merged: dict[str, Any] = {k: (dict(v) if isinstance(v, dict) else v) for k, v in document.items()}
     env_values = _environment_overrides(environ, problems)
-    fallback_key = env_values.pop("llm.api_key:fallback", None)
+    fallback_key = environ.get("OPENAI_API_KEY")
     for dotted, value in {**env_values, **_flag_overrides(flags)}.items():
         _set(merged, dotted, value)
     if fallback_key and not (merged.get("llm") or {}).get("api_key"):
@@ -385,9 +382,8 @@ def _build(doc: dict[str, Any], base: Path, shown_path: str | None, problems: li
     cors = CORSSettings(origins=tuple(section("cors").get("origins", ["*"])))
     limits = LimitSettings(**section("limits"))
     chat_doc = dict(section("chat"))
-    approval = ApprovalSettings(**chat_doc.pop("approval", {}))
-    if approval.auto_approve:
-        approval = replace(approval, auto_approve=tuple(approval.auto_approve))
+    approval_doc = chat_doc.pop("approval", {})
+    approval = ApprovalSettings(**{**approval_doc, "auto_approve": tuple(approval_doc.get("auto_approve", ()))})
     chat = ChatSettings(**chat_doc, approval=approval)
     return Settings(
         config_path=shown_path,
