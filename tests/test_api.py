@@ -26,6 +26,20 @@ class Client:
     def __init__(self, resource: Any) -> None:
         self.treq: Any = StubTreq(resource)
 
+    def raw(
+        self, method: str, path: str, headers: dict[str, str] | None = None, body: bytes | None = None
+    ) -> tuple[int, bytes, Any]:
+        """Return (status, body bytes, response headers), the request and body read synchronously."""
+        d = self.treq.request(method, "http://127.0.0.1" + path, data=body, headers=headers or {})
+        self.treq.flush()
+        responses: list[Any] = []
+        d.addBoth(responses.append)
+        content = self.treq.content(responses[0])
+        self.treq.flush()
+        out: list[bytes] = []
+        content.addCallback(out.append)
+        return responses[0].code, out[0], responses[0].headers
+
     def call(
         self,
         method: str,
@@ -38,17 +52,8 @@ class Client:
         all_headers = {"Content-Type": "application/json"} if body is not None else {}
         all_headers.update(headers or {})
         data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
-        d = self.treq.request(method, "http://127.0.0.1" + path, data=data, headers=all_headers)
-        self.treq.flush()
-        results: list[Any] = []
-        d.addBoth(results.append)
-        response = results[0]
-        content = self.treq.content(response)
-        self.treq.flush()
-        got: list[bytes] = []
-        content.addCallback(got.append)
-        text = got[0]
-        return response.code, (json.loads(text) if text else None), response.headers
+        status, text, response_headers = self.raw(method, path, all_headers, data)
+        return status, (json.loads(text) if text else None), response_headers
 
 
 @pytest.fixture

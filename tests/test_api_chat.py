@@ -40,16 +40,7 @@ class Fixture:
         self, method: str, path: str, headers: dict[str, str] | None = None, body: bytes | None = None
     ) -> tuple[int, bytes, Any]:
         """A request returning the raw body (for SSE)."""
-        treq = self.client.treq
-        d = treq.request(method, "http://127.0.0.1" + path, data=body, headers=headers or {})
-        treq.flush()
-        responses: list[Any] = []
-        d.addBoth(responses.append)
-        content = treq.content(responses[0])
-        treq.flush()
-        out: list[bytes] = []
-        content.addCallback(out.append)
-        return responses[0].code, out[0], responses[0].headers
+        return self.client.raw(method, path, headers, body)
 
 
 def sse_events(body: bytes) -> list[dict[str, Any]]:
