@@ -8,7 +8,6 @@ configuration, 2 usage error.
 
 from __future__ import annotations
 
-import os
 import sys
 from collections.abc import Sequence
 
@@ -61,16 +60,14 @@ def _options_class() -> type[usage.Options]:
 
 def _mcp_problems(settings: Settings) -> tuple[list[Problem], list[str]]:
     """Validate the MCP servers file named by ``settings``; return problems and summary lines."""
+    from aichat.mcp import load_servers_file_if_present
+
     try:
-        from aichat.mcp.config import load_servers_file
-    except ImportError:
-        return [], ["mcp servers:    (MCP support not installed)"]
-    if not os.path.exists(settings.mcp.servers_file):
-        return [], [f"warning: MCP servers file {settings.mcp.servers_file} not found: no MCP servers"]
-    try:
-        servers = load_servers_file(settings.mcp.servers_file)
+        servers = load_servers_file_if_present(settings.mcp.servers_file)
     except ConfigError as e:
         return e.problems, []
+    if servers is None:
+        return [], [f"warning: MCP servers file {settings.mcp.servers_file} not found: no MCP servers"]
     enabled = [s for s in servers if s.enabled]
     names = ", ".join(f"{s.name} ({s.transport}{'' if s.enabled else ', disabled'})" for s in servers)
     return [], [f"mcp servers:    {len(enabled)} enabled of {len(servers)}: {names or 'none'}"]

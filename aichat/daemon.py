@@ -33,7 +33,7 @@ from aichat.llm.factory import build_provider
 from aichat.llm.provider import Provider
 from aichat.llm.unconfigured import UnconfiguredProvider
 from aichat.logs import ReopenableFile, make_observer
-from aichat.mcp import MCPHost, ServerConfig, load_servers_file
+from aichat.mcp import MCPHost, ServerConfig, load_servers_file_if_present
 from aichat.store.sqlite import SQLiteStore
 from aichat.validation import ConfigError
 
@@ -91,14 +91,15 @@ class AichatService(Service):
     def _servers(self) -> list[ServerConfig] | None:
         """The MCP servers file's servers; ``None`` (and a logged error) when it cannot be used."""
         path = self.settings.mcp.servers_file
-        if not os.path.exists(path):
-            log.warn("MCP servers file {path} not found: no MCP servers", path=path)
-            return []
         try:
-            return load_servers_file(path)
+            servers = load_servers_file_if_present(path)
         except ConfigError as e:
             log.error("MCP servers file rejected: {problems}", problems="; ".join(map(str, e.problems)))
             return None
+        if servers is None:
+            log.warn("MCP servers file {path} not found: no MCP servers", path=path)
+            return []
+        return servers
 
     def _provider(self) -> Provider:
         try:

@@ -3,7 +3,7 @@
 Import the public API from here; the submodules are its implementation.
 """
 
-from aichat.mcp.config import ServerConfig, load_servers_file
+from aichat.mcp.config import ServerConfig, load_servers_file, load_servers_file_if_present
 from aichat.mcp.host import MCPHost, UnknownServer
 from aichat.mcp.registry import Tool, ToolNotFound
 from aichat.mcp.session import ToolResult
@@ -19,4 +19,5 @@ __all__ = [
     "ToolResult",
     "UnknownServer",
     "load_servers_file",
+    "load_servers_file_if_present",
 ]

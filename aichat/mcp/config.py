@@ -8,6 +8,7 @@ names) and reports every problem with the file, the JSON path, the rule and the 
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -42,6 +43,14 @@ class ServerConfig:
     def __post_init__(self) -> None:
         if self.command is None and self.url and self.transport == "stdio":
             object.__setattr__(self, "transport", _infer_transport(None, self.url))
+
+
+def load_servers_file_if_present(path: str) -> list[ServerConfig] | None:
+    """Like :func:`load_servers_file`, but ``None`` when the file does not exist: as in the reference, an
+    absent servers file means no MCP servers (callers say so), while an unreadable or invalid one is an error."""
+    if not os.path.exists(path):
+        return None
+    return load_servers_file(path)
 
 
 def load_servers_file(path: str) -> list[ServerConfig]:
