@@ -8,8 +8,8 @@ An unknown name falls back to the OpenAI client with a warning, as the reference
 Settings are read by attribute or key, with these names and defaults: ``provider``, ``api_key``, ``model``,
 ``base_url``, ``temperature`` (None: not sent), ``timeout_seconds`` (deadline to the first byte, 60),
 ``connect_timeout_seconds`` (10), ``idle_timeout_seconds`` (60), ``max_response_bytes`` (8 MiB),
-``max_retries`` (2: three attempts in all), ``options`` (extra request fields such as ``max_tokens``),
-and for the mock ``mock_delay_seconds`` (0).
+``max_retries`` (2: three attempts in all), ``max_idle_connections`` (256), ``options`` (extra request
+fields such as ``max_tokens``), and for the mock ``mock_delay_seconds`` (0).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from typing import Any
 from twisted.logger import Logger
 
 from aichat.llm.mock import MockProvider
-from aichat.llm.openai import DEFAULT_BASE_URL, HTTPClient, OpenAIProvider
+from aichat.llm.openai import DEFAULT_BASE_URL, DEFAULT_MAX_IDLE_CONNECTIONS, HTTPClient, OpenAIProvider
 from aichat.llm.provider import Provider
 
 OLLAMA_BASE_URL = "http://localhost:11434/v1"
@@ -67,6 +67,7 @@ def build_provider(settings: Any, reactor: Any, *, http: HTTPClient | None = Non
         idle_timeout=float(_get(settings, "idle_timeout_seconds", 60.0)),
         max_response_bytes=int(_get(settings, "max_response_bytes", 8 * 1024 * 1024)),
         max_attempts=1 + int(_get(settings, "max_retries", 2)),
+        max_idle_connections=int(_get(settings, "max_idle_connections", DEFAULT_MAX_IDLE_CONNECTIONS)),
     )
     log.info(
         "LLM provider {provider}: model {model} at {base_url} (API key {key_state})",

@@ -20,9 +20,9 @@ from collections.abc import Callable, Mapping
 from email.utils import parsedate_to_datetime
 from typing import TYPE_CHECKING, Any, NoReturn, Protocol
 
-from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.error import ConnectError, ConnectingCancelledError, ConnectionDone, ConnectionLost
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.interfaces import IConsumer, IDelayedCall, IReactorTime
 from twisted.internet.protocol import Protocol as BodyProtocol
 from twisted.internet.protocol import connectionDone
 from twisted.internet.task import deferLater
@@ -36,6 +36,8 @@ from twisted.web.client import (
 )
 from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
+from twisted.web.iweb import IBodyProducer
+from zope.interface import implementer
 
 from aichat.llm.provider import Completion, LLMError, ToolCall, ToolCallAssembler, Usage, check_messages
 from aichat.sse import SSEDecoder, SSEEvent, SSETooLargeError
@@ -61,6 +63,8 @@ NETWORK_ERRORS = (
     RequestTransmissionFailed,
 )
 AFTER_DONE_GRACE = 2.0
+#: Idle connections kept per upstream host; enough for the turns one daemon streams at once.
+DEFAULT_MAX_IDLE_CONNECTIONS = 256
 
 log = Logger()
 
@@ -81,6 +85,20 @@ class HTTPClient(Protocol):
         ...
 
 
+def make_pool(reactor: Any, max_idle: int = DEFAULT_MAX_IDLE_CONNECTIONS) -> HTTPConnectionPool:
+    """A persistent connection pool keeping up to ``max_idle`` idle connections per host.
+
+    Each streaming turn holds its connection for the whole answer, so after a burst of ``n`` concurrent
+    turns ``n`` connections come back; the ones beyond ``max_idle`` are closed and the next burst has to
+    connect again. Close the pool with ``closeCachedConnections()`` at shutdown.
+    """
+    from twisted.web.client import HTTPConnectionPool
+
+    pool = HTTPConnectionPool(reactor, persistent=True)
+    pool.maxPersistentPerHost = max_idle
+    return pool
+
+
 def make_http_client(
     reactor: Any,
     *,
@@ -89,16 +107,45 @@ def make_http_client(
 ) -> TreqHTTPClient:
     """A treq client whose agent gives up connecting after ``connect_timeout`` seconds.
 
-    ``reactor`` must provide TCP, SSL and time (the real reactor). Without ``pool`` a persistent pool is
-    made; close it with ``pool.closeCachedConnections()`` at shutdown.
+    ``reactor`` must provide TCP, SSL and time (the real reactor). Without ``pool`` one is made by
+    :func:`make_pool`.
     """
     from treq.client import HTTPClient as TreqHTTPClient
-    from twisted.web.client import Agent, HTTPConnectionPool
+    from twisted.web.client import Agent
 
-    if pool is None:
-        pool = HTTPConnectionPool(reactor, persistent=True)
-        pool.maxPersistentPerHost = 16
-    return TreqHTTPClient(Agent(reactor, connectTimeout=connect_timeout, pool=pool))
+    agent = Agent(reactor, connectTimeout=connect_timeout, pool=pool or make_pool(reactor))
+    return TreqHTTPClient(agent, data_to_body_producer=body_producer)
+
+
+def body_producer(data: Any) -> IBodyProducer:
+    """treq's ``data_to_body_producer``: bytes as a :class:`BytesBody`, anything else as treq would."""
+    return BytesBody(data) if isinstance(data, bytes) else IBodyProducer(data)
+
+
+@implementer(IBodyProducer)
+class BytesBody:
+    """A request body already in memory, written in one go.
+
+    treq would wrap bytes in a ``FileBodyProducer``, which writes from a cooperative task on a later
+    turn of the reactor; with this the request line, headers and body of a model call leave together.
+    """
+
+    def __init__(self, data: bytes) -> None:
+        self._data = data
+        self.length = len(data)
+
+    def startProducing(self, consumer: IConsumer) -> Deferred[None]:
+        consumer.write(self._data)
+        return succeed(None)
+
+    def pauseProducing(self) -> None:
+        """Nothing to pause: everything was written at once."""
+
+    def resumeProducing(self) -> None:
+        """Nothing to resume."""
+
+    def stopProducing(self) -> None:
+        """Nothing to stop."""
 
 
 class _BodyReader(BodyProtocol):
@@ -440,6 +487,7 @@ class OpenAIProvider:
         backoff_initial: float = 0.5,
         backoff_max: float = 8.0,
         retry_after_max: float = 30.0,
+        max_idle_connections: int = DEFAULT_MAX_IDLE_CONNECTIONS,
     ) -> None:
         self.name = name
         self.model = model
@@ -448,10 +496,7 @@ class OpenAIProvider:
         self._api_key = api_key
         self._pool: HTTPConnectionPool | None = None
         if http is None:
-            from twisted.web.client import HTTPConnectionPool
-
-            self._pool = HTTPConnectionPool(reactor, persistent=True)
-            self._pool.maxPersistentPerHost = 16
+            self._pool = make_pool(reactor, max_idle_connections)
             http = make_http_client(reactor, connect_timeout=connect_timeout, pool=self._pool)
         self._http: HTTPClient = http
         self.temperature = temperature

@@ -89,3 +89,14 @@ class FactoryTests(SynchronousTestCase):
         provider = self.build({"provider": "vllm", "base_url": "http://h/v1", "model": "m"})
         self.assertEqual(provider.name, "openai")
         self.assertTrue(any("Unknown LLM provider" in formatEvent(e) for e in self.events))
+
+    def test_idle_connections_follow_the_setting(self) -> None:
+        """The provider's own pool keeps as many idle connections per host as llm.max_idle_connections says
+        (256 by default), so a burst of concurrent turns does not reconnect on the next burst."""
+        from twisted.internet import reactor
+
+        default = build_provider({"base_url": "http://h/v1", "model": "m"}, reactor)
+        tuned = build_provider({"base_url": "http://h/v1", "model": "m", "max_idle_connections": 1000}, reactor)
+        for provider, expected in ((default, 256), (tuned, 1000)):
+            assert isinstance(provider, OpenAIProvider) and provider._pool is not None
+            self.assertEqual(provider._pool.maxPersistentPerHost, expected)

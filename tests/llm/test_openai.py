@@ -259,6 +259,21 @@ class RequestTests(SynchronousTestCase):
         self.assertEqual(http.sent, [])
 
 
+class BodyTests(SynchronousTestCase):
+    """How the request body is handed to the agent."""
+
+    def test_bytes_are_written_at_once(self) -> None:
+        """treq's hook turns the body into a producer that writes it whole at once, with its length
+        declared, so the request leaves in the same turn of the reactor as its headers."""
+        from twisted.internet.testing import StringTransport
+
+        producer = openai.body_producer(b'{"model":"m"}')
+        transport = StringTransport()
+        finished = producer.startProducing(transport)
+        self.assertEqual((transport.value(), producer.length), (b'{"model":"m"}', 13))
+        self.assertIsNone(self.successResultOf(finished))
+
+
 class RetryTests(SynchronousTestCase):
     """Which failures are retried, when, and how often."""
 
