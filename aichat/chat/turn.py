@@ -91,6 +91,7 @@ class TurnRecord:
     timestamp: str = ""
     turn: Deferred[None] | None = None
     pending: Message | None = None
+    unsaved: Message | None = None
     pending_write: Deferred[None] | None = None
     history: list[Message] | None = None
 
@@ -188,10 +189,10 @@ class ChatService:
         message = Message(new_id("user"), session.id, "user", text, attachments=tuple(attachments))
 
         async def first(record: TurnRecord) -> None:
-            # The model is asked while the message is committed; nothing the model says is stored (or the
-            # turn finished) before the message is on disk.
+            # Stored once the model has been asked (see _complete); nothing the model says is stored, and
+            # the turn does not finish, before the message is on disk.
             record.pending = message
-            record.pending_write = Deferred.fromCoroutine(self.store.add_message(message))
+            record.unsaved = message
             record.history = history
 
         return self._start(user_id, session.id, first)
@@ -291,8 +292,15 @@ class ChatService:
             record.error_status = 500
             stream.emit(Event("error", record.session_id, error=record.error))
 
+    def _save_user_message(self, record: TurnRecord) -> None:
+        """Start storing the turn's user message, if it is not stored or being stored yet."""
+        if record.unsaved is not None:
+            message, record.unsaved = record.unsaved, None
+            record.pending_write = Deferred.fromCoroutine(self.store.add_message(message))
+
     async def _settle(self, record: TurnRecord) -> None:
         """Wait for the user's message to be committed (a failure is logged; the turn already failed)."""
+        self._save_user_message(record)
         if record.pending_write is not None:
             write, record.pending_write = record.pending_write, None
             try:
@@ -302,6 +310,7 @@ class ChatService:
 
     async def _committed(self, record: TurnRecord) -> None:
         """Raise if the user's message could not be stored."""
+        self._save_user_message(record)
         if record.pending_write is not None:
             write, record.pending_write = record.pending_write, None
             await write
@@ -364,8 +373,12 @@ class ChatService:
             record.text.append(delta)
             record.stream.emit(Event("message", session_id, content=delta))
 
+        # The request goes out first: the message's commit (a thread hop and an fsync) overlaps the
+        # model's time to first token instead of delaying it.
+        asked = Deferred.fromCoroutine(self.provider.complete(messages, specs, on_text=on_text))
+        self._save_user_message(record)
         try:
-            completion = await self.provider.complete(messages, specs, on_text=on_text)
+            completion = await asked
         except (LLMError, CancelledError):
             await self._committed(record)
             if said:
