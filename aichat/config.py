@@ -47,6 +47,8 @@ class DatabaseSettings:
     """The embedded SQLite store."""
 
     path: str = "/var/lib/aichat-backend/aichat.db"
+    #: Memory for recently used sessions' histories (0: read every history from the database).
+    history_cache_mb: int = 64
 
 
 @dataclass(frozen=True)
@@ -64,6 +66,7 @@ class LLMSettings:
     idle_timeout_seconds: float = 60.0
     max_response_bytes: int = 8 * 1024 * 1024
     max_retries: int = 3
+    max_idle_connections: int = 256
     options: Mapping[str, Any] = field(default_factory=dict)
 
 
@@ -351,10 +354,15 @@ def _build(doc: dict[str, Any], base: Path, shown_path: str | None, problems: li
         return value if isinstance(value, dict) else {}
 
     server = ServerSettings(**section("server"))
-    database = DatabaseSettings(path=_resolve(base, section("database").get("path", DatabaseSettings.path)))
-    dsn = section("database").get("dsn", "")
+    database_doc = section("database")
+    path = database_doc.get("path", DatabaseSettings.path)
+    dsn = database_doc.get("dsn", "")
     if dsn.startswith("sqlite:"):
-        database = DatabaseSettings(path=_resolve(base, dsn.removeprefix("sqlite:")))
+        path = dsn.removeprefix("sqlite:")
+    database = DatabaseSettings(
+        path=_resolve(base, path),
+        history_cache_mb=database_doc.get("history_cache_mb", DatabaseSettings.history_cache_mb),
+    )
     llm_doc = dict(section("llm"))
     provider = llm_doc.get("provider", "openai")
     llm_doc.setdefault("model", DEFAULT_MODELS[provider])
@@ -405,7 +413,7 @@ def summary(settings: Settings) -> list[str]:
     return [
         f"config file:    {settings.config_path or '(none: defaults, environment and flags)'}",
         f"listen:         {settings.server.host or '0.0.0.0'}:{settings.server.port}",
-        f"database:       {settings.database.path}",
+        f"database:       {settings.database.path} (history cache {settings.database.history_cache_mb} MB)",
         f"llm:            provider={llm.provider} model={llm.model} "
         f"base_url={llm.base_url or '(default)'} api_key={'set' if llm.api_key else 'not set'}",
         f"mcp servers:    {settings.mcp.servers_file}",

@@ -63,7 +63,9 @@ class AichatService(Service):
         self.observer, self.log_file = make_observer(
             settings.logging.file, settings.logging.level, settings.logging.format
         )
-        self.store = SQLiteStore(reactor, settings.database.path)
+        self.store = SQLiteStore(
+            reactor, settings.database.path, cache_bytes=settings.database.history_cache_mb * 1024 * 1024
+        )
         self._mcp_pool = HTTPConnectionPool(reactor, persistent=True)
         self.mcp = MCPHost(
             reactor,

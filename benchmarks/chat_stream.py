@@ -21,7 +21,8 @@ direct ones), the added p99 inter-chunk gap, errors (non-200, ``error`` events, 
 broken connections), the daemon's peak RSS (``VmHWM``) and its CPU use while it streamed (100%: one core).
 Targets (2 cores): added TTFT median <= 1 ms and p99 <= 5 ms at 100; at 1000, 0 errors, added inter-chunk p99
 <= 50 ms, RSS <= 300 MB; each is printed as PASS or MISS (``--strict``: exit status 1 on a miss). Everything
-listens on 127.0.0.1; every wait has a deadline.
+listens on 127.0.0.1; every wait has a deadline. ``AICHAT_BENCH_DAEMON`` replaces the daemon's command
+(its ``-config`` argument is appended), to run it under a profiler.
 """
 
 from __future__ import annotations
@@ -314,6 +315,11 @@ def free_port() -> int:
         return port
 
 
+def daemon_command() -> list[str]:
+    """``aichat-backend``, or the command in ``AICHAT_BENCH_DAEMON`` (e.g. the daemon under a profiler)."""
+    return os.environ.get("AICHAT_BENCH_DAEMON", "").split() or [str(BIN / "aichat-backend")]
+
+
 def start_daemon(folder: Path, upstream_port: int) -> tuple[subprocess.Popen[bytes], int]:
     """The daemon against the upstream; returns the process once /health answers, and its port."""
     port = free_port()
@@ -331,7 +337,7 @@ def start_daemon(folder: Path, upstream_port: int) -> tuple[subprocess.Popen[byt
     )
     env = {k: v for k, v in os.environ.items() if not k.startswith("AICHAT_") and not k.endswith("_API_KEY")}
     process = subprocess.Popen(
-        [str(BIN / "aichat-backend"), "-config", str(config)],
+        [*daemon_command(), "-config", str(config)],
         cwd=folder,
         env=env,
         stdout=subprocess.DEVNULL,

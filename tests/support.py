@@ -76,9 +76,9 @@ def make_settings(folder: Path, yaml_text: str = "", environ: Mapping[str, str] 
     return load_settings(str(write_config(folder, yaml_text)), environ=environ or {})
 
 
-def inline_store(path: str) -> SQLiteStore:
-    """A SQLite store whose queries run synchronously (for ``StubTreq`` tests)."""
-    store = SQLiteStore(Clock(), path, pool_factory=InlinePool)  # type: ignore[arg-type]
+def inline_store(path: str, **options: Any) -> SQLiteStore:
+    """A SQLite store whose queries run synchronously (for ``StubTreq`` tests); ``options`` go to it."""
+    store = SQLiteStore(Clock(), path, pool_factory=InlinePool, **options)  # type: ignore[arg-type]
     opened = Deferred.fromCoroutine(store.open())
     assert opened.called, "the inline store opens synchronously"
     return store

@@ -28,6 +28,7 @@ def test_defaults_when_default_file_is_absent(tmp_path: Path, monkeypatch: pytes
     assert settings.llm.model == "gpt-4o-mini"
     assert settings.llm.temperature == 0.7
     assert settings.database.path == "/var/lib/aichat-backend/aichat.db"
+    assert settings.database.history_cache_mb == 64
     assert settings.mcp.servers_file == str(tmp_path / "mcp-servers.json")
     assert settings.chat.max_tool_rounds == 10
     assert settings.chat.approval.policy == "always"
@@ -183,3 +184,11 @@ def test_sqlite_dsn_sets_database_path(tmp_path: Path) -> None:
     problems = problems_of(write_config(tmp_path, "database:\n  dsn: postgres://u@h/db\n", "pg.yaml"), environ={})
     assert len(problems) == 1
     assert "$.database.dsn" in problems[0]
+
+
+def test_history_cache_size(tmp_path: Path) -> None:
+    """database.history_cache_mb sets the cache's memory (0 turns it off); a negative size is refused."""
+    settings = load_settings(str(write_config(tmp_path, "database:\n  history_cache_mb: 0\n")), environ={})
+    assert settings.database.history_cache_mb == 0
+    problems = problems_of(write_config(tmp_path, "database:\n  history_cache_mb: -1\n", "neg.yaml"), environ={})
+    assert len(problems) == 1 and "$.database.history_cache_mb" in problems[0]

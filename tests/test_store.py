@@ -216,3 +216,83 @@ class GroupCommitTests(TestCase):
         history = await store.history(session.id)
         assert [m.content for m in history] == [str(i) for i in range(51)]
         assert transactions < 20, f"{transactions} transactions for 52 writes"
+
+
+def database_view(path: Path, user: str, session_id: str) -> tuple[Any, list[Message]]:
+    """What a store without a cache reads for the session: the database's truth."""
+    plain = inline_store(str(path), cache_bytes=0)
+    try:
+        return run(plain.session_history(user, session_id))
+    finally:
+        run(plain.close())
+
+
+def test_cached_history_matches_the_database_through_every_write(tmp_path: Path) -> None:
+    """After each kind of write, the history served from the cache equals what the database holds."""
+    path = tmp_path / "aichat.db"
+    store = inline_store(str(path))
+    session = run(store.create_session("1", "first"))
+    assert session.id in store.cache
+    steps = [
+        lambda: store.add_message(Message(new_id("user"), session.id, "user", "hello")),
+        lambda: store.add_message(
+            Message(new_id("assistant"), session.id, "assistant", "", tool_calls=[{"id": "c1", "type": "function",
+                    "function": {"name": "echo", "arguments": "{}"}}])
+        ),
+        lambda: store.add_message(Message(new_id("tool"), session.id, "tool", "done", tool_call_id="c1")),
+        lambda: store.rename_session("1", session.id, "renamed"),
+        lambda: store.clear_messages("1", session.id),
+        lambda: store.add_message(Message(new_id("user"), session.id, "user", "again")),
+    ]
+    for step in steps:
+        run(step())
+        assert session.id in store.cache
+        assert run(store.session_history("1", session.id)) == database_view(path, "1", session.id)
+    assert run(store.get_session("1", session.id)) == database_view(path, "1", session.id)[0]
+    assert run(store.session_history("2", session.id)) == (None, [])
+    assert run(store.get_session("2", session.id)) is None
+    run(store.delete_session("1", session.id))
+    assert session.id not in store.cache
+    assert run(store.session_history("1", session.id)) == (None, [])
+
+
+def test_read_overtaken_by_a_commit_is_not_cached(tmp_path: Path) -> None:
+    """A history read that returns after a write to the same session committed must not be cached: it may
+    predate the write. The next read goes to the database and sees the write."""
+    path = tmp_path / "aichat.db"
+    store = inline_store(str(path))
+    session = run(store.create_session("1", "t"))
+    run(store.add_message(Message(new_id("user"), session.id, "user", "one")))
+    store.cache.clear()
+    held: list[tuple[Deferred[Any], Any]] = []
+    real = store.readers.runInteraction
+
+    def late(work: Any, *args: Any) -> Deferred[Any]:
+        """Read the database now, but deliver what was read only when the test says so."""
+        delayed: Deferred[Any] = Deferred()
+        real(work, *args).addCallback(lambda result: held.append((delayed, result)))
+        return delayed
+
+    store.readers.runInteraction = late  # type: ignore[method-assign]
+    reading = Deferred.fromCoroutine(store.session_history("1", session.id))
+    store.readers.runInteraction = real  # type: ignore[method-assign]
+    run(store.add_message(Message(new_id("user"), session.id, "user", "two")))
+    [(pending, stale)] = held
+    pending.callback(stale)
+    _, history = cast(tuple[Any, list[Message]], reading.result)
+    assert [m.content for m in history] == ["one"]
+    assert session.id not in store.cache
+    assert [m.content for m in run(store.history(session.id))] == ["one", "two"]
+    assert session.id in store.cache
+
+
+def test_failed_write_drops_the_session_from_the_cache(tmp_path: Path) -> None:
+    """A write that fails leaves the cache without the session, so the next read asks the database."""
+    store = inline_store(str(tmp_path / "aichat.db"))
+    session = run(store.create_session("1", "t"))
+    attachment = Attachment("dup", "a.txt", "text/plain", 1, "YQ==")
+    run(store.add_message(Message(new_id("user"), session.id, "user", "one", attachments=(attachment,))))
+    with pytest.raises(StoreError):
+        run(store.add_message(Message(new_id("user"), session.id, "user", "two", attachments=(attachment,))))
+    assert session.id not in store.cache
+    assert [m.content for m in run(store.history(session.id))] == ["one"]

@@ -3,7 +3,9 @@
 Every write is committed with ``synchronous=FULL`` before the call returns, so a message the API has
 acknowledged is on disk; concurrent writes share one transaction and one fsync (group commit).
 Migrations in ``aichat/store/migrations/NNNN_*.sql`` are applied in order at :meth:`SQLiteStore.open` and
-recorded in ``schema_migrations``.
+recorded in ``schema_migrations``. Recently used sessions and their histories are also kept in a
+:class:`~aichat.store.history_cache.HistoryCache` that the store's own commits keep current, so a turn reads
+its history without a database round trip; this assumes the daemon is the only writer of the file.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import json
 import os
 import sqlite3
 from collections.abc import Callable
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -23,6 +26,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from aichat.store.base import Approval, Attachment, Message, Session, StoreError, new_id, utc_now
+from aichat.store.history_cache import HistoryCache, Read
 
 Cursor = Any  # adbapi's Transaction wrapper around a sqlite3 cursor
 
@@ -62,6 +66,22 @@ def _session(row: tuple[Any, ...]) -> Session:
     return Session(*row)
 
 
+#: Default budget of the history cache.
+CACHE_BYTES = 64 * 1024 * 1024
+
+
+@dataclass
+class _QueuedWrite:
+    """A write waiting for its group commit: ``work(txn, *args)``; on commit ``effect(result)`` updates the
+    history cache for ``session_id`` (on failure the session is dropped from it)."""
+
+    work: Callable[..., Any]
+    args: tuple[Any, ...]
+    waiter: Deferred[Any]
+    session_id: str | None
+    effect: Callable[[Any], None] | None
+
+
 class SQLiteStore:
     """:class:`~aichat.store.base.Store` on a SQLite file."""
 
@@ -69,14 +89,17 @@ class SQLiteStore:
 
     READERS = 3
 
-    def __init__(self, reactor: IReactorThreads, path: str, *, pool_factory: Any = None) -> None:
+    def __init__(
+        self, reactor: IReactorThreads, path: str, *, pool_factory: Any = None, cache_bytes: int = CACHE_BYTES
+    ) -> None:
         self._reactor = reactor
         self.path = path
         self._pool: adbapi.ConnectionPool | None = None
         self._readers: adbapi.ConnectionPool | None = None
         self._pool_factory = pool_factory or adbapi.ConnectionPool
-        self._queue: list[tuple[Callable[..., Any], tuple[Any, ...], Deferred[Any]]] = []
+        self._queue: list[_QueuedWrite] = []
         self._flushing = False
+        self.cache = HistoryCache(cache_bytes)
 
     @property
     def pool(self) -> adbapi.ConnectionPool:
@@ -157,6 +180,7 @@ class SQLiteStore:
             if pool is not None:
                 pool.close()
         self._pool = self._readers = None
+        self.cache.clear()
 
     async def ping(self) -> bool:
         try:
@@ -165,14 +189,25 @@ class SQLiteStore:
             return False
         return bool(rows == [(1,)])
 
-    async def _write(self, work: Callable[..., Any], *args: Any) -> Any:
+    async def _write(
+        self,
+        work: Callable[..., Any],
+        *args: Any,
+        session_id: str | None = None,
+        effect: Callable[[Any], None] | None = None,
+    ) -> Any:
         """Run ``work(txn, *args)`` atomically and return once it is committed to disk.
 
         Writes that arrive while a commit is under way are grouped into the next transaction (each inside
         its own savepoint, so one failing write does not undo the others): one fsync serves them all.
+        A write that changes the session ``session_id`` or its messages names it, with the ``effect`` its
+        result has on the history cache; effects are applied in commit order, even if the caller has
+        stopped waiting.
         """
         done: Deferred[Any] = Deferred()
-        self._queue.append((work, args, done))
+        if session_id is not None:
+            self.cache.begin_write(session_id)
+        self._queue.append(_QueuedWrite(work, args, done, session_id, effect))
         if not self._flushing:
             self._flush()
         return await done
@@ -185,10 +220,10 @@ class SQLiteStore:
             outcomes: list[tuple[bool, Any]] = []
             txn.execute("BEGIN IMMEDIATE")
             try:
-                for work, args, _ in batch:
+                for write in batch:
                     txn.execute("SAVEPOINT write")
                     try:
-                        outcomes.append((True, work(txn, *args)))
+                        outcomes.append((True, write.work(txn, *write.args)))
                     except sqlite3.Error as e:
                         txn.execute("ROLLBACK TO write")
                         outcomes.append((False, e))
@@ -200,16 +235,20 @@ class SQLiteStore:
             return outcomes
 
         def committed(outcomes: list[tuple[bool, Any]]) -> None:
-            for (_, _, waiter), (ok, value) in zip(batch, outcomes, strict=True):
+            for write, (ok, value) in zip(batch, outcomes, strict=True):
+                self._settle_cache(write, ok, value)
+            for write, (ok, value) in zip(batch, outcomes, strict=True):
                 if ok:
-                    waiter.callback(value)
+                    write.waiter.callback(value)
                 else:
-                    waiter.errback(StoreError(str(value)))
+                    write.waiter.errback(StoreError(str(value)))
 
         def failed(failure: Failure) -> None:
             error = failure.value if isinstance(failure.value, StoreError) else StoreError(str(failure.value))
-            for _, _, waiter in batch:
-                waiter.errback(error)
+            for write in batch:
+                self._settle_cache(write, False, None)
+            for write in batch:
+                write.waiter.errback(error)
 
         def next_batch(_: object) -> None:
             self._flushing = False
@@ -221,6 +260,16 @@ class SQLiteStore:
         except StoreError as e:
             running = fail(e)
         running.addCallbacks(committed, failed).addBoth(next_batch)
+
+    def _settle_cache(self, write: _QueuedWrite, ok: bool, value: Any) -> None:
+        """Apply a finished write to the history cache: its effect if it committed, else forget the session."""
+        if write.session_id is None:
+            return
+        if ok and write.effect is not None:
+            write.effect(value)
+        elif not ok:
+            self.cache.drop(write.session_id)
+        self.cache.end_write(write.session_id)
 
     async def _read(self, sql: str, params: tuple[Any, ...]) -> list[tuple[Any, ...]]:
         try:
@@ -239,7 +288,7 @@ class SQLiteStore:
                 (session.id, session.user_id, session.title, session.created_at, session.updated_at),
             )
 
-        await self._write(insert)
+        await self._write(insert, session_id=session.id, effect=lambda _: self.cache.created(session))
         return session
 
     async def list_sessions(self, user_id: str, limit: int, offset: int) -> list[Session]:
@@ -251,29 +300,44 @@ class SQLiteStore:
         return [_session(row) for row in rows]
 
     async def get_session(self, user_id: str, session_id: str) -> Session | None:
+        cached = self.cache.session(session_id)
+        if cached is not None:
+            return cached if cached.user_id == user_id else None
         rows = await self._read(
             f"SELECT {SESSION_COLUMNS} FROM chat_sessions WHERE id = ? AND user_id = ?", (session_id, user_id)
         )
         return _session(rows[0]) if rows else None
 
     async def rename_session(self, user_id: str, session_id: str, title: str) -> bool:
+        now = utc_now()
+
         def update(txn: Cursor) -> bool:
             txn.execute(
                 "UPDATE chat_sessions SET title = ?, updated_at = ? WHERE id = ? AND user_id = ?",
-                (title, utc_now(), session_id, user_id),
+                (title, now, session_id, user_id),
             )
             return bool(txn.rowcount)
 
-        return bool(await self._write(update))
+        def effect(renamed: bool) -> None:
+            if renamed:
+                self.cache.renamed(session_id, title, now)
+
+        return bool(await self._write(update, session_id=session_id, effect=effect))
 
     async def delete_session(self, user_id: str, session_id: str) -> bool:
         def delete(txn: Cursor) -> bool:
             txn.execute("DELETE FROM chat_sessions WHERE id = ? AND user_id = ?", (session_id, user_id))
             return bool(txn.rowcount)
 
-        return bool(await self._write(delete))
+        def effect(deleted: bool) -> None:
+            if deleted:
+                self.cache.drop(session_id)
+
+        return bool(await self._write(delete, session_id=session_id, effect=effect))
 
     async def add_message(self, message: Message) -> None:
+        now = utc_now()
+
         def insert(txn: Cursor) -> None:
             txn.execute(
                 f"INSERT INTO chat_messages ({MESSAGE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -303,34 +367,46 @@ class SQLiteStore:
                         message.created_at,
                     ),
                 )
-            txn.execute("UPDATE chat_sessions SET updated_at = ? WHERE id = ?", (utc_now(), message.session_id))
+            txn.execute("UPDATE chat_sessions SET updated_at = ? WHERE id = ?", (now, message.session_id))
             if not txn.rowcount:
                 raise sqlite3.IntegrityError(f"session {message.session_id} does not exist")
 
-        await self._write(insert)
-
-    async def _messages(self, where: str, params: tuple[Any, ...]) -> list[Message]:
-        try:
-            result: list[Message] = await self.readers.runInteraction(_select_messages, where, params)
-        except sqlite3.Error as e:
-            raise StoreError(str(e)) from e
-        return result
+        await self._write(
+            insert, session_id=message.session_id, effect=lambda _: self.cache.appended(message, now)
+        )
 
     async def session_history(self, user_id: str, session_id: str) -> tuple[Session | None, list[Message]]:
+        session, history = await self._session_history(session_id)
+        if session is None or session.user_id != user_id:
+            return None, []
+        return session, history
+
+    async def _session_history(self, session_id: str) -> tuple[Session | None, list[Message]]:
+        """Any user's session and its history, from the cache or else from the database (then cached)."""
+        cached = self.cache.history(session_id)
+        if cached is not None:
+            return cached
+
         def select(txn: Cursor) -> tuple[Session | None, list[Message]]:
-            txn.execute(
-                f"SELECT {SESSION_COLUMNS} FROM chat_sessions WHERE id = ? AND user_id = ?", (session_id, user_id)
-            )
+            txn.execute(f"SELECT {SESSION_COLUMNS} FROM chat_sessions WHERE id = ?", (session_id,))
             row = txn.fetchone()
             if row is None:
                 return None, []
             return _session(row), _select_messages(txn, "WHERE session_id = ? ORDER BY seq", (session_id,))
 
+        read: Read = self.cache.begin_read(session_id)
         try:
-            found: tuple[Session | None, list[Message]] = await self.readers.runInteraction(select)
-        except sqlite3.Error as e:
-            raise StoreError(str(e)) from e
-        return found
+            session, history = await self.readers.runInteraction(select)
+        except BaseException as e:
+            self.cache.abandon(read)
+            if isinstance(e, sqlite3.Error):
+                raise StoreError(str(e)) from e
+            raise
+        if session is None:
+            self.cache.abandon(read)
+        else:
+            self.cache.fill(read, session, history)
+        return session, list(history)
 
     async def list_messages(self, user_id: str, session_id: str, limit: int, offset: int) -> list[Message] | None:
         def select(txn: Cursor) -> list[Message] | None:
@@ -347,13 +423,15 @@ class SQLiteStore:
         return found
 
     async def history(self, session_id: str) -> list[Message]:
-        return await self._messages("WHERE session_id = ? ORDER BY seq", (session_id,))
+        return (await self._session_history(session_id))[1]
 
     async def clear_messages(self, user_id: str, session_id: str) -> bool:
+        now = utc_now()
+
         def clear(txn: Cursor) -> bool:
             txn.execute(
                 "UPDATE chat_sessions SET updated_at = ? WHERE id = ? AND user_id = ?",
-                (utc_now(), session_id, user_id),
+                (now, session_id, user_id),
             )
             if not txn.rowcount:
                 return False
@@ -361,11 +439,15 @@ class SQLiteStore:
             txn.execute(
                 "UPDATE tool_approvals SET status = 'expired', resolved_at = ? "
                 "WHERE session_id = ? AND status = 'pending'",
-                (utc_now(), session_id),
+                (now, session_id),
             )
             return True
 
-        return bool(await self._write(clear))
+        def effect(cleared: bool) -> None:
+            if cleared:
+                self.cache.cleared(session_id, now)
+
+        return bool(await self._write(clear, session_id=session_id, effect=effect))
 
     async def create_approval(self, approval: Approval) -> None:
         def insert(txn: Cursor) -> None:
