@@ -18,11 +18,12 @@ answer's length so turns begin all the time instead of in one burst. The client 
 token (TTFT) runs from writing the request to the first line carrying text; inter-chunk gaps are between
 successive text lines. The table shows the daemon's added TTFT (median and p99 of the daemon's minus the
 direct ones), the added p99 inter-chunk gap, errors (non-200, ``error`` events, missing or extra chunks,
-broken connections), the daemon's peak RSS (``VmHWM``) and its CPU use while it streamed (100%: one core).
+broken connections), the daemon's peak RSS (``VmHWM``) and the CPU use of the daemon, the upstream and this
+client while the daemon streamed (100%: one core; all three share the machine).
 Targets (2 cores): added TTFT median <= 1 ms and p99 <= 5 ms at 100; at 1000, 0 errors, added inter-chunk p99
 <= 50 ms, RSS <= 300 MB; each is printed as PASS or MISS (``--strict``: exit status 1 on a miss). Everything
-listens on 127.0.0.1; every wait has a deadline. ``AICHAT_BENCH_DAEMON`` replaces the daemon's command
-(its ``-config`` argument is appended), to run it under a profiler.
+listens on 127.0.0.1; every wait has a deadline. ``AICHAT_BENCH_DAEMON`` and ``AICHAT_BENCH_UPSTREAM`` replace
+the daemon's and the upstream's commands (their arguments are appended), to run them under a profiler.
 """
 
 from __future__ import annotations
@@ -259,10 +260,11 @@ def cpu_seconds(pid: int) -> float:
 
 
 async def measure_level(
-    level: int, turns: int, chunks: int, span: float, upstream_port: int, daemon_port: int, daemon_pid: int
-) -> tuple[Measured, Measured, float]:
-    """``level`` concurrent streams straight to the upstream, then the same through the daemon; also the
-    daemon's CPU use while it streamed (1.0: one core busy all the time)."""
+    level: int, turns: int, chunks: int, span: float, upstream_port: int, daemon_port: int, pids: tuple[int, int]
+) -> tuple[Measured, Measured, tuple[float, float, float]]:
+    """``level`` concurrent streams straight to the upstream, then the same through the daemon; also the CPU
+    use of the daemon, the upstream and this client while the daemon streamed (1.0: one core busy all the
+    time; together they share the machine's cores)."""
     sessions = await asyncio.to_thread(create_sessions, daemon_port, level)
     direct_pool = await open_pool(upstream_port, level)
     try:
@@ -272,13 +274,17 @@ async def measure_level(
             connection.close()
     daemon_pool = await open_pool(daemon_port, level)
     targets = [daemon_target(daemon_port, n % 50 + 1, session) for n, session in enumerate(sessions)]
-    cpu, wall = cpu_seconds(daemon_pid), time.monotonic()
+    before = [cpu_seconds(pid) for pid in pids] + [time.process_time()]
+    wall = time.monotonic()
     try:
         through = await measure_side(daemon_pool, targets, chunks, turns, span)
     finally:
         for connection in daemon_pool:
             connection.close()
-    return direct, through, (cpu_seconds(daemon_pid) - cpu) / (time.monotonic() - wall)
+    after = [cpu_seconds(pid) for pid in pids] + [time.process_time()]
+    elapsed = time.monotonic() - wall
+    daemon, upstream, client = ((end - start) / elapsed for start, end in zip(before, after, strict=True))
+    return direct, through, (daemon, upstream, client)
 
 
 def raise_open_files() -> None:
@@ -289,10 +295,15 @@ def raise_open_files() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
 
 
+def upstream_command() -> list[str]:
+    """``python -m tests.upstream``, or the command in ``AICHAT_BENCH_UPSTREAM``."""
+    return os.environ.get("AICHAT_BENCH_UPSTREAM", "").split() or [sys.executable, "-m", "tests.upstream"]
+
+
 def start_upstream(chunks: int, delay: float) -> tuple[subprocess.Popen[bytes], int]:
     """``python -m tests.upstream`` on a free port; returns the process and its port."""
     process = subprocess.Popen(
-        [sys.executable, "-m", "tests.upstream", "--port", "0", "--chunks", str(chunks), "--delay", str(delay)],
+        [*upstream_command(), "--port", "0", "--chunks", str(chunks), "--delay", str(delay)],
         cwd=ROOT,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -420,7 +431,7 @@ async def measure(level: Level) -> dict[str, float]:
                     level.chunks * level.delay,
                     upstream_port,
                     daemon_port,
-                    daemon.pid,
+                    (daemon.pid, upstream.pid),
                 )
                 if daemon.poll() is not None:
                     raise SystemExit(f"the daemon exited with {daemon.returncode} at {level.streams} streams")
@@ -448,7 +459,9 @@ async def measure(level: Level) -> dict[str, float]:
         "added_gap_p99": quantile(through.gaps, 0.99) - quantile(direct.gaps, 0.99),
         "errors": direct.errors + through.errors,
         "rss_mib": rss,
-        "cpu": cpu,
+        "cpu": cpu[0],
+        "upstream_cpu": cpu[1],
+        "client_cpu": cpu[2],
     }
 
 
@@ -458,14 +471,15 @@ def table(rows: list[dict[str, float]]) -> str:
         "chat streaming through the daemon vs straight to the same upstream (times in ms; 'added' = daemon - direct)",
         f"{'streams':>8}{'turns':>7}{'chunks':>7}{'every':>7}{'TTFT direct':>12}{'TTFT daemon':>12}"
         f"{'added p50':>10}{'added p99':>10}{'gap p99 direct':>15}{'added gap p99':>14}{'errors':>7}"
-        f"{'peak RSS MiB':>13}{'daemon CPU':>11}",
+        f"{'peak RSS MiB':>13}{'CPU daemon/upstream/client':>28}",
     ]
     for row in rows:
         lines.append(
             f"{row['streams']:>8.0f}{row['turns']:>7.0f}{row['chunks']:>7.0f}{ms(row['delay']):>7}"
             f"{ms(row['direct_ttft']):>12}{ms(row['daemon_ttft']):>12}{ms(row['added_median']):>10}"
             f"{ms(row['added_p99']):>10}{ms(row['direct_gap_p99']):>15}{ms(row['added_gap_p99']):>14}"
-            f"{row['errors']:>7.0f}{row['rss_mib']:>13.1f}{row['cpu']:>10.0%}"
+            f"{row['errors']:>7.0f}{row['rss_mib']:>13.1f}"
+            f"{row['cpu']:>14.0%} /{row['upstream_cpu']:>4.0%} /{row['client_cpu']:>4.0%}"
         )
     return "\n".join(lines)
 

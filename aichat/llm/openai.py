@@ -208,6 +208,7 @@ class _Exchange:
         self._pending: Deferred[Any] | None = None
         self._reader: _BodyReader | None = None
         self._decoder = SSEDecoder(max_event_size=provider.max_response_bytes)
+        self._idle_why = f"the model sent nothing for {provider.idle_timeout:g} s"
         self._received = 0
         self._done = False
         self._garbage = 0
@@ -328,10 +329,7 @@ class _Exchange:
                 parts.append(data)
             # After [DONE] only the end of the body is awaited, briefly; a server that keeps the
             # connection open past it is cut off without failing the completion.
-            self._arm(
-                AFTER_DONE_GRACE if self._done else self._provider.idle_timeout,
-                f"the model sent nothing for {self._provider.idle_timeout:g} s",
-            )
+            self._arm(AFTER_DONE_GRACE if self._done else self._provider.idle_timeout, self._idle_why)
 
         self._reader = _BodyReader(on_data)
         response.deliverBody(self._reader)
