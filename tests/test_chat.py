@@ -124,10 +124,10 @@ class Harness:
     tools: FakeTools
 
     def session(self, user: str = "1") -> Session:
-        return done(self.service.open_session(user, ""))
+        return self.service.new_session(user)
 
-    def send(self, session: Session, text: str, user: str = "1") -> TurnRecord:
-        return self.service.start_message(user, session, text)
+    def send(self, session: Session, text: str, user: str = "1", history: list[Message] | None = None) -> TurnRecord:
+        return self.service.start_message(user, session, text, history=history)
 
     def resolve(self, approval_id: str, approve: bool, ids: list[str] | None = None, user: str = "1") -> TurnRecord:
         return done(self.service.start_resolution(user, approval_id, approve, ids))
@@ -296,6 +296,69 @@ def test_plain_turn_streams_and_stores(tmp_path: Path) -> None:
         "everything__echo", "everything__fail", "fs__read"]
 
 
+class HeldWrites:
+    """Holds the store's commits until :meth:`release`, as a slow disk would."""
+
+    def __init__(self, store: SQLiteStore) -> None:
+        self._real = store.pool.runInteraction
+        self.held: list[tuple[Any, tuple[Any, ...], Deferred[Any]]] = []
+        store.pool.runInteraction = self._hold  # type: ignore[method-assign]
+
+    def _hold(self, work: Any, *args: Any) -> Deferred[Any]:
+        waiting: Deferred[Any] = Deferred()
+        self.held.append((work, args, waiting))
+        return waiting
+
+    def release(self) -> None:
+        """Commit everything held so far, and what those commits queue next, in order."""
+        while self.held:
+            work, args, waiting = self.held.pop(0)
+            self._real(work, *args).chainDeferred(waiting)
+
+
+def test_model_is_asked_while_the_message_commits(tmp_path: Path) -> None:
+    """The model is asked before the user's message is on disk (the commit overlaps its time to first token),
+    but the answer is stored, and the turn ends, only after the message is committed."""
+    h = make(tmp_path, Script(["Hi"]))
+    session = h.session()
+    writes = HeldWrites(h.store)
+    record = h.send(session, "hello")
+    assert len(h.model.requests) == 1
+    assert kinds(record) == ["message"]
+    assert len(writes.held) == 1 and h.history(session) == []
+    writes.release()
+    assert kinds(record) == ["message", "done"]
+    assert [(m.role, m.content) for m in h.history(session)] == [("user", "hello"), ("assistant", "Hi")]
+
+
+def test_new_session_turn_does_not_wait_for_the_session_commit(tmp_path: Path) -> None:
+    """A message without a session id asks the model before its new session is on disk; the session, the
+    message and the answer are stored in that order once the commits run."""
+    h = make(tmp_path, Script(["Hi"]))
+    writes = HeldWrites(h.store)
+    session, history = done(h.service.resume("1", ""))
+    record = h.send(session, "hello", history=history)
+    assert len(h.model.requests) == 1 and kinds(record) == ["message"]
+    assert done(h.store.get_session("1", session.id)) is None
+    writes.release()
+    assert kinds(record) == ["message", "done"]
+    stored = done(h.store.get_session("1", session.id))
+    assert stored is not None and stored.id == session.id
+    assert [(m.role, m.content) for m in h.history(session)] == [("user", "hello"), ("assistant", "Hi")]
+
+
+def test_message_that_cannot_be_stored_fails_the_turn(tmp_path: Path) -> None:
+    """If the user's message cannot be committed, the turn ends with an error event and nothing the model
+    said is stored."""
+    h = make(tmp_path, Script(["Hi"]))
+    session = h.session()
+    done(h.store.delete_session("1", session.id))
+    record = h.send(session, "hello")
+    assert kinds(record) == ["message", "error"]
+    assert record.error_status == 500
+    assert h.history(session) == []
+
+
 def test_history_is_reloaded_from_the_store(tmp_path: Path) -> None:
     """A new service over the same database (a restart) sends the earlier exchange to the model."""
     h = make(tmp_path, Script(["one"]))
@@ -428,7 +491,7 @@ def test_unknown_session_is_404_and_busy_session_is_409(tmp_path: Path) -> None:
     """A session id the user does not own is 404; a second turn while one runs is 409."""
     h = make(tmp_path)
     with pytest.raises(ChatError) as missing:
-        done(h.service.open_session("1", "no-such-session"))
+        done(h.service.resume("1", "no-such-session"))
     assert missing.value.status == 404
     session = h.session()
     h.service._running[session.id] = Deferred()

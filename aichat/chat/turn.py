@@ -17,6 +17,7 @@ from typing import Any, Protocol
 from twisted.internet.defer import CancelledError, Deferred, DeferredSemaphore, gatherResults
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from aichat.chat.approvals import ApprovalPolicy
 from aichat.chat.context import build_messages
@@ -156,20 +157,30 @@ class ChatService:
 
     # -- sessions -----------------------------------------------------------------------------------
 
-    async def open_session(self, user_id: str, session_id: str) -> Session:
-        """The user's session ``session_id``, or a new one when empty; another user's id is 404."""
-        if not session_id:
-            title = "Chat - " + self._now().strftime("%b %-d, %Y at %-I:%M %p")
-            return await self.store.create_session(user_id, title)
-        session = await self.store.get_session(user_id, session_id)
-        if session is None:
-            raise ChatError("Session not found", 404)
-        return session
+    def new_session(self, user_id: str) -> Session:
+        """A new session for ``user_id``, returned at once.
+
+        Its commit is queued ahead of anything later written to it (the store applies writes in call
+        order), so a turn in it asks the model without waiting for the disk; if the commit fails, storing
+        the turn's first message fails too and the turn ends with an error.
+        """
+        now = self._now()
+        title = "Chat - " + now.strftime("%b %-d, %Y at %-I:%M %p")
+        session_id = new_id()
+        creating = Deferred.fromCoroutine(self.store.create_session(user_id, title, session_id))
+
+        def failed(failure: Failure) -> None:
+            log.failure("Creating session {session_id} failed", failure, session_id=session_id)
+
+        creating.addErrback(failed)
+        stamp = _iso(now.timestamp())
+        return Session(session_id, user_id, title, stamp, stamp)
 
     async def resume(self, user_id: str, session_id: str) -> tuple[Session, list[Message]]:
-        """Like :meth:`open_session`, with the session's history read in the same query (empty when new)."""
+        """The user's session ``session_id`` and its history, or a new empty one when ``session_id`` is
+        empty; another user's session is 404."""
         if not session_id:
-            return await self.open_session(user_id, ""), []
+            return self.new_session(user_id), []
         session, history = await self.store.session_history(user_id, session_id)
         if session is None:
             raise ChatError("Session not found", 404)

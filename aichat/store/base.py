@@ -128,6 +128,9 @@ class Approval:
 class Store(Protocol):
     """What the API and chat layers need from a database. Every method is a coroutine.
 
+    Writes take effect in the order they are called, even when the caller does not wait for one to
+    finish before starting the next: a session created and then written to without waiting exists first.
+
     Per-user isolation lives here: every lookup by session id also takes the user id, and a session of
     another user is indistinguishable from a missing one.
     """
