@@ -39,7 +39,10 @@ from aichat.validation import ConfigError
 
 log = Logger(namespace="aichat")
 
-GC_THRESHOLD = 20_000
+#: Collector thresholds once serving. Young collections stay small (a few ms at 1000 streams) and the middle
+#: generation is collected every 20 of them; with 20,000 young objects per collection the middle generation
+#: grew large enough to pause every stream for about 190 ms at 1000 streams, against about 35 ms with 1,000.
+GC_THRESHOLDS = (1000, 20, 100)
 
 
 def endpoint_string(host: str, port: int) -> str:
@@ -153,11 +156,10 @@ class AichatService(Service):
             announce=True,
         )
         sdnotify.notify("READY=1\nSTATUS=serving")
-        # What start-up built lives as long as the process: keep it out of the collector's scans, and collect
-        # young objects less often, so full collections (which pause every stream) are rarer.
+        # What start-up built lives as long as the process: keep it out of the collector's scans.
         gc.collect()
         gc.freeze()
-        gc.set_threshold(GC_THRESHOLD, 20, 20)
+        gc.set_threshold(*GC_THRESHOLDS)
 
     def _start_failed(self, failure: Any) -> None:
         log.critical("Start-up failed: {error}", error=failure.getErrorMessage())
