@@ -45,7 +45,8 @@ prints ``listening on http://127.0.0.1:<port>/v1`` once ready and answers every 
 :func:`echo`: the mock model's tool calls when the last user message has ``call <tool> {json}`` lines
 (see ``aichat.llm.mock``), a summary after tool results, otherwise ``Echo: <last user text>`` in word
 deltas (exactly N deltas, words repeated, with ``--chunks N``), ``--delay`` seconds apart, the first after
-``--first-delay``. With ``--api-key`` other bearer tokens get a 401.
+``--first-delay``. With ``--api-key`` other bearer tokens get a 401. Run this way it keeps no record of the
+requests (``Upstream(record=False)``), so a long benchmark does not grow its heap.
 """
 
 from __future__ import annotations
@@ -419,7 +420,8 @@ class _Root(Resource):
         except ValueError:
             body = None
         record = ReceivedRequest(method, path, headers, raw, body)
-        self._upstream.requests.append(record)
+        if self._upstream.record:
+            self._upstream.requests.append(record)
         upstream = self._upstream
         if upstream.api_key is not None and headers.get("authorization") != f"Bearer {upstream.api_key}":
             script = error_reply(
@@ -454,8 +456,10 @@ class Upstream:
         responder: Callable[[Any], Script] | None = None,
         api_key: str | None = None,
         model: str = MODEL,
+        record: bool = True,
     ) -> None:
         self.reactor = reactor
+        self.record = record
         self.responder = responder or echo(model=model)
         self.api_key = api_key
         self.model = model
@@ -526,6 +530,9 @@ def main(argv: list[str] | None = None) -> None:
         responder=echo(options.chunks, options.delay, options.first_delay, options.model),
         api_key=options.api_key,
         model=options.model,
+        # Served until killed with nobody reading them: kept requests would only grow the heap (and the
+        # collector's pauses) for as long as a benchmark runs.
+        record=False,
     )
 
     def started(port: int) -> None:
