@@ -406,7 +406,7 @@ class SQLiteStore:
             self.cache.abandon(read)
         else:
             self.cache.fill(read, session, history)
-        return session, list(history)
+        return session, history
 
     async def list_messages(self, user_id: str, session_id: str, limit: int, offset: int) -> list[Message] | None:
         def select(txn: Cursor) -> list[Message] | None:
