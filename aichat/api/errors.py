@@ -33,31 +33,13 @@ class NotFound(APIError):
     status = 404
 
 
-class Conflict(APIError):
-    """The resource is not in a state that allows the request."""
-
-    status = 409
-
-
 class UnsupportedMediaType(APIError):
     """The body is not of a content type the route accepts."""
 
     status = 415
 
 
-class BadGateway(APIError):
-    """The model provider failed; its message is passed on without secrets."""
-
-    status = 502
-
-
 class ServiceUnavailable(APIError):
     """A dependency is not ready."""
 
     status = 503
-
-
-class GatewayTimeout(APIError):
-    """The model provider did not answer in time."""
-
-    status = 504

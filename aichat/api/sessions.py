@@ -6,7 +6,7 @@ from typing import Any
 
 from twisted.web.iweb import IRequest
 
-from aichat.api.app import API, json_response, page_args, read_json, rfc3339_now, string_field
+from aichat.api.app import API, json_response, page_args, query_arg, read_json, rfc3339_now, string_field
 from aichat.api.errors import BadRequest, NotFound
 
 SESSION_NOT_FOUND = "Session not found"
@@ -92,7 +92,7 @@ def register_sessions(api: API) -> None:
     @api.route("/v1/chat/clear", methods=["DELETE"])
     async def clear_legacy(request: IRequest) -> bytes:
         user = api.user(request)
-        session_id = (request.args.get(b"session_id") or [b""])[0].decode("utf-8", "replace")
+        session_id = query_arg(request, "session_id") or ""
         if not session_id:
             raise BadRequest("session_id parameter is required")
         if not await store.clear_messages(user, session_id):
