@@ -7,9 +7,10 @@ the event. Bytes may arrive split at any boundary, including inside a CRLF or a 
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from typing import Any
+
+from aichat.jsonfmt import compact
 
 
 @dataclass(frozen=True)
@@ -122,16 +123,12 @@ class SSEDecoder:
         return event
 
 
-#: One encoder for every event: ``json.dumps`` with options builds a new one per call.
-_COMPACT = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
-
-
 def encode_event(event: str, data: Any, *, event_id: str | None = None) -> bytes:
     """Frame one event: ``event: <name>``, optional ``id:``, and ``data:`` lines, then a blank line.
 
     ``data`` that is not already a string is encoded as compact JSON, which never holds a newline.
     """
-    text = data if isinstance(data, str) else _COMPACT.encode(data)
+    text = data if isinstance(data, str) else compact(data)
     lines = [f"event: {event}"]
     if event_id is not None:
         lines.append(f"id: {event_id}")

@@ -26,6 +26,7 @@ from aichat import __version__
 from aichat.api.errors import APIError, BadRequest, UnsupportedMediaType
 from aichat.api.identity import Identity
 from aichat.config import Settings
+from aichat.jsonfmt import compact
 from aichat.store.base import Store
 
 log = Logger(namespace="aichat.api")
@@ -41,7 +42,7 @@ def json_response(request: IRequest, body: Any, status: int = 200) -> bytes:
     request.setResponseCode(status)
     request.setHeader(b"Content-Type", b"application/json; charset=utf-8")
     request.setHeader(b"Cache-Control", b"no-store")
-    return json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    return compact(body).encode("utf-8")
 
 
 def read_json(request: IRequest, *, required: bool = True) -> dict[str, Any]:

@@ -10,7 +10,6 @@ node chains leave no orphans.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
@@ -25,6 +24,7 @@ from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from aichat.jsonfmt import compact
 from aichat.mcp.config import ServerConfig
 from aichat.mcp.jsonrpc import JSONRPCPeer, PeerGone
 
@@ -197,7 +197,6 @@ class StdioConnection:
         self._laddering = False
         self._ended_waiters: list[Deferred[None]] = []
         self._timers: list[IDelayedCall] = []
-        self._dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 
     def start(self) -> None:
         """Spawn the child; raises OSError if the command cannot be found or spawned."""
@@ -232,7 +231,7 @@ class StdioConnection:
     def _send(self, message: dict[str, Any]) -> None:
         if self._transport is None or self._exited:
             raise PeerGone(f"MCP server {self.config.name!r} is not running")
-        data = self._dumps(message).encode("utf-8") + b"\n"
+        data = compact(message).encode("utf-8") + b"\n"
         writer = self._stdin_writer
         if writer is not None and not writer._tempDataBuffer and writer.offset >= len(writer.dataBuffer):
             # Nothing queued: write now instead of after the next reactor iteration (half the latency of

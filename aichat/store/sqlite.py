@@ -25,6 +25,7 @@ from twisted.internet.interfaces import IReactorThreads
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from aichat.jsonfmt import compact
 from aichat.store.base import Approval, Attachment, Message, Session, StoreError, new_id, utc_now
 from aichat.store.history_cache import HistoryCache, Read
 
@@ -55,7 +56,7 @@ def _connect_hook(connection: sqlite3.Connection) -> None:
 
 
 def _dump(value: Any) -> str | None:
-    return None if value is None else json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+    return None if value is None else compact(value)
 
 
 def _load(value: str | None) -> Any:
