@@ -40,6 +40,8 @@ class ServerSettings:
     host: str = "0.0.0.0"
     port: int = 3001
     shutdown_grace_seconds: float = 10.0
+    #: Time from a request's first byte until its head and body are in; a slower client gets 408.
+    request_timeout_seconds: float = 30.0
 
 
 @dataclass(frozen=True)
@@ -99,13 +101,15 @@ class AuthSettings:
         ipaddress.ip_network("::1/128"),
     )
     token_digests: Mapping[str, str] = field(default_factory=dict, repr=False)
+    #: Digests of the operator tokens that may act on shared state (restarting an MCP server).
+    admin_digests: frozenset[str] = field(default_factory=frozenset, repr=False)
 
 
 @dataclass(frozen=True)
 class CORSSettings:
-    """Origins allowed by CORS; ``*`` allows any."""
+    """Origins whose pages may read responses: none by default; ``*`` any, without credentials."""
 
-    origins: tuple[str, ...] = ("*",)
+    origins: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -138,6 +142,12 @@ class ChatSettings:
     stream_max_seconds: float = 600.0
     keepalive_seconds: float = 15.0
     title_generation: bool = True
+    #: SSE readers one stream may have at once; one more is answered 429.
+    max_stream_readers: int = 16
+    #: Bytes of events a reader that does not read may fall behind by before it is dropped.
+    max_reader_lag_bytes: int = 1024 * 1024
+    #: Whether ``GET /v1/chat/stream?message=`` runs a turn (a plain link could start one: opt-in).
+    legacy_stream_get: bool = False
 
 
 @dataclass(frozen=True)
@@ -385,9 +395,10 @@ def _build(doc: dict[str, Any], base: Path, shown_path: str | None, problems: li
     digests: dict[str, str] = {}
     for entry in auth_doc.get("tokens", []):
         digests[token_digest(entry["token"])] = str(entry["user_id"])
-    auth = AuthSettings(trusted_proxies=tuple(networks), token_digests=digests)
+    admins = frozenset(token_digest(token) for token in auth_doc.get("admin_tokens", []))
+    auth = AuthSettings(trusted_proxies=tuple(networks), token_digests=digests, admin_digests=admins)
 
-    cors = CORSSettings(origins=tuple(section("cors").get("origins", ["*"])))
+    cors = CORSSettings(origins=tuple(section("cors").get("origins", [])))
     limits = LimitSettings(**section("limits"))
     chat_doc = dict(section("chat"))
     approval_doc = chat_doc.pop("approval", {})

@@ -109,9 +109,18 @@ def test_streaming_send_then_sse_replays_everything(tmp_path: Path) -> None:
     assert status == 404
 
 
-def test_legacy_stream_endpoint(tmp_path: Path) -> None:
-    """GET /v1/chat/stream?message= runs a turn as SSE; without message it is 400 JSON."""
+def test_legacy_stream_endpoint_is_off_by_default(tmp_path: Path) -> None:
+    """A plain link must not start a turn: the legacy GET turn is 403 JSON saying how to enable it."""
     f = Fixture(tmp_path, Script(["x"]))
+    status, body, _ = f.raw("GET", "/v1/chat/stream?message=hello", USER)
+    assert status == 403
+    assert "chat.legacy_stream_get" in json.loads(body)["error"]
+    assert f.model.requests == []
+
+
+def test_legacy_stream_endpoint(tmp_path: Path) -> None:
+    """Opted in, GET /v1/chat/stream?message= runs a turn as SSE; without message it is 400 JSON."""
+    f = Fixture(tmp_path, Script(["x"]), yaml_text="chat:\n  legacy_stream_get: true\n")
     status, body, _ = f.raw("GET", "/v1/chat/stream?message=hello", USER)
     assert status == 200
     assert [e["type"] for e in sse_events(body)] == ["message", "done"]

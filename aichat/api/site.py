@@ -1,4 +1,4 @@
-"""The HTTP site: a ``Request`` that refuses oversized bodies before reading them, and CORS.
+"""The HTTP site: a ``Request`` that refuses oversized bodies before reading them, and the edge resource.
 
 Twisted buffers a whole request body before dispatching it, so the size limit must be enforced while
 the body arrives: a declared ``Content-Length`` over the limit is answered 413 at once and the
@@ -96,37 +96,66 @@ class LimitedRequest(Request):
         transport.loseConnection()
 
 
-class CORSResource(Resource):
-    """Adds CORS headers to every response of ``wrapped`` and answers preflight requests.
+def _json_error(request: Request, status: int, message: str) -> bytes:
+    request.setResponseCode(status)
+    request.setHeader(b"Content-Type", b"application/json; charset=utf-8")
+    request.setHeader(b"Cache-Control", b"no-store")
+    return json.dumps({"error": message}).encode()
 
-    ``origins`` containing ``*`` allows any origin: the request's ``Origin`` is echoed (with
-    credentials allowed, which a literal ``*`` would forbid).
+
+class EdgeResource(Resource):
+    """The API's outermost resource: refuses what Klein cannot route, and applies the CORS policy.
+
+    A path or ``Host`` that is not UTF-8 is a JSON 400 here (Klein would answer an HTML 400 and log a
+    traceback). CORS, for browsers only:
+
+    - no ``origins`` (the default): no CORS headers, so no other web origin can read a response;
+    - ``*``: any origin may read responses, without credentials (``Access-Control-Allow-Origin: *`` and no
+      ``Allow-Credentials``, as the CORS rules require), so a page elsewhere never reads a logged-in user's
+      chats through the browser's cookies;
+    - listed origins: each is echoed with credentials allowed, for a UI on another origin behind the same
+      cookie-authenticated proxy.
     """
 
     isLeaf = True
     METHODS = b"GET, POST, PUT, DELETE, OPTIONS"
-    HEADERS = b"Origin, Content-Type, Accept, Authorization, X-Requested-With, X-User-ID"
+    HEADERS = b"Origin, Content-Type, Accept, Authorization, X-Requested-With, X-User-ID, Last-Event-ID"
 
     def __init__(self, wrapped: IResource, origins: Sequence[str]) -> None:
         super().__init__()
         self._wrapped = wrapped
         self._any = "*" in origins
-        self._origins = {o.encode() for o in origins}
+        self._origins = {o.encode() for o in origins if o != "*"}
 
     def render(self, request: Request) -> bytes | int:
+        try:
+            b"/".join(request.postpath or [request.path]).decode("utf-8")
+            request.getRequestHostname().decode("utf-8")
+        except UnicodeDecodeError:
+            return _json_error(request, http.BAD_REQUEST, "Invalid request: the path or host is not UTF-8")
         origin = request.getHeader(b"origin")
-        if origin is not None and (self._any or origin in self._origins):
+        if origin is not None and self._allow(request, origin) and request.method == b"OPTIONS":
+            request.setHeader(b"Access-Control-Allow-Methods", self.METHODS)
+            request.setHeader(b"Access-Control-Allow-Headers", self.HEADERS)
+            request.setHeader(b"Access-Control-Max-Age", b"600")
+            request.setResponseCode(http.NO_CONTENT)
+            return b""
+        result: bytes | int = self._wrapped.render(request)
+        return result
+
+    def _allow(self, request: Request, origin: bytes) -> bool:
+        """Set the CORS headers that ``origin`` gets; whether it may make cross-origin requests at all."""
+        if origin in self._origins:
             request.setHeader(b"Access-Control-Allow-Origin", origin)
             request.setHeader(b"Access-Control-Allow-Credentials", b"true")
             request.setHeader(b"Vary", b"Origin")
-            if request.method == b"OPTIONS":
-                request.setHeader(b"Access-Control-Allow-Methods", self.METHODS)
-                request.setHeader(b"Access-Control-Allow-Headers", self.HEADERS)
-                request.setHeader(b"Access-Control-Max-Age", b"600")
-                request.setResponseCode(http.NO_CONTENT)
-                return b""
-        result: bytes | int = self._wrapped.render(request)
-        return result
+            return True
+        if self._any:
+            request.setHeader(b"Access-Control-Allow-Origin", b"*")
+            return True
+        if self._origins:
+            request.setHeader(b"Vary", b"Origin")
+        return False
 
 
 class APISite(Site):
@@ -170,4 +199,4 @@ class APISite(Site):
         return done
 
 
-__all__ = ["NOT_DONE_YET", "APISite", "CORSResource", "LimitedRequest"]
+__all__ = ["NOT_DONE_YET", "APISite", "EdgeResource", "LimitedRequest"]
