@@ -12,16 +12,14 @@ import base64
 import io
 
 import multipart
-from twisted.internet.defer import Deferred
-from twisted.internet.task import LoopingCall
 from twisted.web.iweb import IRequest
 
 from aichat.api.app import API, json_response, media_type, query_arg, read_json, string_field
 from aichat.api.errors import APIError, BadRequest, NotFound, ServiceUnavailable, UnsupportedMediaType
+from aichat.api.stream_reader import ReaderSlots, StreamReader
 from aichat.chat.approvals import parse_command
-from aichat.chat.streams import TERMINAL, Event, Stream, StreamError
+from aichat.chat.streams import Stream, StreamError
 from aichat.chat.turn import ChatError, ChatService, TurnRecord
-from aichat.sse import encode_comment, encode_event
 from aichat.store.base import Attachment, new_id
 
 
@@ -57,34 +55,6 @@ async def _respond(api: API, request: IRequest, record: TurnRecord) -> bytes:
     if record.error is not None:
         raise APIError(record.error, record.error_status)
     return json_response(request, record.response())
-
-
-async def write_sse(api: API, request: IRequest, stream: Stream) -> None:
-    """Write ``stream`` as SSE from its first event until it ends or the client goes away."""
-    request.setResponseCode(200)
-    request.setHeader(b"Content-Type", b"text/event-stream; charset=utf-8")
-    request.setHeader(b"Cache-Control", b"no-cache")
-    request.setHeader(b"X-Accel-Buffering", b"no")
-    request.setHeader(b"Connection", b"keep-alive")
-    request.write(b"")
-    finished: Deferred[None] = Deferred()
-
-    def on_event(event: Event) -> None:
-        request.write(encode_event("message", event.to_json()))
-        if event.type in TERMINAL and not finished.called:
-            finished.callback(None)
-
-    ping = LoopingCall(lambda: request.write(encode_comment("ping")))
-    ping.clock = api.clock
-    unsubscribe = stream.subscribe(on_event)
-    try:
-        if not finished.called:
-            ping.start(api.settings.chat.keepalive_seconds, now=False)
-            await finished
-    finally:
-        unsubscribe()
-        if ping.running:
-            ping.stop()
 
 
 def _multipart(api: API, request: IRequest) -> tuple[str, str, list[Attachment]]:
@@ -123,6 +93,23 @@ def _multipart(api: API, request: IRequest) -> tuple[str, str, list[Attachment]]
 
 def register_chat(api: API) -> None:
     """The chat routes."""
+    chat_settings = api.settings.chat
+    slots = ReaderSlots(chat_settings.max_stream_readers)
+
+    async def read_stream(request: IRequest, stream: Stream) -> None:
+        """Write ``stream`` as SSE to this client, within the stream's reader limit."""
+        slots.acquire(stream.id)
+        try:
+            reader = StreamReader(
+                request,
+                stream,
+                api.clock,
+                keepalive_seconds=chat_settings.keepalive_seconds,
+                max_lag_bytes=chat_settings.max_reader_lag_bytes,
+            )
+            await reader.run()
+        finally:
+            slots.release(stream.id)
 
     @api.route("/v1/chat/send", methods=["POST"])
     async def send(request: IRequest) -> bytes:
@@ -164,7 +151,7 @@ def register_chat(api: API) -> None:
             stream = _chat(api).streams.get(stream_id, user)
         except StreamError as e:
             raise NotFound(str(e)) from None
-        await write_sse(api, request, stream)
+        await read_stream(request, stream)
         return b""
 
     @api.route("/v1/chat/stream", methods=["GET"])
@@ -180,6 +167,6 @@ def register_chat(api: API) -> None:
             raise BadRequest("message parameter is required")
         user = api.user(request)
         record = await _begin(api, user, message, query_arg(request, "session_id") or "")
-        await write_sse(api, request, record.stream)
+        await read_stream(request, record.stream)
         return b""
 
