@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from aichat.validation import ConfigError, Problem, validate
+from aichat.validation import SECRET_KEYS, ConfigError, Problem, validate
 
 DEFAULT_CONFIG_PATH = "config.yaml"
 
@@ -204,16 +204,18 @@ ENVIRONMENT: tuple[tuple[str, str, type], ...] = (
 _PLACEHOLDER = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 
-def expand(value: Any, environ: Mapping[str, str], unset: set[str]) -> Any:
+def expand(value: Any, environ: Mapping[str, str], unset: set[str], *, secret: bool = False) -> Any:
     """Expand ``${VAR}`` and ``${VAR:-default}`` in every string of ``value``.
 
     A string that is exactly one placeholder takes the YAML type of what it expands to, so
-    ``port: ${PORT}`` gives an integer. Names of unset variables without a default go to ``unset``.
+    ``port: ${PORT}`` gives an integer; under a secret key (:data:`~aichat.validation.SECRET_KEYS`) it stays
+    a string, so a key made of digits is neither turned into a number nor shown in a type error. Names of
+    unset variables without a default go to ``unset``.
     """
     if isinstance(value, dict):
-        return {key: expand(item, environ, unset) for key, item in value.items()}
+        return {key: expand(item, environ, unset, secret=secret or key in SECRET_KEYS) for key, item in value.items()}
     if isinstance(value, list):
-        return [expand(item, environ, unset) for item in value]
+        return [expand(item, environ, unset, secret=secret) for item in value]
     if not isinstance(value, str) or "${" not in value:
         return value
 
@@ -228,7 +230,7 @@ def expand(value: Any, environ: Mapping[str, str], unset: set[str]) -> Any:
         return ""
 
     result = _PLACEHOLDER.sub(substitute, value)
-    if _PLACEHOLDER.fullmatch(value) and result:
+    if _PLACEHOLDER.fullmatch(value) and result and not secret:
         try:
             typed = yaml.safe_load(result)
         except yaml.YAMLError:
