@@ -344,7 +344,7 @@ def start_daemon(folder: Path, upstream_port: int) -> tuple[subprocess.Popen[byt
         "  max_retries: 0\n"
         f"mcp:\n  servers_file: {servers}\n"
         f"logging:\n  file: {folder / 'aichat-backend.log'}\n  level: info\n"
-        "chat:\n  title_generation: false\n  stream_keep_seconds: 5\n"
+        "chat:\n  title_generation: false\n  stream_keep_seconds: 5\n  legacy_stream_get: true\n"
     )
     env = {k: v for k, v in os.environ.items() if not k.startswith("AICHAT_") and not k.endswith("_API_KEY")}
     process = subprocess.Popen(
