@@ -331,15 +331,16 @@ def daemon_command() -> list[str]:
     return os.environ.get("AICHAT_BENCH_DAEMON", "").split() or [str(BIN / "aichat-backend")]
 
 
-def start_daemon(folder: Path, upstream_port: int) -> tuple[subprocess.Popen[bytes], int]:
-    """The daemon against the upstream; returns the process once /health answers, and its port."""
+def start_daemon(folder: Path, upstream_port: int, *, database: str = "") -> tuple[subprocess.Popen[bytes], int]:
+    """The daemon against the upstream (``database``: more lines of its database section); the process once
+    /health answers, and its port."""
     port = free_port()
     servers = folder / "mcp-servers.json"
     servers.write_text('{"mcpServers": {}}')
     config = folder / "config.yaml"
     config.write_text(
         f"server:\n  host: {HOST}\n  port: {port}\n  shutdown_grace_seconds: 2\n"
-        f"database:\n  path: {folder / 'aichat.db'}\n"
+        f"database:\n  path: {folder / 'aichat.db'}\n{database}"
         f"llm:\n  provider: openai\n  base_url: http://{HOST}:{upstream_port}/v1\n  api_key: sk-bench\n"
         "  max_retries: 0\n"
         f"mcp:\n  servers_file: {servers}\n"
