@@ -227,11 +227,8 @@ class ServerSupervisor:
         session = self._session
         if self.state is State.READY and session is not None and session is not old:
             return session
-        detail = f": {self.last_error}" if self.last_error else ""
-        raise ToolCallError(
-            f"tool {tool!r} was not run: MCP server {self.name!r} refused it ({cause}) and is not ready again "
-            f"({self.state.value}){detail}"
-        )
+        detail = f": {self.last_error}" if self.last_error and self.last_error not in str(cause) else ""
+        raise ToolCallError(f"tool {tool!r} was not run: {cause}; not ready again ({self.state.value}){detail}")
 
     async def _outcome(self, within: float) -> None:
         """Wait (at most ``within`` seconds) until a bring-up ends, or the server stops."""

@@ -1,4 +1,5 @@
-"""Unit tests of the Streamable HTTP transport with StubTreq: headers, sessions, 404 re-initialize, DELETE."""
+"""Unit tests of the Streamable HTTP transport with StubTreq: headers, sessions, DELETE, and every signal of a
+lost session (404, a 400 naming the session, the GET stream ending, connection refused) with resumption."""
 
 from __future__ import annotations
 
@@ -6,7 +7,8 @@ import json
 from typing import Any
 
 from treq.testing import StubTreq
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, fail
+from twisted.internet.error import ConnectionRefusedError
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
@@ -41,7 +43,7 @@ class FakeStreamableServer(Resource):
         self.tool_names = ["add"]
         self.calls_run = 0
         self.event_ids = False
-        self.events: list[tuple[str, bytes]] = []
+        self.events: list[tuple[str, str, bytes]] = []
         self.cut_after_first_event = False
         self.break_calls = False
 
@@ -52,13 +54,13 @@ class FakeStreamableServer(Resource):
         for stream in streams:
             stream.finish()
 
-    def event(self, data: bytes) -> bytes:
-        """One SSE message event, numbered when ``event_ids`` is set."""
+    def event(self, data: bytes, stream: str = "get") -> bytes:
+        """One SSE message event of ``stream``, numbered (and kept for replay) when ``event_ids`` is set."""
         if not self.event_ids:
             return b"event: message\ndata: " + data + b"\n\n"
         event_id = f"e{len(self.events) + 1}"
         framed = f"id: {event_id}\nevent: message\ndata: ".encode() + data + b"\n\n"
-        self.events.append((event_id, framed))
+        self.events.append((event_id, stream, framed))
         return framed
 
     def known(self, session: str | None) -> bool:
@@ -93,9 +95,14 @@ class FakeStreamableServer(Resource):
             request.write(b": stream open\n\n")
             last = headers.get("last-event-id")
             if last is not None:
-                ids = [event_id for event_id, _ in self.events]
-                for _, framed in self.events[ids.index(last) + 1:]:
-                    request.write(framed)
+                # Replay the rest of the stream that event belonged to, and only that stream.
+                ids = [event_id for event_id, _, _ in self.events]
+                stream = self.events[ids.index(last)][1]
+                for _, of, framed in self.events[ids.index(last) + 1:]:
+                    if of == stream:
+                        request.write(framed)
+                if stream != "get":
+                    return b""  # a call's stream ends once its response is out
             self.streams.append(request)
             return NOT_DONE_YET
         assert isinstance(body, dict)
@@ -128,12 +135,12 @@ class FakeStreamableServer(Resource):
         if body["method"] == "tools/call" and self.cut_after_first_event:
             request.setHeader("Content-Type", "text/event-stream")
             progress = b'{"jsonrpc":"2.0","method":"notifications/progress","params":{"progress":1}}'
-            request.write(self.event(progress))
-            self.event(response)  # stored for a resumption, never sent on this stream
+            request.write(self.event(progress, f"call-{body['id']}"))
+            self.event(response, f"call-{body['id']}")  # kept for a resumption, never sent on this stream
             return b""
         if self.sse:
             request.setHeader("Content-Type", "text/event-stream")
-            return b": hello\n\n" + self.event(response)
+            return b": hello\n\n" + self.event(response, f"call-{body['id']}")
         request.setHeader("Content-Type", "application/json")
         return response
 
@@ -250,3 +257,210 @@ class StreamableHTTPTests(SynchronousTestCase):
         self.assertEqual([t.function_name for t in host.tools()], ["remote__add", "remote__multiply"])
         self.successResultOf(host.stopService())
         stub.flush()
+
+
+class DownableClient:
+    """StubTreq in front of the fake server, or, while ``down``, a host that refuses connections."""
+
+    def __init__(self, server: FakeStreamableServer) -> None:
+        self.stub = StubTreq(server)
+        self.down = False
+
+    def request(self, method: str, url: str, **kwargs: Any) -> Deferred[Any]:
+        if self.down:
+            return fail(ConnectionRefusedError())
+        return self.stub.request(method, url, **kwargs)
+
+
+class SessionLossTests(SynchronousTestCase):
+    """Each signal a restarted (or vanished) server gives, and what the host does about it, on a Clock."""
+
+    def setUp(self) -> None:
+        """A fake server that offers a GET stream, a host with a 1 s first backoff, and the clock."""
+        self.server = FakeStreamableServer()
+        self.server.offer_stream = True
+        self.client = DownableClient(self.server)
+        self.reactor = FakeProcessReactor()
+        self.host = MCPHost(
+            self.reactor,
+            [ServerConfig("remote", transport="http", url="http://mcp.test/mcp", timeout=30)],
+            http_client=self.client,
+            initial_backoff=1.0,
+        )
+        self.host.startService()
+        self.flush()
+        self.assertEqual(self.status()["state"], "ready")
+        self.reactor.advance(5)  # ready long enough that a lost session is replaced at once
+
+    def tearDown(self) -> None:
+        """Stop the host; nothing may be left on the clock."""
+        self.successResultOf(self.host.stopService())
+        self.flush()
+        self.assertEqual(self.reactor.getDelayedCalls(), [])
+
+    def flush(self) -> None:
+        """Deliver what the fake server wrote to its open streams."""
+        self.client.stub.flush()
+
+    def status(self) -> dict[str, Any]:
+        """The server's entry in the status list."""
+        return self.host.status()[0]
+
+    def add(self) -> Deferred[Any]:
+        """Call remote__add(2, 3)."""
+        return Deferred.fromCoroutine(self.host.call_tool("remote__add", {"a": 2, "b": 3}))
+
+    def record_states(self) -> list[tuple[str, str | None]]:
+        """Every (state, last_error) the status endpoint would show from now on, in order."""
+        seen: list[tuple[str, str | None]] = []
+        supervisor = self.host.supervisor("remote")
+        listener = supervisor.on_change
+
+        def changed(s: Any) -> None:
+            status = self.status()
+            if not seen or seen[-1][0] != status["state"]:
+                seen.append((status["state"], status["last_error"]))
+            if listener is not None:
+                listener(s)
+
+        supervisor.on_change = changed
+        return seen
+
+    def posts(self, method: str) -> list[dict[str, str]]:
+        """Headers of every POST of ``method`` the server saw."""
+        return [h for m, h, body in self.server.requests if m == "POST" and body.get("method") == method]
+
+    def test_400_naming_the_session_resends_the_call(self) -> None:
+        """The TypeScript SDK's 400 "No valid session ID provided" is a lost session: re-initialize, re-send."""
+        self.server.offer_stream = False
+        self.server.restart()
+        errors = self.record_states()
+        result = self.successResultOf(self.add())
+        self.assertEqual(result.text, "5")
+        calls = self.posts("tools/call")
+        self.assertEqual([h["mcp-session-id"] for h in calls], ["session-1", "session-2"])
+        self.assertEqual(self.server.calls_run, 1, "the refused call never ran; the re-sent one ran once")
+        status = self.status()
+        self.assertEqual((status["state"], status["restarts"]), ("ready", 1))
+        self.assertEqual([state for state, _ in errors], ["starting", "ready"], "left ready at once")
+        self.assertIn("No valid session ID provided", errors[0][1] or "")
+
+    def test_404_resends_the_call(self) -> None:
+        """A 404 on the session (what the specification says) is handled the same way."""
+        self.server.reject = 404
+        self.server.expired.add("session-1")
+        self.assertEqual(self.successResultOf(self.add()).text, "5")
+        self.assertEqual(self.server.calls_run, 1)
+        self.assertEqual(self.status()["restarts"], 1)
+
+    def test_400_about_something_else_fails_only_the_call(self) -> None:
+        """A 400 that does not name the session is that call's error; the session stays."""
+        self.server.fail_calls_with = 400
+        error = self.failureResultOf(self.add(), ToolCallError).value
+        self.assertIn("HTTP 400", str(error))
+        self.assertEqual((self.status()["state"], self.status()["restarts"]), ("ready", 0))
+
+    def test_get_stream_end_reveals_a_restart_without_a_call(self) -> None:
+        """The GET stream ends; its reopen is refused with 400: a new session at once, and status says so."""
+        states = self.record_states()
+        self.server.restart()
+        self.flush()
+        self.assertEqual([state for state, _ in states], ["starting", "ready"])
+        self.assertEqual(self.status()["state"], "ready")
+        self.assertEqual(self.status()["restarts"], 1)
+        gets = [h for m, h, _ in self.server.requests if m == "GET"]
+        self.assertEqual(gets[-1]["mcp-session-id"], "session-2")
+        self.assertEqual(self.successResultOf(self.add()).text, "5")
+
+    def test_get_stream_end_with_the_server_gone(self) -> None:
+        """The GET stream ends and the reopen is refused a connection: backing off at once, then back."""
+        self.client.down = True
+        self.server.restart()
+        self.flush()
+        status = self.status()
+        self.assertEqual(status["state"], "backing_off")
+        self.assertIn("Connection was refused", status["last_error"] or "")
+        error = self.failureResultOf(self.add(), ToolCallError).value
+        self.assertIn("not ready (backing_off)", str(error))
+        self.client.down = False
+        self.reactor.advance(1.0)
+        self.flush()
+        self.assertEqual(self.status()["state"], "ready")
+        self.assertEqual(self.successResultOf(self.add()).text, "5")
+
+    def test_connection_refused_call_waits_for_one_attempt(self) -> None:
+        """A POST refused a connection never left: it is re-sent if the next attempt brings the server back."""
+        self.server.offer_stream = False
+        self.client.down = True
+        call = self.add()
+        self.assertNoResult(call)
+        self.assertEqual(self.status()["state"], "backing_off")
+        self.client.down = False
+        self.server.restart()
+        self.reactor.advance(1.0)
+        self.assertEqual(self.successResultOf(call).text, "5")
+        self.assertEqual(self.server.calls_run, 1)
+
+    def test_connection_refused_call_fails_when_the_server_stays_down(self) -> None:
+        """If the next attempt also finds nobody, the call fails with a clear error instead of waiting on."""
+        self.server.offer_stream = False
+        self.client.down = True
+        call = self.add()
+        self.reactor.advance(1.0)
+        error = self.failureResultOf(call, ToolCallError).value
+        self.assertIn("was not run", str(error))
+        self.assertIn("Connection was refused", str(error))
+        self.assertEqual(self.status()["state"], "backing_off")
+
+    def test_call_of_unknown_fate_is_not_resent(self) -> None:
+        """A call whose connection broke after it was sent may have run: a clear error, no second send."""
+        self.server.offer_stream = False
+        self.server.break_calls = True
+        call = self.add()
+        self.flush()
+        error = self.failureResultOf(call, ToolCallError).value
+        self.assertIn("tool 'add' failed", str(error))
+        self.assertEqual(len(self.posts("tools/call")), 1)
+        self.assertEqual(self.server.calls_run, 1)
+
+    def test_quick_loss_after_ready_backs_off(self) -> None:
+        """A server that forgets the session right after handing it out is retried with backoff, not at once."""
+        self.server.offer_stream = False
+        self.server.restart()
+        self.successResultOf(self.add())
+        self.server.restart()
+        call = self.add()
+        self.assertEqual(self.status()["state"], "backing_off")
+        self.reactor.advance(1.0)
+        self.assertEqual(self.successResultOf(call).text, "5")
+        self.assertEqual(self.status()["restarts"], 2)
+
+    def test_get_stream_resumes_with_last_event_id(self) -> None:
+        """A GET stream whose events had ids is reopened with Last-Event-ID and the missed events replayed."""
+        self.server.event_ids = True
+        [stream] = self.server.streams
+        self.server.tool_names = ["add", "multiply"]
+        changed = b'{"jsonrpc":"2.0","method":"notifications/tools/list_changed"}'
+        stream.write(self.server.event(changed))
+        self.flush()
+        self.server.event(b'{"jsonrpc":"2.0","method":"notifications/message","params":{"data":"missed"}}')
+        self.server.tool_names = ["add", "multiply", "divide"]
+        self.server.event(changed)  # sent while the connection was down
+        self.server.streams.remove(stream)
+        stream.finish()
+        self.flush()
+        get = [h for m, h, _ in self.server.requests if m == "GET"][-1]
+        self.assertEqual(get["last-event-id"], "e1")
+        self.assertEqual(len(self.host.tools()), 3, "the replayed list_changed was acted on")
+        self.assertEqual((self.status()["state"], self.status()["restarts"]), ("ready", 0))
+
+    def test_post_response_stream_resumes_with_last_event_id(self) -> None:
+        """A call's response stream that ends before the response is resumed by GET; the tool runs once."""
+        self.server.event_ids = True
+        self.server.cut_after_first_event = True
+        call = self.add()
+        self.flush()
+        self.assertEqual(self.successResultOf(call).text, "5")
+        get = [h for m, h, _ in self.server.requests if m == "GET"][-1]
+        self.assertEqual(get["last-event-id"], "e1")
+        self.assertEqual(self.server.calls_run, 1)
