@@ -130,6 +130,7 @@ class FakeStreamableServer(Resource):
         if body["method"] == "tools/call" and self.break_calls:
             request.setHeader("Content-Type", "text/event-stream")
             request.write(b": working\n\n")
+            assert request.channel is not None and request.channel.transport is not None
             request.channel.transport.loseConnection()
             return NOT_DONE_YET
         if body["method"] == "tools/call" and self.cut_after_first_event:
@@ -265,11 +266,13 @@ class DownableClient:
     def __init__(self, server: FakeStreamableServer) -> None:
         self.stub = StubTreq(server)
         self.down = False
+        self._request: Any = self.stub.request  # StubTreq builds its methods at run time
 
     def request(self, method: str, url: str, **kwargs: Any) -> Deferred[Any]:
         if self.down:
             return fail(ConnectionRefusedError())
-        return self.stub.request(method, url, **kwargs)
+        result: Deferred[Any] = self._request(method, url, **kwargs)
+        return result
 
 
 class SessionLossTests(SynchronousTestCase):
