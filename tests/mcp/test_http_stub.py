@@ -266,7 +266,7 @@ class DownableClient:
     def __init__(self, server: FakeStreamableServer) -> None:
         self.stub = StubTreq(server)
         self.down = False
-        self._request: Any = self.stub.request  # StubTreq builds its methods at run time
+        self._request: Any = getattr(self.stub, "request")  # noqa: B009 (StubTreq builds its methods at run time)
 
     def request(self, method: str, url: str, **kwargs: Any) -> Deferred[Any]:
         if self.down:
