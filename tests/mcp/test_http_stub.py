@@ -25,6 +25,7 @@ class FakeStreamableServer(Resource):
     ``event_ids`` numbers the events of its streams, which a GET with ``Last-Event-ID`` replays;
     ``cut_after_first_event`` ends a call's response stream after a progress notification, before the
     response, and ``break_calls`` drops the connection of a call's POST once the call has run.
+    ``hold_calls`` keeps calls unanswered until ``release()``.
     """
 
     isLeaf = True
@@ -46,6 +47,8 @@ class FakeStreamableServer(Resource):
         self.events: list[tuple[str, str, bytes]] = []
         self.cut_after_first_event = False
         self.break_calls = False
+        self.hold_calls = False
+        self.held: list[tuple[Request, str | None, dict[str, Any]]] = []
 
     def restart(self) -> None:
         """Forget every session and end every open GET stream, as a server that restarts does."""
@@ -106,6 +109,22 @@ class FakeStreamableServer(Resource):
             self.streams.append(request)
             return NOT_DONE_YET
         assert isinstance(body, dict)
+        if body.get("method") == "tools/call" and self.hold_calls:
+            self.held.append((request, session, body))
+            return NOT_DONE_YET
+        return self.post_answer(request, session, body)
+
+    def release(self) -> None:
+        """Answer the held calls now, as the server is then (a restarted one refuses their session)."""
+        held, self.held = self.held, []
+        for request, session, body in held:
+            answer = self.post_answer(request, session, body)
+            if isinstance(answer, bytes):
+                request.write(answer)
+                request.finish()
+
+    def post_answer(self, request: Request, session: str | None, body: dict[str, Any]) -> bytes | int:
+        """The answer to one POSTed message."""
         if body.get("method") != "initialize" and not self.known(session):
             return self.refuse(request)
         if "id" not in body:
@@ -467,3 +486,22 @@ class SessionLossTests(SynchronousTestCase):
         get = [h for m, h, _ in self.server.requests if m == "GET"][-1]
         self.assertEqual(get["last-event-id"], "e1")
         self.assertEqual(self.server.calls_run, 1)
+
+    def test_calls_in_flight_when_the_session_is_lost_are_each_resent(self) -> None:
+        """Two calls still on their way when the loss is noticed are each refused, then re-sent; none is lost.
+
+        The old connection is closed gracefully: its POSTs settle their own requests (refused, hence
+        re-sent) instead of being cut off as of unknown fate.
+        """
+        self.server.hold_calls = True
+        first, second = self.add(), self.add()
+        self.server.restart()
+        self.flush()
+        self.assertEqual(self.status()["state"], "ready", "a new session was made on the GET stream's end")
+        self.server.hold_calls = False
+        self.server.release()
+        self.flush()
+        self.assertEqual((self.successResultOf(first).text, self.successResultOf(second).text), ("5", "5"))
+        sessions = [h["mcp-session-id"] for h in self.posts("tools/call")]
+        self.assertEqual(sessions, ["session-1", "session-1", "session-2", "session-2"])
+        self.assertEqual(self.server.calls_run, 2)
