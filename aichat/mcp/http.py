@@ -153,6 +153,15 @@ def _session_rejected(code: int, body: bytes) -> bool:
     return isinstance(message, str) and "session" in message.lower()
 
 
+def _why(error: Exception) -> str:
+    """A readable reason for a failed request: treq's ResponseFailed & co. carry a list of Failures."""
+    reasons = getattr(error, "reasons", None)
+    if isinstance(reasons, list) and reasons:
+        parts = [str(r.value) or type(r.value).__name__ if isinstance(r, Failure) else str(r) for r in reasons]
+        return "; ".join(dict.fromkeys(parts))
+    return str(error) or type(error).__name__
+
+
 def _answer_text(body: bytes) -> str:
     """The JSON-RPC error message of an error answer, else the start of its body."""
     try:
@@ -350,7 +359,7 @@ class StreamableHTTPConnection(_RemoteConnection):
             except CancelledError:
                 raise
             except Exception as e:
-                self._lose(f"GET {self.url} failed: {e}")
+                self._lose(f"GET {self.url} failed: {_why(e)}")
                 return
             try:
                 if response.code == 200 and _media_type(response) == "text/event-stream":
@@ -372,7 +381,7 @@ class StreamableHTTPConnection(_RemoteConnection):
             except CancelledError:
                 raise
             except Exception as e:
-                log.info("{server}: GET stream broke: {error}", server=self.config.name, error=str(e))
+                log.info("{server}: GET stream broke: {error}", server=self.config.name, error=_why(e))
             if self._get_cursor.messages > messages or self._clock.seconds() - began >= STABLE_STREAM:
                 quick_ends = 0
             delay = _reopen_delay(self._get_cursor.retry, quick_ends)
@@ -405,7 +414,7 @@ class StreamableHTTPConnection(_RemoteConnection):
         except CancelledError:
             raise
         except Exception as e:
-            reason = f"POST {self.url} failed: {e}"
+            reason = f"POST {self.url} failed: {_why(e)}"
             self._lose(reason)
             self._message_failed(message, reason, delivered=not isinstance(e, NEVER_SENT))
             return
@@ -414,7 +423,7 @@ class StreamableHTTPConnection(_RemoteConnection):
         except CancelledError:
             raise
         except Exception as e:
-            self._message_failed(message, f"answer from {self.url} broke: {e}")
+            self._message_failed(message, f"answer from {self.url} broke: {_why(e)}")
 
     async def _answered(self, message: dict[str, Any], response: Any) -> None:
         """Settle ``message`` from the POST's answer: its response, a refusal, or a stream to resume."""
@@ -449,7 +458,7 @@ class StreamableHTTPConnection(_RemoteConnection):
                 self._message_failed(message, str(e))
                 return
             except Exception as e:
-                if not await self._resume(message, cursor, f"response stream from {self.url} broke: {e}"):
+                if not await self._resume(message, cursor, f"response stream from {self.url} broke: {_why(e)}"):
                     return
             else:
                 if not await self._resume(message, cursor, "response stream ended without the response"):
@@ -493,8 +502,8 @@ class StreamableHTTPConnection(_RemoteConnection):
             except CancelledError:
                 raise
             except Exception as e:
-                self._lose(f"GET {self.url} failed: {e}")
-                self._message_failed(message, f"{why}; resuming failed: {e}")
+                self._lose(f"GET {self.url} failed: {_why(e)}")
+                self._message_failed(message, f"{why}; resuming failed: {_why(e)}")
                 return False
             if response.code != 200 or _media_type(response) != "text/event-stream":
                 body = await _read_body(response, 65536)  # a failure here fails the request in _post
@@ -511,7 +520,7 @@ class StreamableHTTPConnection(_RemoteConnection):
                 self._message_failed(message, str(e))
                 return False
             except Exception as e:
-                why = f"resumed response stream from {self.url} broke: {e}"
+                why = f"resumed response stream from {self.url} broke: {_why(e)}"
             idle_tries = idle_tries + 1 if (cursor.last_event_id, cursor.messages) == before else 0
         return True
 
@@ -616,7 +625,7 @@ class LegacySSEConnection(_RemoteConnection):
             self._endpoint_known.callback(None)
 
     def _stream_ended(self, result: object) -> None:
-        reason = "event stream ended" if not isinstance(result, Failure) else f"event stream broke: {result.value}"
+        reason = f"event stream broke: {_why(result.value)}" if isinstance(result, Failure) else "event stream ended"
         if not self._endpoint_known.called:
             self._endpoint_known.errback(Failure(ConnectionError(f"{reason} before the endpoint event")))
         elif not self._closed:
@@ -637,7 +646,7 @@ class LegacySSEConnection(_RemoteConnection):
         except CancelledError:
             raise
         except Exception as e:
-            reason = f"POST {self.endpoint} failed: {e}"
+            reason = f"POST {self.endpoint} failed: {_why(e)}"
             # Answers come on the event stream, so a request refused here must be failed before the loss
             # fails everything pending as of unknown fate.
             self._message_failed(message, reason, delivered=not isinstance(e, NEVER_SENT))
@@ -648,7 +657,7 @@ class LegacySSEConnection(_RemoteConnection):
         except CancelledError:
             raise
         except Exception as e:
-            self._message_failed(message, f"POST {self.endpoint} failed: {e}")
+            self._message_failed(message, f"POST {self.endpoint} failed: {_why(e)}")
             return
         if response.code == 404:
             # The endpoint's session is unknown: the server restarted (the stream's end says so too).

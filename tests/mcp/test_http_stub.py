@@ -442,6 +442,8 @@ class SessionLossTests(SynchronousTestCase):
         self.flush()
         error = self.failureResultOf(call, ToolCallError).value
         self.assertIn("tool 'add' failed", str(error))
+        self.assertIn("broke: Connection was closed cleanly", str(error))
+        self.assertNotIn("<twisted.python.failure", str(error), "a reason a user can read")
         self.assertEqual(len(self.posts("tools/call")), 1)
         self.assertEqual(self.server.calls_run, 1)
 
