@@ -153,7 +153,7 @@ def _session_rejected(code: int, body: bytes) -> bool:
     return isinstance(message, str) and "session" in message.lower()
 
 
-def _why(error: Exception) -> str:
+def _why(error: BaseException | None) -> str:
     """A readable reason for a failed request: treq's ResponseFailed & co. carry a list of Failures."""
     reasons = getattr(error, "reasons", None)
     if isinstance(reasons, list) and reasons:
