@@ -570,12 +570,10 @@ class StreamableHTTPConnection(_RemoteConnection):
 
 
 def _reopen_delay(retry: float | None, quick_ends: int) -> float:
-    """Seconds before reopening an event stream: the server's ``retry``, else none at first, then growing."""
-    if retry is not None:
-        return retry
-    if quick_ends <= 0:
-        return 0.0
-    return float(min(REOPEN_FIRST_DELAY * 2 ** (quick_ends - 1), REOPEN_MAX_DELAY))
+    """Seconds before reopening an event stream: the server's ``retry`` advice (none: at once), and a delay
+    growing from 0.5 s to 30 s while the stream keeps ending at once, whatever the advice."""
+    growing = 0.0 if quick_ends <= 0 else float(min(REOPEN_FIRST_DELAY * 2 ** (quick_ends - 1), REOPEN_MAX_DELAY))
+    return max(retry or 0.0, growing)
 
 
 class LegacySSEConnection(_RemoteConnection):

@@ -25,7 +25,8 @@ class FakeStreamableServer(Resource):
     ``event_ids`` numbers the events of its streams, which a GET with ``Last-Event-ID`` replays;
     ``cut_after_first_event`` ends a call's response stream after a progress notification, before the
     response, and ``break_calls`` drops the connection of a call's POST once the call has run.
-    ``hold_calls`` keeps calls unanswered until ``release()``.
+    ``hold_calls`` keeps calls unanswered until ``release()``; ``end_streams_at_once`` ends each GET stream
+    as soon as it is open.
     """
 
     isLeaf = True
@@ -48,6 +49,7 @@ class FakeStreamableServer(Resource):
         self.cut_after_first_event = False
         self.break_calls = False
         self.hold_calls = False
+        self.end_streams_at_once = False
         self.held: list[tuple[Request, str | None, dict[str, Any]]] = []
 
     def restart(self) -> None:
@@ -106,6 +108,8 @@ class FakeStreamableServer(Resource):
                         request.write(framed)
                 if stream != "get":
                     return b""  # a call's stream ends once its response is out
+            if self.end_streams_at_once:
+                return b""
             self.streams.append(request)
             return NOT_DONE_YET
         assert isinstance(body, dict)
@@ -257,6 +261,32 @@ class StreamableHTTPTests(SynchronousTestCase):
         self.successResultOf(host.stopService())
         method, headers, _ = server.requests[-1]
         self.assertEqual((method, headers["mcp-session-id"]), ("DELETE", "session-1"))
+
+    def test_get_stream_that_keeps_ending_is_reopened_with_a_growing_delay(self) -> None:
+        """The first reopen is immediate; a stream that ends at once again waits 0.5 s, then 1 s, ... (no spin)."""
+        server = FakeStreamableServer()
+        server.offer_stream = True
+        server.end_streams_at_once = True
+        reactor = FakeProcessReactor()
+        host = MCPHost(reactor, [ServerConfig("remote", transport="http", url="http://mcp.test/mcp")],
+                       http_client=StubTreq(server))
+        host.startService()
+
+        def gets() -> int:
+            return sum(1 for method, _, _ in server.requests if method == "GET")
+
+        self.assertEqual(gets(), 2, "opened, ended, reopened at once")
+        reactor.advance(0.4)
+        self.assertEqual(gets(), 2)
+        reactor.advance(0.1)
+        self.assertEqual(gets(), 3)
+        reactor.advance(0.9)
+        self.assertEqual(gets(), 3)
+        reactor.advance(0.1)
+        self.assertEqual(gets(), 4)
+        self.assertEqual(host.status()[0]["state"], "ready", "a stream that ends is not a lost session")
+        self.successResultOf(host.stopService())
+        self.assertEqual(reactor.getDelayedCalls(), [])
 
     def test_get_stream_notifications(self) -> None:
         """tools/list_changed arriving on the GET stream makes the host re-list the server's tools."""
