@@ -537,3 +537,80 @@ class SessionLossTests(SynchronousTestCase):
         sessions = [h["mcp-session-id"] for h in self.posts("tools/call")]
         self.assertEqual(sessions, ["session-1", "session-1", "session-2", "session-2"])
         self.assertEqual(self.server.calls_run, 2)
+
+
+class FakeLegacyServer(Resource):
+    """A legacy HTTP+SSE MCP server: GET /sse names a per-session POST endpoint; answers go on the stream.
+
+    ``forget()`` drops every session while keeping the streams open, as a restarted instance behind a
+    proxy that keeps the client's stream would: a POST on a forgotten session is then answered 404.
+    """
+
+    isLeaf = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sessions = 0
+        self.streams: dict[str, Request] = {}
+        self.forgotten: list[Request] = []
+        self.calls: list[str] = []
+
+    def forget(self) -> None:
+        """Forget every session (their streams stay open until the test ends)."""
+        self.forgotten = list(self.streams.values())
+        self.streams = {}
+
+    def render(self, request: Request) -> bytes | int:
+        assert request.method is not None and request.content is not None
+        if request.method == b"GET":
+            self.sessions += 1
+            session = f"s{self.sessions}"
+            request.setHeader("Content-Type", "text/event-stream")
+            request.write(f"event: endpoint\ndata: /message?sessionId={session}\n\n".encode())
+            self.streams[session] = request
+            return NOT_DONE_YET
+        session = request.args[b"sessionId"][0].decode()
+        stream = self.streams.get(session)
+        if stream is None:
+            request.setResponseCode(404)
+            return b"Could not find session"
+        body = json.loads(request.content.read())
+        if "id" in body and "method" in body:
+            if body["method"] == "initialize":
+                result: Any = {"protocolVersion": "2024-11-05", "capabilities": {"tools": {}},
+                               "serverInfo": {"name": "legacy", "version": "1"}}
+            elif body["method"] == "tools/list":
+                result = {"tools": [{"name": "add", "inputSchema": {"type": "object"}}]}
+            else:
+                self.calls.append(session)
+                args = body["params"]["arguments"]
+                result = {"content": [{"type": "text", "text": str(args["a"] + args["b"])}]}
+            answer = json.dumps({"jsonrpc": "2.0", "id": body["id"], "result": result})
+            stream.write(f"event: message\ndata: {answer}\n\n".encode())
+        request.setResponseCode(202)
+        return b"Accepted"
+
+
+class LegacySessionLossTests(SynchronousTestCase):
+    """Legacy HTTP+SSE: a POST refused with 404 (session unknown) is a lost session, and its call is re-sent."""
+
+    def test_404_on_the_endpoint_resends_the_call_on_a_new_stream(self) -> None:
+        """The server forgets the session: the call's POST gets 404, the host reconnects, the call runs once."""
+        server = FakeLegacyServer()
+        stub = StubTreq(server)
+        reactor = FakeProcessReactor()
+        host = MCPHost(reactor, [ServerConfig("old", transport="sse", url="http://mcp.test/sse")],
+                       http_client=stub)
+        host.startService()
+        stub.flush()
+        self.assertEqual(host.status()[0]["state"], "ready")
+        reactor.advance(5)
+        server.forget()
+        call = Deferred.fromCoroutine(host.call_tool("old__add", {"a": 2, "b": 3}))
+        stub.flush()
+        self.assertEqual(self.successResultOf(call).text, "5")
+        self.assertEqual(server.calls, ["s2"], "refused on s1 unread, run once on s2")
+        status = host.status()[0]
+        self.assertEqual((status["state"], status["restarts"]), ("ready", 1))
+        self.successResultOf(host.stopService())
+        stub.flush()
