@@ -23,6 +23,7 @@ from typing import Any
 import pytest
 from treq.client import HTTPClient
 from twisted.internet import reactor
+from twisted.protocols.portforward import ProxyFactory, ProxyServer
 from twisted.trial.unittest import TestCase
 from twisted.web.client import Agent, HTTPConnectionPool
 
@@ -74,6 +75,34 @@ class EverythingServer:
             self.process.wait()
 
 
+class CuttableProxy(ProxyFactory):
+    """A TCP forwarder to a local port whose connections the test can cut, as a network failure does."""
+
+    def __init__(self, port: int) -> None:
+        super().__init__("127.0.0.1", port)
+        self.connections: list[ProxyServer] = []
+        self.opened = 0
+
+    @property
+    def live(self) -> int:
+        """Connections open through the proxy now."""
+        return sum(1 for c in self.connections if c.transport is not None and c.connected)
+
+    def buildProtocol(self, addr: Any) -> ProxyServer | None:
+        self.opened += 1
+        connection = super().buildProtocol(addr)
+        if connection is not None:
+            self.connections.append(connection)
+        return connection
+
+    def cut(self) -> None:
+        """Drop every connection at once (both sides see a broken connection)."""
+        connections, self.connections = self.connections, []
+        for connection in connections:
+            if connection.transport is not None:
+                connection.transport.abortConnection()  # type: ignore[attr-defined]
+
+
 class RestartTests(TestCase):
     """Both HTTP modes of server-everything, killed and restarted under a running MCPHost."""
 
@@ -92,11 +121,12 @@ class RestartTests(TestCase):
         await server.start()
         return server
 
-    async def host_for(self, server: EverythingServer) -> MCPHost:
-        """A started, ready host with the server as ``web`` (its own connection pool, closed afterwards)."""
+    async def host_for(self, server: EverythingServer, url: str | None = None) -> MCPHost:
+        """A started, ready host with the server (at ``url``, if given) as ``web`` (its own connection pool)."""
         pool = HTTPConnectionPool(reactor)
         self.addCleanup(pool.closeCachedConnections)
-        config = ServerConfig("web", transport=TRANSPORTS[server.mode], url=server.url, timeout=10, init_timeout=10)  # type: ignore[arg-type]
+        transport = TRANSPORTS[server.mode]
+        config = ServerConfig("web", transport=transport, url=url or server.url, timeout=10, init_timeout=10)  # type: ignore[arg-type]
         host = MCPHost(reactor, [config], initial_backoff=0.2, http_client=HTTPClient(Agent(reactor, pool=pool)))
         host.startService()
         self.addCleanup(host.stopService)
@@ -171,6 +201,23 @@ class RestartTests(TestCase):
     async def test_streamable_http_quick_restart(self) -> None:
         """Streamable HTTP: a server back before we noticed answers the old session with 400; we recover."""
         await self.check_quick_restart("streamableHttp")
+
+    async def test_streamable_http_network_cut_keeps_the_session(self) -> None:
+        """Connections cut between us and a live server: the GET stream is reopened, the session kept."""
+        server = await self.start_server("streamableHttp")
+        proxy = CuttableProxy(server.port)
+        listening = reactor.listenTCP(0, proxy, interface="127.0.0.1")  # type: ignore[arg-type]
+        self.addCleanup(listening.stopListening)
+        proxy_port = listening.getHost().port  # type: ignore[attr-defined]
+        host = await self.host_for(server, f"http://127.0.0.1:{proxy_port}/mcp")
+        self.assertEqual(await self.echo(host, "before"), "Echo: before")
+        await wait_for(lambda: proxy.live > 0, 5, "the GET stream to be open")
+        opened = proxy.opened
+        proxy.cut()
+        await wait_for(lambda: proxy.opened > opened and proxy.live > 0, 10, "the GET stream to be reopened")
+        self.assertEqual(await self.echo(host, "after"), "Echo: after")
+        status = self.status(host)
+        self.assertEqual((status["state"], status["restarts"]), ("ready", 0), status)
 
     async def test_legacy_sse_killed_and_restarted(self) -> None:
         """Legacy HTTP+SSE: the event stream's end shows the loss; reconnected once the server is back."""
