@@ -464,6 +464,26 @@ class SessionLossTests(SynchronousTestCase):
         self.assertIn("Connection was refused", str(error))
         self.assertEqual(self.status()["state"], "backing_off")
 
+    def test_refused_call_does_not_wait_past_its_timeout(self) -> None:
+        """If the next attempt is due after the call's own timeout, the call fails at once, clearly."""
+        self.successResultOf(self.host.stopService())
+        self.host = MCPHost(
+            self.reactor,
+            [ServerConfig("remote", transport="http", url="http://mcp.test/mcp", timeout=0.5)],
+            http_client=self.client,
+            initial_backoff=1.0,
+        )
+        self.host.startService()
+        self.flush()
+        self.client.down = True
+        error = self.failureResultOf(self.add(), ToolCallError).value
+        self.assertIn("was not run", str(error))
+        self.assertIn("not ready again (backing_off)", str(error))
+        self.client.down = False
+        self.reactor.advance(1.0)
+        self.flush()
+        self.assertEqual(self.status()["state"], "ready")
+
     def test_call_of_unknown_fate_is_not_resent(self) -> None:
         """A call whose connection broke after it was sent may have run: a clear error, no second send."""
         self.server.offer_stream = False
