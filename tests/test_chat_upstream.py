@@ -74,7 +74,7 @@ class LlamaShapedTests(TestCase):
         self.upstream.push(Script([SendHeaders()]))
         first = await self.turn(service, session_id, "hello")
         self.assertEqual([e.type for e in first.stream.events], ["error"])
-        self.assertIn("the model's server answered 200 with an empty body", first.error or "")
+        self.assertIn("the model returned an empty answer", first.error or "")
         self.assertEqual(await self.history(session_id), [("user", "hello")])
         second = await self.turn(service, session_id, "hello again")
         self.assertEqual([e.type for e in second.stream.events][-1], "done")

@@ -303,9 +303,7 @@ class _Exchange:
                         self._event(event)
                     if not self._answered():
                         raise self._error(
-                            "the model's server ended the stream without an answer (no data and no [DONE])"
-                            if self._received
-                            else "the model's server answered 200 with an empty body",
+                            "the model returned an empty answer: its stream ended without content or [DONE]",
                             status=response.code,
                             code="empty",
                         )
@@ -427,7 +425,7 @@ class _Exchange:
     def _whole(self, raw: bytes) -> None:
         """A server that ignored ``stream: true`` and sent one ``chat.completion`` object."""
         if not raw.strip():
-            raise self._error("the model's server answered 200 with an empty body", status=200, code="empty")
+            raise self._error("the model returned an empty answer: a 200 with an empty body", status=200, code="empty")
         text = self._upstream_text(raw)
         try:
             document = json.loads(raw)

@@ -175,7 +175,7 @@ class StreamTests(SynchronousTestCase):
             http = FakeHTTP(FakeResponse(pieces=body), FakeResponse(pieces=sse(*text_events("again"))))
             error = self.failureResultOf(run(provider(http)), LLMError).value
             self.assertEqual((error.code, error.started, error.retryable), ("empty", False, False), body)
-            self.assertIn("without an answer" if body else "empty body", error.message)
+            self.assertIn("empty answer: its stream ended without content or [DONE]", error.message)
             self.assertEqual(len(http.sent), 1)
 
     def test_empty_json_200_is_an_error(self) -> None:
@@ -183,7 +183,7 @@ class StreamTests(SynchronousTestCase):
         response = FakeResponse(pieces=b"", headers={"Content-Type": "application/json"})
         error = self.failureResultOf(run(provider(FakeHTTP(response))), LLMError).value
         self.assertEqual((error.code, error.status), ("empty", 200))
-        self.assertIn("empty body", error.message)
+        self.assertIn("empty answer: a 200 with an empty body", error.message)
 
     def test_done_then_connection_lost_is_complete(self) -> None:
         """``[DONE]`` followed by a lost connection (the chunked body's end never came) is a whole answer,
