@@ -35,6 +35,7 @@ class Script:
     deltas: list[str] = field(default_factory=list)
     calls: list[ToolCall] = field(default_factory=list)
     error: LLMError | None = None
+    finish_reason: str | None = "stop"
 
 
 class ScriptedModel:
@@ -61,7 +62,7 @@ class ScriptedModel:
                 on_text(delta)
         if script.error is not None:
             raise script.error
-        return Completion("".join(script.deltas), script.calls, "stop", None, self.model)
+        return Completion("".join(script.deltas), script.calls, script.finish_reason, None, self.model)
 
     async def close(self) -> None:
         """Nothing to close."""
@@ -512,6 +513,17 @@ def test_empty_answer_is_an_error_and_never_poisons_the_session(tmp_path: Path) 
     sent = h.model.requests[2][0]
     assert [(m["role"], m["content"]) for m in sent[1:]] == [
         ("user", "hello"), ("user", "hello?"), ("user", "still there?")]
+
+
+def test_empty_answer_cut_short_says_so(tmp_path: Path) -> None:
+    """An empty answer without a finish reason (llama.cpp's stream interrupted by another request: only
+    ``[DONE]``) tells the user the server cut it short."""
+    h = make(tmp_path, Script([], finish_reason=None), title_generation=False)
+    record = h.send(h.session(), "hello")
+    assert record.error == (
+        "Failed to process message: the model returned an empty answer (no finish reason: the server cut the "
+        "stream short)"
+    )
 
 
 def test_session_already_holding_an_empty_answer_works_again(tmp_path: Path) -> None:

@@ -401,8 +401,12 @@ class ChatService:
             completion = await asked
             if not completion.text.strip() and not completion.tool_calls:
                 # Stored, it would be sent back as a message servers reject; it is a failure of the model.
-                reason = f" (finish reason: {completion.finish_reason})" if completion.finish_reason else ""
-                raise LLMError(f"the model returned an empty answer{reason}", code="empty")
+                reason = (
+                    f"finish reason: {completion.finish_reason}"
+                    if completion.finish_reason
+                    else "no finish reason: the server cut the stream short"
+                )
+                raise LLMError(f"the model returned an empty answer ({reason})", code="empty")
         except (LLMError, CancelledError):
             await self._committed(record)
             if said:
