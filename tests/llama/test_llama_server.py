@@ -10,7 +10,8 @@ loopback port with ``--interrupt_requests False``, as the README tells llama.cpp
 The scenarios: a streamed answer and the title the model writes for it; a conversation of several turns;
 forced tool calls through approvals and back to the model until the round cap; the broken
 ``--chat_format chatml-function-calling`` stream (an ``error`` event, and the session works once the
-server does); the server killed in the middle of an answer; ten concurrent turns.
+server does); the server killed in the middle of an answer; ten concurrent turns, and ten on a server left
+with its default ``--interrupt_requests``, which cuts streams short.
 """
 
 from __future__ import annotations
@@ -352,3 +353,28 @@ def test_ten_concurrent_turns(plain: Chat) -> None:
             return not is_automatic(plain.ok(plain.request("GET", f"/v1/chat/sessions/{session}", user))["title"])
 
         wait_for(f"the title of {session}", titled)
+
+
+def test_ten_concurrent_turns_on_a_server_that_interrupts_streams(tmp_path: Path) -> None:
+    """With llama.cpp's default ``--interrupt_requests``, each new request cuts the running stream short
+    (``[DONE]``, then a close without the chunked body's last chunk). Every turn still ends at once, none is
+    retried (retries would only cut each other), no cut is reported as a broken connection: a turn is either
+    answered or told that the server sent an empty answer. README tells llama.cpp users to turn it off."""
+    server = serve(tmp_path / "llama", "--interrupt_requests", "True")
+    chat = launch(tmp_path / "daemon", "chat:\n  title_generation: false\n", llm_yaml(server.base_url))
+    try:
+        users = [str(9100 + n) for n in range(10)]
+        with ThreadPoolExecutor(len(users)) as pool:
+            replies = list(pool.map(lambda u: chat.send(f"Name a colour, user {u}.", user=u), users))
+        answered = [body for status, body in replies if status == 200]
+        refused = [body["error"] for status, body in replies if status != 200]
+        assert answered, replies
+        assert all(body["message"]["content"].strip() for body in answered), answered
+        empty = "Failed to process message: the model returned an empty answer"
+        assert all(e.startswith(empty) for e in refused), refused
+        log = chat.daemon.log.read_text()
+        assert "retrying in" not in log
+        assert "Chunked decoder" not in log
+    finally:
+        chat.close()
+        server.stop()
