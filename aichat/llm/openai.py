@@ -8,8 +8,9 @@ stream: text deltas go to ``on_text`` as they arrive; ``delta.tool_calls`` fragm
 
 What the wire means is decided here. A ``[DONE]`` seen is a complete answer, however the connection ends
 afterwards (llama.cpp cuts a running stream that way, without the last chunk of the chunked body). A
-stream that ends without ``[DONE]`` after an answer has begun is complete too; one that ends without
-``[DONE]`` and without any answer, and an empty 200, are errors (``code="empty"``), never an empty answer.
+stream whose body ends cleanly without ``[DONE]`` after an answer has begun is complete too; one that ends
+without ``[DONE]`` and without any answer, and an empty 200, are errors (``code="empty"``), never an empty
+answer. A connection lost before ``[DONE]`` is a connection error.
 
 Every exchange is bounded by a deadline to the first byte of the body, an idle timer reset on every chunk
 and a cap on the total size; the connect timeout belongs to the HTTP client (:func:`make_http_client`).
@@ -426,16 +427,17 @@ class _Exchange:
         """A server that ignored ``stream: true`` and sent one ``chat.completion`` object."""
         if not raw.strip():
             raise self._error("the model returned an empty answer: a 200 with an empty body", status=200, code="empty")
-        text = self._upstream_text(raw)
         try:
             document = json.loads(raw)
         except ValueError:
+            text = self._upstream_text(raw)
             raise self._error(
                 f"the model sent invalid JSON: {_reason(text)}",
                 detail=f"the model sent invalid JSON: {text}",
                 code="protocol",
             ) from None
         if not isinstance(document, dict):
+            text = self._upstream_text(raw)
             raise self._error(
                 f"the model sent unexpected JSON: {_reason(text)}",
                 detail=f"the model sent unexpected JSON: {text}",
