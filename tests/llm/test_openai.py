@@ -239,6 +239,29 @@ class StreamTests(SynchronousTestCase):
         self.assertIn("captive portal", error.message)
 
 
+class ErrorTextTests(SynchronousTestCase):
+    """What of an upstream's error text a user is shown."""
+
+    def test_reason_hides_server_files_and_keeps_it_short(self) -> None:
+        """Files on the server become ``…``, API paths and URLs stay, traceback lines go, and a long text is
+        cut at a word to 200 characters; the detail keeps all of it."""
+        text = (
+            "Traceback (most recent call last):\n"
+            '  File "/usr/lib/python3/dist-packages/server/app.py", line 12, in handler\n'
+            "failed to load model from /srv/models/smollm2.gguf (see /var/log/llama/server/errors) "
+            "for POST /v1/chat/completions, docs at https://example.org/a/b/c.html; " + "padding " * 40
+        )
+        body = json.dumps({"error": {"message": text}}).encode()
+        error = self.failureResultOf(run(provider(FakeHTTP(FakeResponse(400, body)))), LLMError).value
+        reason = error.message.removeprefix("the model's server answered HTTP 400: ")
+        self.assertTrue(reason.startswith(
+            "failed to load model from … (see …) for POST /v1/chat/completions, docs at https://example.org/a/b/c.html;"
+        ), reason)
+        self.assertTrue(reason.endswith("padding…"), reason)
+        self.assertLessEqual(len(reason), 201)
+        self.assertEqual(error.detail, f"the model's server answered HTTP 400: {text}")
+
+
 class RequestTests(SynchronousTestCase):
     """What the client sends."""
 
