@@ -35,6 +35,7 @@ class Script:
     deltas: list[str] = field(default_factory=list)
     calls: list[ToolCall] = field(default_factory=list)
     error: LLMError | None = None
+    finish_reason: str | None = "stop"
 
 
 class ScriptedModel:
@@ -61,7 +62,7 @@ class ScriptedModel:
                 on_text(delta)
         if script.error is not None:
             raise script.error
-        return Completion("".join(script.deltas), script.calls, "stop", None, self.model)
+        return Completion("".join(script.deltas), script.calls, script.finish_reason, None, self.model)
 
     async def close(self) -> None:
         """Nothing to close."""
@@ -186,7 +187,26 @@ def test_context_repairs_unanswered_calls_and_drops_orphans() -> None:
     assert [m["role"] for m in messages[1:]] == ["user", "assistant", "tool", "tool", "user"]
     assert messages[3] == {"role": "tool", "tool_call_id": "a", "content": "result a"}
     assert messages[4] == {"role": "tool", "tool_call_id": "b", "content": NOT_EXECUTED}
-    assert messages[2] == {"role": "assistant", "content": None, "tool_calls": calls}
+    assert messages[2] == {"role": "assistant", "content": "", "tool_calls": calls}
+
+
+def test_context_never_sends_what_a_server_rejects() -> None:
+    """Assistant content is a string, ``""`` beside tool calls (llama.cpp answers 500 to ``null``); an empty
+    assistant message without tool calls (stored by an older version from an empty answer) is not sent."""
+    calls = [{"id": "a", "type": "function", "function": {"name": "x", "arguments": "{}"}}]
+    history = [
+        Message("1", "s", "user", "hi"),
+        Message("2", "s", "assistant", ""),
+        Message("3", "s", "user", "again"),
+        Message("4", "s", "assistant", "", tool_calls=calls),
+        Message("5", "s", "tool", "done", tool_call_id="a"),
+        Message("6", "s", "assistant", " \n"),
+        Message("7", "s", "assistant", "Fine."),
+    ]
+    messages = build_messages("", history, 10_000, NOW)
+    assert [(m["role"], m.get("content")) for m in messages] == [
+        ("user", "hi"), ("user", "again"), ("assistant", ""), ("tool", "done"), ("assistant", "Fine.")]
+    assert all(isinstance(m["content"], str) for m in messages)
 
 
 def test_context_trims_oldest_without_splitting_tool_groups() -> None:
@@ -444,7 +464,7 @@ def test_tool_errors_go_back_to_the_model(tmp_path: Path) -> None:
     assert errors[1].startswith("Error executing tool:") and "nope__tool" in errors[1]
     assert errors[2].startswith("Error executing tool: failed to parse tool arguments")
     tool_event = next(e for e in record.stream.events if e.type == "tool_execution")
-    assert tool_event.content == "Executed 3 tool(s) (partially failed)"
+    assert tool_event.content == "Executed 3 tool(s) (failed)"
     assert [m["content"] for m in h.model.requests[1][0] if m["role"] == "tool"] == errors
 
 
@@ -459,6 +479,63 @@ def test_round_cap_stops_the_loop_with_a_clear_message(tmp_path: Path) -> None:
     assert "Stopped after 2 tool rounds" in record.response()["message"]["content"]
     unanswered = [m for m in h.history(session) if m.role == "tool" and m.tool_call_id == "c2"]
     assert unanswered[0].content == "Tool call was not executed: the tool round limit was reached."
+
+
+def test_some_or_all_tool_calls_failing_are_worded_apart(tmp_path: Path) -> None:
+    """"partially failed" only when some calls failed and some did not; one call that failed is "failed"."""
+    h = make(
+        tmp_path,
+        Script([], [call("a", "everything__fail")]), Script(["noted"]),
+        Script([], [call("b", "everything__fail"), call("c", "everything__echo")]), Script(["noted"]),
+        approval=ApprovalSettings(policy="never"), title_generation=False,
+    )
+    session = h.session()
+    outcomes = []
+    for _ in range(2):
+        record = h.send(session, "x")
+        outcomes.append(next(e.content for e in record.stream.events if e.type == "tool_execution"))
+    assert outcomes == ["Executed 1 tool(s) (failed)", "Executed 2 tool(s) (partially failed)"]
+
+
+def test_empty_answer_is_an_error_and_never_poisons_the_session(tmp_path: Path) -> None:
+    """A completion with no text and no tool calls ends the turn with an ``error`` event and stores no empty
+    assistant message; the next turn sends a history every server accepts and works."""
+    h = make(tmp_path, Script([]), Script([" \n"]), Script(["Back."]), title_generation=False)
+    session = h.session()
+    first = h.send(session, "hello")
+    assert kinds(first) == ["error"]
+    assert first.error == "Failed to process message: the model returned an empty answer (finish reason: stop)"
+    assert first.error_status == 502
+    assert [(m.role, m.content) for m in h.history(session)] == [("user", "hello")]
+    assert kinds(h.send(session, "hello?"))[-1] == "error"
+    third = h.send(session, "still there?")
+    assert kinds(third) == ["message", "done"]
+    sent = h.model.requests[2][0]
+    assert [(m["role"], m["content"]) for m in sent[1:]] == [
+        ("user", "hello"), ("user", "hello?"), ("user", "still there?")]
+
+
+def test_empty_answer_cut_short_says_so(tmp_path: Path) -> None:
+    """An empty answer without a finish reason (llama.cpp's stream interrupted by another request: only
+    ``[DONE]``) tells the user the server cut it short."""
+    h = make(tmp_path, Script([], finish_reason=None), title_generation=False)
+    record = h.send(h.session(), "hello")
+    assert record.error == (
+        "Failed to process message: the model returned an empty answer (no finish reason: the server cut the "
+        "stream short)"
+    )
+
+
+def test_session_already_holding_an_empty_answer_works_again(tmp_path: Path) -> None:
+    """A session in which an older version stored ``""`` as the answer is not stuck: that message is never
+    sent again."""
+    h = make(tmp_path, Script(["Works."]), title_generation=False)
+    session = h.session()
+    done(h.store.add_message(Message("u1", session.id, "user", "hello")))
+    done(h.store.add_message(Message("a1", session.id, "assistant", "")))
+    assert kinds(h.send(session, "again")) == ["message", "done"]
+    sent = h.model.requests[0][0]
+    assert [m["role"] for m in sent] == ["system", "user", "user"]
 
 
 def test_upstream_failure_mid_stream_keeps_what_was_said(tmp_path: Path) -> None:
@@ -510,6 +587,46 @@ def test_title_generated_after_first_exchange(tmp_path: Path) -> None:
     h.send(session, "and now?")
     assert done(h.store.get_session("1", session.id)).title == "Database Latency Help"
     assert len(h.model.requests) == 3
+
+
+def test_title_is_asked_only_after_the_turn_is_done(tmp_path: Path) -> None:
+    """The title request starts after the turn's stream has ended, never while the user still waits for it
+    (a server serving one request at a time would make the turn wait for the title)."""
+    h = make(tmp_path, Script(["Answer."]), Script(["Slow Queries Explained"]))
+    streams: list[Any] = []
+    create = h.service.streams.create
+
+    def creating(*args: Any) -> Any:
+        streams.append(create(*args))
+        return streams[-1]
+
+    h.service.streams.create = creating  # type: ignore[method-assign,assignment]
+    seen_when_asked: list[list[str]] = []
+    complete = h.model.complete
+
+    async def observed(messages: list[dict[str, Any]], tools: Any = None, **kwargs: Any) -> Completion:
+        seen_when_asked.append([e.type for e in streams[0].events])
+        return await complete(messages, tools, **kwargs)
+
+    h.model.complete = observed  # type: ignore[method-assign]
+    session = h.session()
+    h.send(session, "why is it slow")
+    assert seen_when_asked == [[], ["message", "done"]]
+    assert done(h.store.get_session("1", session.id)).title == "Slow Queries Explained"
+
+
+def test_first_turn_ending_at_the_round_cap_gets_a_title(tmp_path: Path) -> None:
+    """A first turn stopped by chat.max_tool_rounds still titles its session, from the user's message."""
+    looping = [Script([], [call(f"c{i}", "everything__echo")]) for i in range(2)]
+    h = make(tmp_path, *looping, Script(["Echo Loop Check"]), max_tool_rounds=1,
+             approval=ApprovalSettings(policy="never"))
+    session = h.session()
+    record = h.send(session, "echo until stopped")
+    assert "Stopped after 1 tool rounds" in record.response()["message"]["content"]
+    assert done(h.store.get_session("1", session.id)).title == "Echo Loop Check"
+    title_request, tools = h.model.requests[-1]
+    assert tools is None
+    assert "User: echo until stopped" in title_request[0]["content"]
 
 
 def test_turn_deadline_cancels_and_reports(tmp_path: Path) -> None:

@@ -218,3 +218,25 @@ def test_history_cache_size(tmp_path: Path) -> None:
     assert settings.database.history_cache_mb == 0
     problems = problems_of(write_config(tmp_path, "database:\n  history_cache_mb: -1\n", "neg.yaml"), environ={})
     assert len(problems) == 1 and "$.database.history_cache_mb" in problems[0]
+
+
+def test_llm_options_take_any_json_value(tmp_path: Path) -> None:
+    """``llm.options`` accepts objects and lists (a forced ``tool_choice``, ``stop``, ``logit_bias``,
+    ``response_format``); values YAML reads as non-JSON types (dates) are refused at their path."""
+    path = write_config(
+        tmp_path,
+        "llm:\n  options:\n"
+        "    tool_choice: {type: function, function: {name: everything__echo}}\n"
+        '    stop: ["\\n\\n", "User:"]\n'
+        '    logit_bias: {"50256": -100}\n'
+        "    response_format: {type: json_object}\n"
+        "    max_tokens: 64\n"
+        "    seed: null\n",
+    )
+    options = load_settings(str(path), environ={}).llm.options
+    assert options["tool_choice"] == {"type": "function", "function": {"name": "everything__echo"}}
+    assert options["stop"] == ["\n\n", "User:"]
+    assert (options["logit_bias"], options["max_tokens"], options["seed"]) == ({"50256": -100}, 64, None)
+    path = write_config(tmp_path, "llm:\n  options:\n    stop: [2024-01-02]\n")
+    [problem] = problems_of(path, environ={})
+    assert problem.startswith(f"{path}: $.llm.options.stop[0]: ")

@@ -27,7 +27,13 @@ A Script is a list of steps run in order, then its ``body`` if any, then the end
 - :class:`Sleep` ``(seconds)``: a pause on the reactor (before the first write, headers wait too);
 - :class:`SendHeaders`: send the status and headers now;
 - :class:`Reset`: abort the connection with a TCP RST (before any write: no response at all);
+- :class:`Drop`: close the connection in order (FIN) without ending the response: a chunked body loses its
+  final empty chunk, as llama.cpp's streams do when it interrupts one;
 - :class:`Stall`: send nothing more and keep the connection open until the client leaves.
+
+``Upstream(rejects=strict_server)`` first checks each request as real servers do and answers what they
+would refuse with their error (see :func:`strict_server`: llama.cpp's 500 for an assistant ``content`` of
+``null``, OpenAI's 400s), whatever was queued.
 
 Builders make the usual scripts: :func:`text_stream`, :func:`tool_stream` (calls split across deltas by
 ``index``, interleaved for parallel calls, optionally repeating id and name on every delta as llama.cpp
@@ -102,11 +108,16 @@ class Reset:
 
 
 @dataclass(frozen=True)
+class Drop:
+    """Close the connection cleanly without finishing the response (no final chunk)."""
+
+
+@dataclass(frozen=True)
 class Stall:
     """Send nothing more; keep the connection open until the client goes away."""
 
 
-Step = Send | Raw | Sleep | SendHeaders | Reset | Stall
+Step = Send | Raw | Sleep | SendHeaders | Reset | Drop | Stall
 
 
 @dataclass(frozen=True)
@@ -255,6 +266,51 @@ def error_reply(
     return Script([], status=status, headers=headers, body=json.dumps(body).encode())
 
 
+#: The error body llama-cpp-python 0.3.36 answers (with status 500) to an assistant message whose
+#: ``content`` is ``null``, as seen from the real server (shortened to two of its seven validation errors).
+LLAMA_NULL_CONTENT = (
+    "7 validation errors:\n"
+    "  {{'type': 'literal_error', 'loc': ('body', 'messages', {n}, 'ChatCompletionRequestSystemMessage', 'role'), "
+    "'msg': \"Input should be 'system'\", 'input': 'assistant', 'ctx': {{'expected': \"'system'\"}}}}\n"
+    "  {{'type': 'string_type', 'loc': ('body', 'messages', {n}, 'ChatCompletionRequestAssistantMessage', "
+    "'content'), 'msg': 'Input should be a valid string', 'input': None}}\n\n"
+    '  File "/opt/llama/lib/python3.11/site-packages/llama_cpp/server/app.py", line 376, in '
+    "create_chat_completion\n    POST /v1/chat/completions"
+)
+
+
+def strict_server(body: Any) -> Script | None:
+    """The error a real server answers to ``body``, or ``None`` when every server we know accepts it:
+
+    - an assistant message whose ``content`` is not a string: llama-cpp-python's 500 (its pydantic
+      validation text, with a traceback line naming a file on the server); OpenAI accepts ``null`` only
+      beside tool calls, and refuses an assistant message with neither content nor tool calls (400);
+    - ``tool_choice`` or ``parallel_tool_calls`` without ``tools``: OpenAI's 400.
+    """
+    messages = body.get("messages") if isinstance(body.get("messages"), list) else []
+    for n, message in enumerate(messages):
+        if not isinstance(message, dict) or message.get("role") != "assistant":
+            continue
+        content = message.get("content")
+        if not isinstance(content, str):
+            return error_reply(500, LLAMA_NULL_CONTENT.format(n=n), type="internal_server_error")
+        if not content and not message.get("tool_calls"):
+            return error_reply(
+                400,
+                f"Invalid 'messages[{n}]': an assistant message must have 'content' or 'tool_calls'.",
+                type="invalid_request_error",
+            )
+    if not body.get("tools"):
+        for option in ("tool_choice", "parallel_tool_calls"):
+            if option in body:
+                return error_reply(
+                    400,
+                    f"Invalid value for '{option}': '{option}' is only allowed when 'tools' are specified.",
+                    type="invalid_request_error",
+                )
+    return None
+
+
 def _as_completion(script: Script) -> Script:
     """The non-streaming answer built from a script's chunks."""
     content: list[str] = []
@@ -366,6 +422,9 @@ class _Run:
             if isinstance(step, Reset):
                 self.reset()
                 return
+            if isinstance(step, Drop):
+                self.drop()
+                return
             if isinstance(step, SendHeaders):
                 self._request.write(b"")
             elif isinstance(step, Raw):
@@ -384,6 +443,11 @@ class _Run:
             self._request.setHeader("Content-Length", str(len(self._script.body)))
             self._request.write(self._script.body)
         self._request.finish()
+
+    def drop(self) -> None:
+        """Close the connection in order, leaving the response unfinished."""
+        transport: Any = self._request.channel.transport
+        transport.loseConnection()
 
     def reset(self) -> None:
         """Abort with RST (SO_LINGER 0), as a crashed or killed upstream does."""
@@ -437,7 +501,11 @@ class _Root(Resource):
         elif not isinstance(body, dict):
             script = error_reply(400, "We could not parse the JSON body of your request.", type="invalid_request_error")
         else:
-            script = upstream.scripts.popleft() if upstream.scripts else upstream.responder(body)
+            refusal = upstream.rejects(body) if upstream.rejects is not None else None
+            if refusal is not None:
+                script = refusal
+            else:
+                script = upstream.scripts.popleft() if upstream.scripts else upstream.responder(body)
             if not body.get("stream") and script.body is None:
                 script = _as_completion(script)
         run = _Run(upstream, request, script, record)
@@ -457,9 +525,11 @@ class Upstream:
         api_key: str | None = None,
         model: str = MODEL,
         record: bool = True,
+        rejects: Callable[[Any], Script | None] | None = None,
     ) -> None:
         self.reactor = reactor
         self.record = record
+        self.rejects = rejects
         self.responder = responder or echo(model=model)
         self.api_key = api_key
         self.model = model

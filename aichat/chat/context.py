@@ -1,7 +1,8 @@
 """What the model sees: the system prompt with a current-time block, then the session's stored history.
 
 History is converted to the Chat Completions shapes (assistant ``tool_calls``, ``tool`` messages with
-``tool_call_id``), repaired so the API accepts it (every tool call answered, no orphan results), and
+``tool_call_id``), repaired so every server we know accepts it (every tool call answered, no orphan
+results, assistant content never ``null``, no empty assistant message), and
 trimmed to a character budget keeping the newest messages without splitting a tool call from its results.
 """
 
@@ -86,11 +87,18 @@ def user_content(text: str, attachments: Sequence[Attachment]) -> str | list[dic
 
 
 def to_openai(message: Message) -> dict[str, Any] | None:
-    """One stored message in Chat Completions form; roles the API rejects are left out."""
+    """One stored message in Chat Completions form; what a server may reject is left out.
+
+    An assistant message's ``content`` is always a string, ``""`` beside tool calls (llama.cpp answers 500
+    to ``null``); an assistant message with neither text nor tool calls is invalid everywhere, so one
+    stored by an older version (from an empty answer) is skipped rather than sent.
+    """
     if message.role == "user":
         return {"role": "user", "content": user_content(message.content, message.attachments)}
     if message.role == "assistant":
-        out: dict[str, Any] = {"role": "assistant", "content": message.content or None}
+        if not message.tool_calls and not message.content.strip():
+            return None
+        out: dict[str, Any] = {"role": "assistant", "content": message.content}
         if message.tool_calls:
             out["tool_calls"] = message.tool_calls
         return out

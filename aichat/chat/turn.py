@@ -292,7 +292,7 @@ class ChatService:
         stream = record.stream
         try:
             await first(record)
-            await self._loop(record, user_id)
+            finished = await self._loop(record, user_id)
         except LLMError as e:
             record.error = f"Failed to process message: {e.message}"
             record.error_status = 504 if e.code == "timeout" else 502
@@ -309,6 +309,12 @@ class ChatService:
             record.error = f"Failed to process message: internal error ({type(e).__name__})"
             record.error_status = 500
             stream.emit(Event("error", record.session_id, error=record.error))
+        else:
+            if finished is not None:
+                # Only now, with the turn's stream done: a model server that serves one request at a time
+                # (llama.cpp) would otherwise be asked for the title while the user waits for the turn.
+                history, answer = finished
+                self._maybe_title(user_id, record.session_id, history, answer)
 
     def _save_user_message(self, record: TurnRecord) -> None:
         """Start storing the turn's user message, if it is not stored or being stored yet."""
@@ -333,7 +339,11 @@ class ChatService:
             write, record.pending_write = record.pending_write, None
             await write
 
-    async def _loop(self, record: TurnRecord, user_id: str) -> None:
+    async def _loop(self, record: TurnRecord, user_id: str) -> tuple[list[Message], str] | None:
+        """Ask the model and run its tools until it answers, asks for approval or reaches the round cap.
+
+        Returns the history of the last round and the model's last text, from which a title is made, or
+        ``None`` when the turn waits for an approval."""
         session_id = record.session_id
         while True:
             if record.history is not None:
@@ -350,9 +360,8 @@ class ChatService:
             messages = build_messages(self.system_prompt, history, self.settings.history_budget_chars, self._now())
             assistant = await self._complete(record, messages, specs)
             if not assistant.tool_calls:
-                self._maybe_title(user_id, session_id, history, assistant)
                 record.stream.emit(Event("done", session_id))
-                return
+                return history, assistant.content
             calls = assistant.tool_calls
             if rounds >= self.settings.max_tool_rounds:
                 await self._store_refusals(session_id, calls, ROUND_LIMIT)
@@ -364,7 +373,7 @@ class ChatService:
                 record.text.append(notice)
                 record.stream.emit(Event("message", session_id, content=notice))
                 record.stream.emit(Event("done", session_id))
-                return
+                return history, assistant.content
             by_name = {t.function_name: t for t in available}
             ask = [c for c in calls if self._needs_approval(c, by_name)]
             now_run = [c for c in calls if c not in ask]
@@ -372,7 +381,7 @@ class ChatService:
                 await self._run_tools(record, now_run)
             if ask:
                 await self._request_approval(record, user_id, ask)
-                return
+                return None
             record.stream.emit(Event("message", session_id, content=PROCESSING, synthetic=True))
 
     def _needs_approval(self, call: dict[str, Any], by_name: dict[str, ToolInfo]) -> bool:
@@ -397,6 +406,14 @@ class ChatService:
         self._save_user_message(record)
         try:
             completion = await asked
+            if not completion.text.strip() and not completion.tool_calls:
+                # Stored, it would be sent back as a message servers reject; it is a failure of the model.
+                reason = (
+                    f"finish reason: {completion.finish_reason}"
+                    if completion.finish_reason
+                    else "no finish reason: the server cut the stream short"
+                )
+                raise LLMError(f"the model returned an empty answer ({reason})", code="empty")
         except (LLMError, CancelledError):
             await self._committed(record)
             if said:
@@ -466,7 +483,7 @@ class ChatService:
         )
         record.executions.extend(executions)
         failed = sum(1 for e in executions if "error" in e)
-        outcome = "successful" if not failed else "partially failed"
+        outcome = "successful" if not failed else "failed" if failed == len(executions) else "partially failed"
         record.stream.emit(
             Event(
                 "tool_execution",
@@ -511,11 +528,12 @@ class ChatService:
 
     # -- titles -------------------------------------------------------------------------------------
 
-    def _maybe_title(self, user_id: str, session_id: str, history: list[Message], assistant: Message) -> None:
+    def _maybe_title(self, user_id: str, session_id: str, history: list[Message], answer: str) -> None:
+        """Title the session after its first turn (however that turn ended), in the background."""
         users = [m for m in history if m.role == "user"]
         if not self.settings.title_generation or len(users) != 1:
             return
-        work = Deferred.fromCoroutine(self._title(user_id, session_id, users[0].content, assistant.content))
+        work = Deferred.fromCoroutine(self._title(user_id, session_id, users[0].content, answer))
         self._background.add(work)
         timer: IDelayedCall = self.clock.callLater(TITLE_TIMEOUT, work.cancel)
 

@@ -6,10 +6,18 @@ One call of :meth:`OpenAIProvider.complete` is one ``POST {base_url}/chat/comple
 stream: text deltas go to ``on_text`` as they arrive; ``delta.tool_calls`` fragments are assembled by
 ``index``; the final usage chunk (``stream_options.include_usage``) and ``data: [DONE]`` end it.
 
+What the wire means is decided here. A ``[DONE]`` seen is a complete answer, however the connection ends
+afterwards (llama.cpp cuts a running stream that way, without the last chunk of the chunked body). A
+stream whose body ends cleanly without ``[DONE]`` after an answer has begun is complete too; one that ends
+without ``[DONE]`` and without any answer, and an empty 200, are errors (``code="empty"``), never an empty
+answer. A connection lost before ``[DONE]`` is a connection error.
+
 Every exchange is bounded by a deadline to the first byte of the body, an idle timer reset on every chunk
 and a cap on the total size; the connect timeout belongs to the HTTP client (:func:`make_http_client`).
 The API key goes only into the ``Authorization`` header: it is never logged and is scrubbed from every
-error message.
+error message, before any text is cut to a length. An upstream's error text reaches the user as the status
+and a short reason cleaned of tracebacks and server file paths (``LLMError.message``); the whole text goes
+to the log only (``LLMError.detail``).
 """
 
 from __future__ import annotations
@@ -51,6 +59,12 @@ RETRYABLE_STATUSES = frozenset({429, 500, 502, 503, 504})
 #: Upstream error codes that a retry cannot fix even when the status says "try again".
 PERMANENT_CODES = frozenset({"insufficient_quota", "billing_hard_limit_reached"})
 ERROR_BODY_LIMIT = 64 * 1024
+#: Characters of an upstream's error text shown to a user.
+REASON_LIMIT = 200
+#: Request fields that only mean something when tools are offered; OpenAI rejects them on other requests.
+TOOL_OPTIONS = frozenset({"tool_choice", "parallel_tool_calls"})
+#: Request fields the client sets itself; ``llm.options`` cannot override them.
+OWN_FIELDS = frozenset({"model", "messages", "stream", "stream_options", "tools"})
 #: Failures of the connection itself: retried before the first token.
 NETWORK_ERRORS = (
     ConnectError,
@@ -250,8 +264,15 @@ class _Exchange:
         if self._reader is not None:
             self._reader.fail(self._error(why, code="timeout"))
 
-    def _error(self, message: str, **kwargs: Any) -> LLMError:
-        return LLMError(self._provider._scrub(message), started=self.started, **kwargs)
+    def _error(self, message: str, *, detail: str | None = None, **kwargs: Any) -> LLMError:
+        scrub = self._provider._scrub
+        return LLMError(
+            scrub(message), detail=scrub(detail) if detail is not None else None, started=self.started, **kwargs
+        )
+
+    def _upstream_text(self, raw: bytes, *, truncated: bool = False) -> str:
+        """Text the upstream sent, decoded and scrubbed of the key before anything cuts it."""
+        return self._provider._scrub(raw.decode("utf-8", "replace"), truncated=truncated)
 
     # The exchange
 
@@ -281,10 +302,18 @@ class _Exchange:
                 if not self._done:
                     for event in self._decoder.feed(b"\n\n"):
                         self._event(event)
+                    if not self._answered():
+                        raise self._error(
+                            "the model returned an empty answer: its stream ended without content or [DONE]",
+                            status=response.code,
+                            code="empty",
+                        )
             else:
                 raw = await self._read(response, ERROR_BODY_LIMIT, truncate=True)
+                text = self._upstream_text(raw, truncated=self._received > ERROR_BODY_LIMIT)
                 raise self._error(
-                    f"the model answered with content type {content_type!r}, not an event stream: {_excerpt(raw)}",
+                    f"the model answered with content type {content_type!r}, not an event stream: {_reason(text)}",
+                    detail=f"the model answered with content type {content_type!r}, not an event stream: {text}",
                     status=response.code,
                     code="protocol",
                 )
@@ -336,8 +365,18 @@ class _Exchange:
         try:
             await self._reader.finished
         except Exception as error:
-            self._reraise(error, "reading the model's response")
+            if not (self._done and isinstance(error, NETWORK_ERRORS) and not self._expired):
+                self._reraise(error, "reading the model's response")
+            # [DONE] came first: the answer is whole, only the end of the body was lost.
+            log.debug(
+                "The model's server closed the connection after [DONE]: {error}",
+                error=self._provider._scrub(str(error)),
+            )
         return b"".join(parts)
+
+    def _answered(self) -> bool:
+        """Whether any part of an answer arrived: text, a tool call or a finish reason."""
+        return bool(self._text) or bool(self._tools) or self._finish_reason is not None
 
     # Parsing
 
@@ -358,7 +397,12 @@ class _Exchange:
             return
         if "error" in chunk or event.event == "error":
             message, code = _error_fields(chunk)
-            raise self._error(f"the model failed mid-stream: {message or _excerpt(data.encode())}", code=code)
+            text = self._provider._scrub(message or data)
+            raise self._error(
+                f"the model failed mid-stream: {_reason(text)}",
+                detail=f"the model failed mid-stream: {text}",
+                code=code,
+            )
         if isinstance(chunk.get("model"), str):
             self._model = chunk["model"]
         usage = Usage.from_openai(chunk.get("usage"))
@@ -381,15 +425,30 @@ class _Exchange:
 
     def _whole(self, raw: bytes) -> None:
         """A server that ignored ``stream: true`` and sent one ``chat.completion`` object."""
+        if not raw.strip():
+            raise self._error("the model returned an empty answer: a 200 with an empty body", status=200, code="empty")
         try:
             document = json.loads(raw)
         except ValueError:
-            raise self._error(f"the model sent invalid JSON: {_excerpt(raw)}", code="protocol") from None
+            text = self._upstream_text(raw)
+            raise self._error(
+                f"the model sent invalid JSON: {_reason(text)}",
+                detail=f"the model sent invalid JSON: {text}",
+                code="protocol",
+            ) from None
         if not isinstance(document, dict):
-            raise self._error(f"the model sent unexpected JSON: {_excerpt(raw)}", code="protocol")
+            text = self._upstream_text(raw)
+            raise self._error(
+                f"the model sent unexpected JSON: {_reason(text)}",
+                detail=f"the model sent unexpected JSON: {text}",
+                code="protocol",
+            )
         if "error" in document:
             failure, code = _error_fields(document)
-            raise self._error(f"the model failed: {failure}", code=code)
+            failure = self._provider._scrub(failure)
+            raise self._error(
+                f"the model failed: {_reason(failure)}", detail=f"the model failed: {failure}", code=code
+            )
         if isinstance(document.get("model"), str):
             self._model = document["model"]
         self._usage = Usage.from_openai(document.get("usage"))
@@ -442,11 +501,15 @@ class _Exchange:
 
     def _status_error(self, response: Any, raw: bytes) -> LLMError:
         message, code = _error_fields(_json_or_none(raw))
-        if not message:
-            message = _excerpt(raw) or response.phrase.decode("latin-1", "replace")
+        if message:
+            message = self._provider._scrub(message)
+        else:
+            message = self._upstream_text(raw, truncated=self._received > ERROR_BODY_LIMIT).strip()
+            message = message or response.phrase.decode("latin-1", "replace")
         retry_after = _retry_after(response.headers, self._reactor.seconds())
         return self._error(
-            f"the model's server answered HTTP {response.code}: {message}",
+            f"the model's server answered HTTP {response.code}: {_reason(message)}",
+            detail=f"the model's server answered HTTP {response.code}: {message}",
             status=response.code,
             code=code,
             retryable=response.code in RETRYABLE_STATUSES and code not in PERMANENT_CODES,
@@ -522,7 +585,7 @@ class OpenAIProvider:
         body: dict[str, Any] = {
             key: value
             for key, value in self.extra_body.items()
-            if key not in ("model", "messages", "stream", "stream_options", "tools")
+            if key not in OWN_FIELDS and (tools or key not in TOOL_OPTIONS)
         }
         body.update(model=self.model, messages=messages, stream=True)
         if self.include_usage:
@@ -545,9 +608,17 @@ class OpenAIProvider:
             headers.setRawHeaders(b"Authorization", [f"Bearer {self._api_key}".encode()])
         return headers
 
-    def _scrub(self, text: str) -> str:
-        if self._api_key:
-            text = text.replace(self._api_key, "[redacted]")
+    def _scrub(self, text: str, *, truncated: bool = False) -> str:
+        """``text`` without the API key or any bearer token; ``truncated`` text (cut at a read limit) also
+        loses a trailing beginning of the key."""
+        key = self._api_key
+        if key:
+            text = text.replace(key, "[redacted]")
+            if truncated:
+                for length in range(min(len(key) - 1, len(text)), MIN_KEY_PREFIX - 1, -1):
+                    if text.endswith(key[:length]):
+                        text = text[:-length] + "[redacted]"
+                        break
         return _BEARER.sub("Bearer [redacted]", text)
 
     def backoff(self, attempt: int, retry_after: float | None) -> float:
@@ -579,7 +650,7 @@ class OpenAIProvider:
                         url=self.url,
                         attempt=attempt,
                         attempts=self.max_attempts,
-                        message=error.message,
+                        message=error.detail,
                         status=error.status,
                     )
                     raise
@@ -591,7 +662,7 @@ class OpenAIProvider:
                     attempt=attempt,
                     attempts=self.max_attempts,
                     delay=delay,
-                    message=error.message,
+                    message=error.detail,
                     status=error.status,
                 )
             await deferLater(self._reactor, delay)
@@ -604,6 +675,11 @@ class OpenAIProvider:
 
 
 _BEARER = re.compile(r"Bearer\s+[^\s\"',]+")
+#: The shortest beginning of the key redacted at the end of a truncated text ("sk-" alone says nothing).
+MIN_KEY_PREFIX = 4
+_TRACEBACK_LINE = re.compile(r'^\s*(?:Traceback \(most recent call last\)|File "[^"]*", line \d+)')
+#: An absolute path of two or more segments, not part of a URL or of a relative path.
+_PATH = re.compile(r"(?<![\w:/.~-])(?:/[\w.+@~-]+){2,}/?")
 
 
 def _is_cancellation(error: BaseException) -> bool:
@@ -646,9 +722,24 @@ def _error_fields(document: Any) -> tuple[str, str | None]:
     return "", None
 
 
-def _excerpt(raw: bytes, limit: int = 300) -> str:
-    text = " ".join(raw.decode("utf-8", "replace").split())
-    return text if len(text) <= limit else text[:limit] + "…"
+def _reason(text: str, limit: int = REASON_LIMIT) -> str:
+    """A short reason for a user: ``text`` (already scrubbed) without traceback lines or the paths of files
+    on the server, in one line of at most ``limit`` characters."""
+    lines = [line for line in text.splitlines() if line.strip() and not _TRACEBACK_LINE.match(line)]
+    reason = _PATH.sub(_hide_path, " ".join(" ".join(lines).split()))
+    if len(reason) <= limit:
+        return reason
+    cut = reason[:limit]
+    space = cut.rfind(" ")
+    return (cut[:space] if space > limit // 2 else cut).rstrip(" ,;:") + "…"
+
+
+def _hide_path(match: re.Match[str]) -> str:
+    """A file on the server (its name has an extension, or it lies three folders deep) becomes ``…``; an
+    API path such as ``/v1/chat/completions`` stays."""
+    path = match.group(0).rstrip("/")
+    last = path.rsplit("/", 1)[-1]
+    return "…" if "." in last.strip(".") or path.count("/") >= 4 else match.group(0)
 
 
 def _retry_after(headers: Headers, now: float) -> float | None:

@@ -73,7 +73,8 @@ class LLMError(Exception):
     ``status`` is the upstream HTTP status when there was one; ``retryable`` says whether the failure was of
     a kind worth retrying (it stays true on the error raised after the attempts ran out); ``started`` is true
     when text had already been passed to ``on_text``, so the caller holds a partial answer; ``code`` is the
-    upstream's error code or one of ours (``timeout``, ``too_large``, ``connection``, ``protocol``).
+    upstream's error code or one of ours (``timeout``, ``too_large``, ``connection``, ``protocol``, ``empty``).
+    ``message`` is what a user may be shown (short, cleaned); ``detail`` is the full text, for the log only.
     """
 
     def __init__(
@@ -85,9 +86,11 @@ class LLMError(Exception):
         started: bool = False,
         code: str | None = None,
         retry_after: float | None = None,
+        detail: str | None = None,
     ) -> None:
         super().__init__(message)
         self.message = message
+        self.detail = detail or message
         self.status = status
         self.retryable = retryable
         self.started = started

@@ -9,7 +9,7 @@ from typing import Any, cast
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.internet.defer import CancelledError, Deferred
-from twisted.internet.error import ConnectingCancelledError, ConnectionRefusedError
+from twisted.internet.error import ConnectingCancelledError, ConnectionLost, ConnectionRefusedError
 from twisted.internet.task import Clock
 from twisted.logger import ILogObserver, Logger, formatEvent
 from twisted.python.failure import Failure
@@ -167,6 +167,39 @@ class StreamTests(SynchronousTestCase):
         result = self.successResultOf(run(provider(FakeHTTP(FakeResponse(pieces=body)))))
         self.assertEqual((result.text, result.usage), ("ab", Usage(3, 2, 5)))
 
+    def test_empty_stream_is_an_error_not_an_answer(self) -> None:
+        """A 200 stream that ends cleanly without ``[DONE]`` and without a chunk (llama.cpp's broken
+        ``chatml-function-calling`` stream), or with only comments and a role chunk, is an ``empty`` error,
+        not an empty answer; it is not retried."""
+        for body in (b"", b": ping\n\n", sse(chunk({"role": "assistant", "content": ""}), done=False)):
+            http = FakeHTTP(FakeResponse(pieces=body), FakeResponse(pieces=sse(*text_events("again"))))
+            error = self.failureResultOf(run(provider(http)), LLMError).value
+            self.assertEqual((error.code, error.started, error.retryable), ("empty", False, False), body)
+            self.assertIn("empty answer: its stream ended without content or [DONE]", error.message)
+            self.assertEqual(len(http.sent), 1)
+
+    def test_empty_json_200_is_an_error(self) -> None:
+        """An empty ``application/json`` 200 is an ``empty`` error too, named as such."""
+        response = FakeResponse(pieces=b"", headers={"Content-Type": "application/json"})
+        error = self.failureResultOf(run(provider(FakeHTTP(response))), LLMError).value
+        self.assertEqual((error.code, error.status), ("empty", 200))
+        self.assertIn("empty answer: a 200 with an empty body", error.message)
+
+    def test_done_then_connection_lost_is_complete(self) -> None:
+        """``[DONE]`` followed by a lost connection (the chunked body's end never came) is a whole answer,
+        text and tool calls alike, and nothing is retried."""
+        lost = Failure(ResponseFailed([Failure(ConnectionLost("Chunked decoder in 'CHUNK_LENGTH' state"))]))
+        bodies = (
+            sse(*text_events("Hel", "lo")),
+            sse(tool_delta(0, call_id="c1", name="echo", args='{"a"'), tool_delta(0, call_id="c1", name="echo",
+                args=": 1}"), chunk({}, finish_reason="tool_calls")),
+        )
+        for body in bodies:
+            http = FakeHTTP(FakeResponse(pieces=body, end=lost))
+            result = self.successResultOf(run(provider(http)))
+            self.assertEqual(len(http.sent), 1)
+        self.assertEqual(result.tool_calls, [ToolCall("c1", "echo", '{"a": 1}')])
+
     def test_server_ignoring_stream_flag(self) -> None:
         """A JSON ``chat.completion`` answer is accepted: text (given to on_text) and tool calls."""
         document = {
@@ -204,6 +237,29 @@ class StreamTests(SynchronousTestCase):
         error = self.failureResultOf(run(provider(FakeHTTP(response))), LLMError).value
         self.assertEqual(error.code, "protocol")
         self.assertIn("captive portal", error.message)
+
+
+class ErrorTextTests(SynchronousTestCase):
+    """What of an upstream's error text a user is shown."""
+
+    def test_reason_hides_server_files_and_keeps_it_short(self) -> None:
+        """Files on the server become ``…``, API paths and URLs stay, traceback lines go, and a long text is
+        cut at a word to 200 characters; the detail keeps all of it."""
+        text = (
+            "Traceback (most recent call last):\n"
+            '  File "/usr/lib/python3/dist-packages/server/app.py", line 12, in handler\n'
+            "failed to load model from /srv/models/smollm2.gguf (see /var/log/llama/server/errors) "
+            "for POST /v1/chat/completions, docs at https://example.org/a/b/c.html; " + "padding " * 40
+        )
+        body = json.dumps({"error": {"message": text}}).encode()
+        error = self.failureResultOf(run(provider(FakeHTTP(FakeResponse(400, body)))), LLMError).value
+        reason = error.message.removeprefix("the model's server answered HTTP 400: ")
+        self.assertTrue(reason.startswith(
+            "failed to load model from … (see …) for POST /v1/chat/completions, docs at https://example.org/a/b/c.html;"
+        ), reason)
+        self.assertTrue(reason.endswith("padding…"), reason)
+        self.assertLessEqual(len(reason), 201)
+        self.assertEqual(error.detail, f"the model's server answered HTTP 400: {text}")
 
 
 class RequestTests(SynchronousTestCase):
@@ -250,6 +306,31 @@ class RequestTests(SynchronousTestCase):
         self.assertNotIn("tools", sent.body)
         self.assertNotIn("temperature", sent.body)
         self.assertIsNone(sent.headers.getRawHeaders(b"authorization"))
+
+    def test_tool_options_only_with_tools(self) -> None:
+        """``llm.options`` of any JSON shape are sent; ``tool_choice`` and ``parallel_tool_calls`` only on
+        requests that offer tools (OpenAI rejects them otherwise: the title request has none)."""
+        forced = {"type": "function", "function": {"name": "echo"}}
+        options = {
+            "tool_choice": forced,
+            "parallel_tool_calls": False,
+            "stop": ["\n\n", "User:"],
+            "logit_bias": {"50256": -100},
+            "response_format": {"type": "text"},
+        }
+        tools = [{"type": "function", "function": {"name": "echo", "parameters": {"type": "object"}}}]
+        http = FakeHTTP(FakeResponse(pieces=sse(*text_events("a"))), FakeResponse(pieces=sse(*text_events("b"))))
+        client = provider(http, extra_body=options)
+        self.successResultOf(run(client, tools=tools))
+        self.successResultOf(run(client))
+        with_tools, without = (sent.body for sent in http.sent)
+        self.assertEqual({key: with_tools[key] for key in options}, options)
+        self.assertNotIn("tool_choice", without)
+        self.assertNotIn("parallel_tool_calls", without)
+        self.assertEqual(
+            (without["stop"], without["logit_bias"], without["response_format"]),
+            (["\n\n", "User:"], {"50256": -100}, {"type": "text"}),
+        )
 
     def test_rejects_roles_the_api_rejects(self) -> None:
         """Unknown roles and tool results without tool_call_id never leave the process."""
@@ -504,6 +585,21 @@ class SecretTests(SynchronousTestCase):
         client = provider(FakeHTTP(ConnectionRefusedError(KEY)), clock, max_attempts=1)
         self.assertNotIn(KEY, self.failureResultOf(run(client), LLMError).value.message)
         self.assertNotIn(KEY, repr(client))
+
+    def test_key_scrubbed_before_the_text_is_cut(self) -> None:
+        """A key crossing the length cut of the user's message, or the read limit of an error body, leaves
+        no beginning of itself behind (it was cut first and scrubbed after)."""
+        prefixes = [KEY[:n] for n in range(6, len(KEY) + 1)]
+        for before in range(150, 310, 7):
+            body = ("x" * before + " " + KEY + " tail").encode()
+            error = self.failureResultOf(run(provider(FakeHTTP(FakeResponse(400, body, headers={})))), LLMError).value
+            for text in (error.message, error.detail):
+                self.assertFalse([p for p in prefixes if p in text], (before, text))
+        for cut in (6, len(KEY) // 2, len(KEY) - 1):
+            body = b"y" * (openai.ERROR_BODY_LIMIT - cut) + KEY.encode() + b" and more"
+            error = self.failureResultOf(run(provider(FakeHTTP(FakeResponse(400, body, headers={})))), LLMError).value
+            self.assertFalse([p for p in prefixes if p in error.detail], cut)
+            self.assertTrue(error.detail.endswith("[redacted]"))
 
     def test_key_not_logged(self) -> None:
         """Retry and failure log lines carry the scrubbed message only."""

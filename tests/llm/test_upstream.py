@@ -8,27 +8,33 @@ import json
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import treq
 from twisted.internet import reactor as global_reactor
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.task import deferLater
 from twisted.internet.testing import MemoryReactorClock
+from twisted.logger import ILogObserver, Logger, formatEvent
 from twisted.trial.unittest import TestCase
 from twisted.web.client import HTTPConnectionPool
 
+from aichat.llm import openai
 from aichat.llm.openai import OpenAIProvider, make_http_client
 from aichat.llm.provider import Completion, LLMError, ToolCall, Usage
 from tests.upstream import (
+    LLAMA_NULL_CONTENT,
+    Drop,
     Raw,
     Reset,
     Script,
+    Send,
     SendHeaders,
     Sleep,
     Stall,
     Upstream,
     _as_completion,
+    chunk,
     error_reply,
     text_stream,
     tool_stream,
@@ -253,6 +259,63 @@ class UpstreamTests(TestCase):
         self.assertEqual(await self.upstream.requests[0].closed, "lost")
         await deferLater(reactor, 0.1)
         self.assertEqual(len(self.upstream.requests), 1)
+
+    # What llama.cpp (llama-cpp-python 0.3.36) sends; see tests/llama for the real server.
+
+    async def test_empty_stream_is_an_error_not_an_answer(self) -> None:
+        """200 and an event stream that ends (cleanly) without a chunk and without ``[DONE]`` (llama.cpp with
+        ``--chat_format chatml-function-calling`` and ``tool_choice: auto``), one with only a role chunk, and
+        an empty JSON 200: ``empty`` errors, each from one request (no retries)."""
+        scripts = [
+            Script([SendHeaders()]),
+            Script([Send(chunk({"role": "assistant", "content": None}))]),
+            Script([], headers={"Content-Type": "application/json"}, body=b""),
+        ]
+        for script in scripts:
+            self.upstream.push(script, text_stream(["not asked for"]))
+            before = len(self.upstream.requests)
+            error = await self.failure(tools=TOOLS)
+            self.assertEqual((error.code, error.started), ("empty", False), error)
+            self.assertEqual(len(self.upstream.requests) - before, 1)
+            self.upstream.scripts.clear()
+
+    async def test_done_then_close_without_the_final_chunk_is_complete(self) -> None:
+        """llama.cpp interrupting a stream sends ``[DONE]`` and closes without the chunked body's last
+        chunk: the answer (text, or tool calls repeating id and name in every delta) is complete, and
+        nothing is retried."""
+        self.upstream.push(text_stream(["Hel", "lo"]).plus(Drop()))
+        result, seen = await self.complete()
+        self.assertEqual((result.text, seen), ("Hello", ["Hel", "lo"]))
+        calls = [("call_1", "echo", '{"message": "hi"}')]
+        self.upstream.push(tool_stream(calls, repeat_id_and_name=True).plus(Drop()))
+        result, _ = await self.complete(tools=TOOLS)
+        self.assertEqual(result.tool_calls, [ToolCall(*calls[0])])
+        self.assertEqual(len(self.upstream.requests), 2)
+
+    async def test_error_text_short_for_the_user_whole_in_the_log(self) -> None:
+        """llama.cpp's 500 (pydantic's validation dump and a traceback line with a file on the server): the
+        error's message has the status and a short reason without the traceback or the path; its detail,
+        which is what the log gets, has everything."""
+        events: list[dict[str, Any]] = []
+        self.patch(openai, "log", Logger(observer=cast(ILogObserver, events.append)))
+        self.upstream.push(error_reply(500, LLAMA_NULL_CONTENT.format(n=2), type="internal_server_error"))
+        error = await self.failure(self.client(max_attempts=1))
+        self.assertTrue(error.message.startswith("the model's server answered HTTP 500: 7 validation errors: "))
+        self.assertLessEqual(len(error.message), 260)
+        for hidden in ("site-packages", "File \"", "app.py", "\n"):
+            self.assertNotIn(hidden, error.message)
+        self.assertIn('File "/opt/llama/lib/python3.11/site-packages/llama_cpp/server/app.py", line 376', error.detail)
+        self.assertIn("Input should be a valid string", error.detail)
+        [logged] = events
+        self.assertIn("Input should be a valid string", formatEvent(logged))
+        self.assertIn("llama_cpp/server/app.py", formatEvent(logged))
+
+    async def test_close_without_done_after_text_is_still_an_error(self) -> None:
+        """Without ``[DONE]``, a connection closed before the body's end is a broken answer (started), so
+        the caller keeps what was said and reports it."""
+        self.upstream.push(text_stream(["par", "tial"], done=False).plus(Sleep(0.02), Drop()))
+        error = await self.failure()
+        self.assertEqual((error.code, error.started), ("connection", True))
 
     async def test_connection_refused(self) -> None:
         """A closed port is a retryable connection error, tried max_attempts times."""
