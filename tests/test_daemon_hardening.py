@@ -14,6 +14,8 @@ import socket
 import subprocess
 import threading
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -254,3 +256,32 @@ def test_readers_that_never_read_are_dropped_and_cost_others_nothing(tmp_path: P
     finally:
         upstream.kill()
         upstream.wait()
+
+
+def test_sigterm_answers_a_waiting_non_streaming_turn_with_503(tmp_path: Path, slow_upstream: Upstream) -> None:
+    """A non-streaming turn still running at the end of the grace is answered 503 JSON saying why; the log
+    has no traceback."""
+    daemon = daemon_on(tmp_path, slow_upstream)
+    answers: list[tuple[int, object]] = []
+
+    def send() -> None:
+        request = urllib.request.Request(daemon.base + "/v1/chat/send", data=b'{"message": "long one"}',
+                                         method="POST", headers=USER)
+        try:
+            with urllib.request.urlopen(request, timeout=20) as response:
+                answers.append((response.status, json.loads(response.read())))
+        except urllib.error.HTTPError as e:
+            answers.append((e.code, json.loads(e.read())))
+
+    sender = threading.Thread(target=send)
+    sender.start()
+    time.sleep(1)
+    daemon.process.send_signal(signal.SIGTERM)
+    sender.join(20)
+    assert daemon.process.wait(20) == 0
+    assert len(answers) == 1
+    status, body = answers[0]
+    assert status == 503
+    assert isinstance(body, dict) and "shutting down" in str(body["error"])
+    log = daemon.log.read_text()
+    assert "Traceback" not in log and "Unhandled" not in log, log[-2000:]
