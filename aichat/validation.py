@@ -17,7 +17,7 @@ from typing import Any
 from jsonschema import Draft202012Validator
 from jsonschema.exceptions import ValidationError, best_match
 
-SECRET_KEYS = frozenset({"api_key", "token", "Authorization", "authorization"})
+SECRET_KEYS = frozenset({"api_key", "token", "Authorization", "authorization", "dsn"})
 
 
 @dataclass(frozen=True, order=True)
