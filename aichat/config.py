@@ -379,7 +379,9 @@ def _resolve(base: Path, value: str) -> str:
     return os.path.normpath(candidate if candidate.is_absolute() else (base / candidate))
 
 
-def _database(doc: dict[str, Any], base: Path, problems: list[Problem], dsn_source: tuple[str, str]) -> DatabaseSettings:
+def _database(
+    doc: dict[str, Any], base: Path, problems: list[Problem], dsn_source: tuple[str, str]
+) -> DatabaseSettings:
     path = doc.get("path", DatabaseSettings.path)
     dsn = doc.get("dsn", "").strip()
     if dsn:

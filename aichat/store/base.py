@@ -27,6 +27,10 @@ class StoreError(Exception):
     """The database failed; the message is safe to log but not meant for API clients."""
 
 
+class StoreUnavailable(StoreError):
+    """The database cannot be reached just now (the API answers 503); it may come back by itself."""
+
+
 @dataclass(frozen=True)
 class Session:
     """A conversation owned by one user."""

@@ -165,6 +165,18 @@ class SQLStore:
 
     # -- the engine's primitives ----------------------------------------------------------------------
 
+    async def open(self) -> None:
+        """Create or adopt the database and apply pending migrations."""
+        raise NotImplementedError
+
+    async def close(self) -> None:
+        """Release connections and threads."""
+        raise NotImplementedError
+
+    async def ping(self) -> bool:
+        """Whether the database answers a trivial query."""
+        raise NotImplementedError
+
     async def _write(
         self,
         work: Callable[..., Any],

@@ -13,7 +13,6 @@ import os
 import sqlite3
 from collections.abc import Callable
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -25,22 +24,12 @@ from twisted.python.failure import Failure
 
 from aichat.store.base import StoreError, utc_now
 from aichat.store.engines import SQLiteEngine, Txn
+from aichat.store.schema import migrations, statements
 from aichat.store.sql import CACHE_BYTES, SQLStore
 
 Cursor = Any  # adbapi's Transaction wrapper around a sqlite3 cursor
 
 __all__ = ["CACHE_BYTES", "SQLiteStore", "migrations"]
-
-
-def migrations() -> list[tuple[int, str, str]]:
-    """The packaged migrations as (version, name, SQL), in version order."""
-    folder = resources.files("aichat.store").joinpath("migrations")
-    found = []
-    for entry in folder.iterdir():
-        name = entry.name
-        if name.endswith(".sql") and name[:4].isdigit():
-            found.append((int(name[:4]), name, entry.read_text("utf-8")))
-    return sorted(found)
 
 
 def _connect_hook(connection: sqlite3.Connection) -> None:
@@ -149,7 +138,7 @@ class SQLiteStore(SQLStore):
                 continue
             txn.execute("BEGIN IMMEDIATE")
             try:
-                for statement in _statements(sql):
+                for statement in statements(sql):
                     txn.execute(statement)
                 txn.execute(
                     "INSERT INTO schema_migrations (version, name, applied_at) VALUES (?, ?, ?)",
@@ -257,8 +246,3 @@ class SQLiteStore(SQLStore):
             return await self.readers.runInteraction(transaction)
         except sqlite3.Error as e:
             raise StoreError(str(e)) from e
-
-def _statements(sql: str) -> list[str]:
-    """Split a migration into statements (ours hold no semicolons inside literals)."""
-    lines = [line for line in sql.splitlines() if not line.lstrip().startswith("--")]
-    return [part.strip() for part in "\n".join(lines).split(";") if part.strip()]
