@@ -73,6 +73,17 @@ def _mcp_problems(settings: Settings) -> tuple[list[Problem], list[str]]:
     return [], [f"mcp servers:    {len(enabled)} enabled of {len(servers)}: {names or 'none'}"]
 
 
+def _database_problems(settings: Settings) -> list[Problem]:
+    """PostgreSQL only: connect and read the schema's state (changing nothing); SQLite is checked at start."""
+    database = settings.database
+    if database.engine != "postgres":
+        return []
+    from aichat.store.postgres import check_database
+
+    problem = check_database(database.dsn, database.connect_timeout_seconds)
+    return [] if problem is None else [Problem(database.shown(), "database.dsn", problem)]
+
+
 def _load(options: usage.Options) -> Settings | list[Problem]:
     """Settings for the parsed options, or the problems that prevent them."""
     from aichat.tap import Options
@@ -90,6 +101,7 @@ def validate(options: usage.Options) -> int:
     if isinstance(settings, list):
         return _report(settings)
     problems, mcp_lines = _mcp_problems(settings)
+    problems.extend(_database_problems(settings))
     if problems:
         return _report(problems)
     print(f"{PROGRAM} {__version__}: configuration is valid")

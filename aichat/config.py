@@ -379,6 +379,18 @@ def _resolve(base: Path, value: str) -> str:
     return os.path.normpath(candidate if candidate.is_absolute() else (base / candidate))
 
 
+def _conninfo_problem(dsn: str) -> str | None:
+    """libpq's complaint about a PostgreSQL URL it cannot parse (password masked), or ``None``."""
+    import psycopg
+    from psycopg.conninfo import conninfo_to_dict
+
+    try:
+        conninfo_to_dict(dsn)
+    except psycopg.Error as e:
+        return f"invalid PostgreSQL URL {mask_password(dsn)}: {' '.join(str(e).split())}"
+    return None
+
+
 def _database(
     doc: dict[str, Any], base: Path, problems: list[Problem], dsn_source: tuple[str, str]
 ) -> DatabaseSettings:
@@ -394,6 +406,10 @@ def _database(
             path, dsn = url.path, ""
         elif url is None:
             dsn = ""
+        else:
+            problem = _conninfo_problem(dsn)
+            if problem:
+                problems.append(Problem(dsn_source[0], dsn_source[1], problem))
     tuning = {key: doc[key] for key in ("history_cache_mb", "pool_size", "connect_timeout_seconds",
                                          "statement_timeout_seconds") if key in doc}
     return DatabaseSettings(path=_resolve(base, path), dsn=dsn, **tuning)

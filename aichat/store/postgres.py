@@ -17,6 +17,7 @@ that instances starting together do not race.
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 import time
@@ -49,6 +50,26 @@ MAX_ATTEMPTS = 4
 RunInThread = Callable[..., Deferred[Any]]
 
 
+class _PoolLog(logging.Handler):
+    """psycopg_pool's ``logging`` records (reconnection attempts, discarded connections) as Twisted log events."""
+
+    log = Logger(namespace="aichat.store.postgres.pool")
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = " ".join(record.getMessage().split())
+        if record.levelno >= logging.WARNING:
+            self.log.warn("{message}", message=message)
+        else:
+            self.log.debug("{message}", message=message)
+
+
+def _route_pool_log() -> None:
+    pool_logger = logging.getLogger("psycopg.pool")
+    if not any(isinstance(handler, _PoolLog) for handler in pool_logger.handlers):
+        pool_logger.addHandler(_PoolLog())
+        pool_logger.propagate = False
+
+
 def reason(error: BaseException, secret: str | None = None) -> str:
     """The database's own message for ``error`` on one line, with ``secret`` (a password) removed."""
     text = re.sub(r"\s+", " ", str(error)).strip() or type(error).__name__
@@ -79,7 +100,10 @@ class PostgresStore(SQLStore):
         self.pool_size = pool_size
         self.connect_timeout = connect_timeout
         self.statement_timeout = statement_timeout
-        self._password = str(conninfo_to_dict(dsn).get("password") or "") or None
+        try:
+            self._password = str(conninfo_to_dict(dsn).get("password") or "") or None
+        except psycopg.Error:
+            self._password = None
         self._run_in_thread = run_in_thread
         self._threads: ThreadPool | None = None
         self._pool: ConnectionPool[Any] | None = None
@@ -107,6 +131,7 @@ class PostgresStore(SQLStore):
 
     async def open(self) -> None:
         """Connect (failing with the database's own reason), migrate under the lock, open the pool."""
+        _route_pool_log()
         if self._run_in_thread is None and self._threads is None:
             self._threads = ThreadPool(minthreads=0, maxthreads=self.pool_size, name="aichat-postgres")
             self._threads.start()
@@ -254,6 +279,37 @@ class PostgresStore(SQLStore):
         else:
             previous.addCallback(start)
         return await done
+
+
+def check_database(dsn: str, connect_timeout: float) -> str | None:
+    """Why the daemon could not start on ``dsn`` (no connection, or a schema it would refuse), or ``None``.
+
+    Used by ``-validate``: it connects and reads the schema's state, and changes nothing.
+    """
+    probe = PostgresStore(None, dsn, connect_timeout=connect_timeout)  # type: ignore[arg-type]
+    try:
+        connection = probe._connect()
+    except StoreError as e:
+        return str(e)
+    try:
+        cursor = connection.cursor()
+        _golang_migrate_version(cursor)
+        cursor.execute("SELECT to_regclass('aichat_schema_migrations') IS NOT NULL")
+        row = cursor.fetchone()
+        if row and row[0]:
+            cursor.execute("SELECT max(version) FROM aichat_schema_migrations")
+            found = cursor.fetchone()
+            newest = max(version for version, _, _ in migrations("postgres"))
+            if found and found[0] is not None and found[0] > newest:
+                return f"the database schema is at version {found[0]}, newer than this aichat-backend knows ({newest})"
+        return None
+    except StoreError as e:
+        return str(e)
+    except psycopg.Error as e:
+        return f"cannot read database {probe.shown}: {reason(e, probe._password)}"
+    finally:
+        connection.rollback()
+        connection.close()
 
 
 def _not_open() -> None:
