@@ -1,4 +1,4 @@
-"""The ``aichat-backend`` command: Go-style flags, ``-validate``, ``-version``; otherwise runs twistd.
+"""The ``aichat-backend`` command: Go-style flags, ``-validate``, ``-version``, ``db copy``; otherwise runs twistd.
 
 Flags take one or two dashes (``-config FILE``, ``--config=FILE``), as the reference and its packaging
 guide use them. Without ``-validate`` the daemon runs in the foreground through twistd with the same
@@ -49,7 +49,13 @@ def _options_class() -> type[usage.Options]:
             print(self.__str__())
             print(
                 "Flags take one or two dashes. Without -validate the daemon runs in the foreground\n"
-                "(the same as `twistd -n --pidfile= aichat-backend [options]`)."
+                "(the same as `twistd -n --pidfile= aichat-backend [options]`).\n\n"
+                "Database: SQLite at database.path by default; a PostgreSQL URL in database.dsn,\n"
+                "$AICHAT_DATABASE_URL or -database-url (postgres://USER@HOST:PORT/DB?sslmode=...; the password\n"
+                "may come from $PGPASSWORD or ~/.pgpass) selects PostgreSQL.\n\n"
+                "  aichat-backend db copy --from SRC --to DST [--force]\n"
+                "      copy every session, message, attachment and approval between databases\n"
+                "      (SQLite <-> PostgreSQL); see `aichat-backend db --help`."
             )
             sys.exit(0)
 
@@ -132,7 +138,12 @@ def run_daemon(argv: list[str]) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``aichat-backend`` console script and ``python -m aichat``."""
-    args = normalize(sys.argv[1:] if argv is None else argv)
+    given = list(sys.argv[1:] if argv is None else argv)
+    if given and given[0] == "db":
+        from aichat.store.copy import main as db_main
+
+        return db_main(given[1:])
+    args = normalize(given)
     options = _options_class()()
     try:
         options.parseOptions(args)
