@@ -163,14 +163,14 @@ class PostgresStore(SQLStore):
     def _configure(self, connection: psycopg.Connection[Any]) -> None:
         milliseconds = int(self.statement_timeout * 1000)
         connection.execute(f"SET statement_timeout = {milliseconds}")
-        connection.commit()
 
     def _open_pool(self) -> None:
         pool: ConnectionPool[Any] = ConnectionPool(
             self.dsn,
             min_size=self.pool_size,
             max_size=self.pool_size,
-            kwargs={"connect_timeout": self._libpq_timeout()},
+            # Reads run statement by statement (no BEGIN/COMMIT round trips); writes open a transaction.
+            kwargs={"connect_timeout": self._libpq_timeout(), "autocommit": True},
             configure=self._configure,
             timeout=self.connect_timeout,
             reconnect_timeout=24 * 3600.0,
@@ -208,8 +208,9 @@ class PostgresStore(SQLStore):
 
     # -- transactions ---------------------------------------------------------------------------------
 
-    def _transaction(self, work: Callable[..., Any], args: tuple[Any, ...]) -> Any:
-        """Run ``work(txn, *args)`` in one transaction on a pooled connection (on a pool thread)."""
+    def _transaction(self, work: Callable[..., Any], args: tuple[Any, ...], write: bool = True) -> Any:
+        """Run ``work(txn, *args)`` on a pooled connection (on a pool thread): in one transaction if ``write``,
+        else statement by statement (a read sees each statement's latest commits)."""
         pool = self._pool
         if pool is None:
             _not_open()
@@ -221,7 +222,10 @@ class PostgresStore(SQLStore):
             attempt += 1
             try:
                 with pool.connection(timeout=max(deadline - time.monotonic(), 0.05)) as connection:
-                    return work(Txn(connection.cursor(), engine), *args)
+                    if not write:
+                        return work(Txn(connection.cursor(), engine), *args)
+                    with connection.transaction():
+                        return work(Txn(connection.cursor(), engine), *args)
             except PoolTimeout:
                 raise StoreUnavailable(
                     f"database unavailable: no connection within {self.connect_timeout:g} s"
@@ -239,7 +243,7 @@ class PostgresStore(SQLStore):
                 raise StoreError(f"text that cannot be stored: {e.reason}") from None
 
     async def _read(self, work: Callable[..., Any], *args: Any) -> Any:
-        return await self._run(self._transaction, work, args)
+        return await self._run(self._transaction, work, args, False)
 
     async def _write(
         self,
