@@ -64,7 +64,8 @@ class Cluster:
         if os.geteuid() == 0:
             entry = pwd.getpwnam(SERVER_USER)
             os.chown(self.folder, entry.pw_uid, entry.pw_gid)
-            self._as_user = ["runuser", "-u", SERVER_USER, "--"]
+            runuser = shutil.which("runuser") or "/usr/sbin/runuser"
+            self._as_user = [runuser, "-u", SERVER_USER, "--"]
         password_file = self.folder / "pw"
         password_file.write_text(PASSWORD + "\n")
         if self._as_user:
