@@ -101,6 +101,12 @@ def test_validate_connects_and_reports_the_database_reason(tmp_path: Path, pg_cl
     assert result.returncode == 0, result.stderr
     assert f"postgresql://postgres:***@127.0.0.1:{pg_cluster.port}/" in result.stdout
     assert PASSWORD not in result.stdout + result.stderr
+    flagged = subprocess.run(
+        [str(BIN / "aichat-backend"), "-env-only", "-validate", "-llm-provider", "mock", "-database-url", pg_url],
+        env=daemon_env(), capture_output=True, text=True, timeout=60,
+    )
+    assert flagged.returncode == 0, flagged.stderr
+    assert "(PostgreSQL, pool 10" in flagged.stdout and PASSWORD not in flagged.stdout
     for url, reason in bad_urls(pg_cluster):
         result = subprocess.run(
             [str(BIN / "aichat-backend"), "-env-only", "-validate", "-llm-provider", "mock"],

@@ -306,3 +306,23 @@ def pytest_pg_url() -> str:
 def _share_cluster(pg_cluster: Cluster) -> None:
     if not _session_cluster:
         _session_cluster.append(pg_cluster)
+
+
+def test_password_from_pgpassword_or_pgpass(
+    pg_cluster: Cluster, pg_url: str, tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A URL without a password connects with the password from PGPASSWORD, or from a ~/.pgpass-style file."""
+    from tests.pgcluster import PASSWORD
+
+    dbname = pg_url.rsplit("/", 1)[1]
+    url = pg_cluster.url(dbname, password=None)
+    monkeypatch.setenv("PGPASSWORD", PASSWORD)
+    run(inline_pg_store(url).close())
+    monkeypatch.delenv("PGPASSWORD")
+    with pytest.raises(StoreError, match="password"):
+        inline_pg_store(url, connect_timeout=2)
+    pgpass = tmp_path / "pgpass"
+    pgpass.write_text(f"127.0.0.1:{pg_cluster.port}:{dbname}:postgres:{PASSWORD}\n")
+    pgpass.chmod(0o600)
+    monkeypatch.setenv("PGPASSFILE", str(pgpass))
+    run(inline_pg_store(url).close())
