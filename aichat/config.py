@@ -19,7 +19,7 @@ from typing import Any
 import yaml
 
 from aichat.store.dsn import DSNError, mask_password, parse_dsn
-from aichat.validation import ConfigError, Problem, validate
+from aichat.validation import SECRET_KEYS, ConfigError, Problem, validate
 
 DEFAULT_CONFIG_PATH = "config.yaml"
 
@@ -41,6 +41,8 @@ class ServerSettings:
     host: str = "0.0.0.0"
     port: int = 3001
     shutdown_grace_seconds: float = 10.0
+    #: Time from a request's first byte until its head and body are in; a slower client gets 408.
+    request_timeout_seconds: float = 30.0
 
 
 @dataclass(frozen=True)
@@ -114,13 +116,15 @@ class AuthSettings:
         ipaddress.ip_network("::1/128"),
     )
     token_digests: Mapping[str, str] = field(default_factory=dict, repr=False)
+    #: Digests of the operator tokens that may act on shared state (restarting an MCP server).
+    admin_digests: frozenset[str] = field(default_factory=frozenset, repr=False)
 
 
 @dataclass(frozen=True)
 class CORSSettings:
-    """Origins allowed by CORS; ``*`` allows any."""
+    """Origins whose pages may read responses: none by default; ``*`` any, without credentials."""
 
-    origins: tuple[str, ...] = ("*",)
+    origins: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -153,6 +157,12 @@ class ChatSettings:
     stream_max_seconds: float = 600.0
     keepalive_seconds: float = 15.0
     title_generation: bool = True
+    #: SSE readers one stream may have at once; one more is answered 429.
+    max_stream_readers: int = 16
+    #: Bytes of events a reader that does not read may fall behind by before it is dropped.
+    max_reader_lag_bytes: int = 1024 * 1024
+    #: Whether ``GET /v1/chat/stream?message=`` runs a turn (a plain link could start one: opt-in).
+    legacy_stream_get: bool = False
 
 
 @dataclass(frozen=True)
@@ -211,16 +221,18 @@ ENVIRONMENT: tuple[tuple[str, str, type], ...] = (
 _PLACEHOLDER = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 
-def expand(value: Any, environ: Mapping[str, str], unset: set[str]) -> Any:
+def expand(value: Any, environ: Mapping[str, str], unset: set[str], *, secret: bool = False) -> Any:
     """Expand ``${VAR}`` and ``${VAR:-default}`` in every string of ``value``.
 
     A string that is exactly one placeholder takes the YAML type of what it expands to, so
-    ``port: ${PORT}`` gives an integer. Names of unset variables without a default go to ``unset``.
+    ``port: ${PORT}`` gives an integer; under a secret key (:data:`~aichat.validation.SECRET_KEYS`) it stays
+    a string, so a key made of digits is neither turned into a number nor shown in a type error. Names of
+    unset variables without a default go to ``unset``.
     """
     if isinstance(value, dict):
-        return {key: expand(item, environ, unset) for key, item in value.items()}
+        return {key: expand(item, environ, unset, secret=secret or key in SECRET_KEYS) for key, item in value.items()}
     if isinstance(value, list):
-        return [expand(item, environ, unset) for item in value]
+        return [expand(item, environ, unset, secret=secret) for item in value]
     if not isinstance(value, str) or "${" not in value:
         return value
 
@@ -235,7 +247,7 @@ def expand(value: Any, environ: Mapping[str, str], unset: set[str]) -> Any:
         return ""
 
     result = _PLACEHOLDER.sub(substitute, value)
-    if _PLACEHOLDER.fullmatch(value) and result:
+    if _PLACEHOLDER.fullmatch(value) and result and not secret:
         try:
             typed = yaml.safe_load(result)
         except yaml.YAMLError:
@@ -450,9 +462,10 @@ def _build(
     digests: dict[str, str] = {}
     for entry in auth_doc.get("tokens", []):
         digests[token_digest(entry["token"])] = str(entry["user_id"])
-    auth = AuthSettings(trusted_proxies=tuple(networks), token_digests=digests)
+    admins = frozenset(token_digest(token) for token in auth_doc.get("admin_tokens", []))
+    auth = AuthSettings(trusted_proxies=tuple(networks), token_digests=digests, admin_digests=admins)
 
-    cors = CORSSettings(origins=tuple(section("cors").get("origins", ["*"])))
+    cors = CORSSettings(origins=tuple(section("cors").get("origins", [])))
     limits = LimitSettings(**section("limits"))
     chat_doc = dict(section("chat"))
     approval_doc = chat_doc.pop("approval", {})

@@ -2,8 +2,10 @@
 
 Start order is that list; the HTTP listener comes last and readiness (``READY=1`` over
 ``NOTIFY_SOCKET``) is announced once it listens. Stop order is the reverse: stop listening, let
-in-flight requests (and the turns they wait for) finish for up to ``server.shutdown_grace_seconds``, cancel
-the turns still running, stop the MCP children, then close the store. SIGHUP reopens the log file and
+in-flight requests (and the turns they wait for, streams included) finish for up to
+``server.shutdown_grace_seconds``, then cancel the turns still running (each ends with an ``error`` event
+that its SSE readers are sent before their connections close, its partial reply stored), stop the MCP
+children, then close the store. SIGHUP reopens the log file and
 reloads the MCP servers file.
 """
 
@@ -43,6 +45,10 @@ log = Logger(namespace="aichat")
 #: generation is collected every 20 of them; with 20,000 young objects per collection the middle generation
 #: grew large enough to pause every stream for about 190 ms at 1000 streams, against about 35 ms with 1,000.
 GC_THRESHOLDS = (1000, 20, 100)
+
+
+#: Seconds the responses of turns ended by a stop have to reach their clients before connections are aborted.
+FLUSH_SECONDS = 2.0
 
 
 def endpoint_string(host: str, port: int) -> str:
@@ -86,7 +92,12 @@ class AichatService(Service):
             version=__version__,
             services={"chat": self.chat, "mcp": self.mcp},
         )
-        self.site = APISite(build_resource(self.api), self._limit_for)
+        self.site = APISite(
+            build_resource(self.api),
+            self._limit_for,
+            reactor=reactor,
+            request_timeout=settings.server.request_timeout_seconds,
+        )
         self.port: IListeningPort | None = None
         self._previous_hup: Any = None
         self._starting: Deferred[None] | None = None
@@ -182,8 +193,15 @@ class AichatService(Service):
             stopped = port.stopListening()
             if stopped is not None:
                 await stopped
-        await self.site.drain(self.reactor, self.settings.server.shutdown_grace_seconds)
+        idle = await self.site.drain(self.reactor, self.settings.server.shutdown_grace_seconds)
+        # Turns still running end with an ``error`` event that their SSE readers are sent, and their
+        # partial replies are stored; the responses then get a moment to reach the clients.
         await self.chat.stop()
+        if not idle:
+            await self.site.drain(self.reactor, FLUSH_SECONDS)
+        aborted = await self.site.close_connections(self.reactor, FLUSH_SECONDS)
+        if aborted:
+            log.warn("Stopping: aborted {count} connections that did not take their last bytes", count=aborted)
         if self.mcp.running:
             await self.mcp.stopService()
         await self._mcp_pool.closeCachedConnections()

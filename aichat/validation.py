@@ -17,7 +17,8 @@ from typing import Any
 from jsonschema import Draft202012Validator
 from jsonschema.exceptions import ValidationError, best_match
 
-SECRET_KEYS = frozenset({"api_key", "token", "Authorization", "authorization", "dsn"})
+#: Keys whose values are secrets, in every configuration file: never echoed, never typed from a placeholder.
+SECRET_KEYS = frozenset({"api_key", "token", "admin_tokens", "password", "dsn", "Authorization", "authorization"})
 
 
 @dataclass(frozen=True, order=True)
@@ -79,9 +80,17 @@ def _describe(error: ValidationError, schema: dict[str, Any]) -> list[str]:
 
 
 def secret_values(document: Any, secret_keys: frozenset[str], inside: bool = False) -> set[str]:
-    """Every non-empty string found under a key named in ``secret_keys``, at any depth."""
+    """Every non-empty value found under a key named in ``secret_keys``, at any depth, as the text shown.
+
+    Numbers count too (a YAML ``api_key: 123456`` is a number), as their text and ``repr``.
+    """
     found: set[str] = set()
-    if isinstance(document, str):
+    if isinstance(document, bool):
+        return found
+    if isinstance(document, int | float):
+        if inside:
+            found |= {str(document), repr(document)}
+    elif isinstance(document, str):
         if inside and document:
             found.add(document)
     elif isinstance(document, dict):

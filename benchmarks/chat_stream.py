@@ -334,9 +334,11 @@ def daemon_command() -> list[str]:
     return os.environ.get("AICHAT_BENCH_DAEMON", "").split() or [str(BIN / "aichat-backend")]
 
 
-def start_daemon(folder: Path, upstream_port: int, database_url: str = "") -> tuple[subprocess.Popen[bytes], int]:
-    """The daemon against the upstream (on SQLite, or the PostgreSQL ``database_url``); returns the process
-    once /health answers, and its port."""
+def start_daemon(
+    folder: Path, upstream_port: int, *, database: str = "", database_url: str = ""
+) -> tuple[subprocess.Popen[bytes], int]:
+    """The daemon against the upstream (``database``: more lines of its database section; ``database_url``:
+    PostgreSQL instead of SQLite); the process once /health answers, and its port."""
     port = free_port()
     servers = folder / "mcp-servers.json"
     servers.write_text('{"mcpServers": {}}')
@@ -344,11 +346,12 @@ def start_daemon(folder: Path, upstream_port: int, database_url: str = "") -> tu
     config.write_text(
         f"server:\n  host: {HOST}\n  port: {port}\n  shutdown_grace_seconds: 2\n"
         + (f"database:\n  dsn: {database_url}\n" if database_url else f"database:\n  path: {folder / 'aichat.db'}\n")
+        + database
         + f"llm:\n  provider: openai\n  base_url: http://{HOST}:{upstream_port}/v1\n  api_key: sk-bench\n"
         "  max_retries: 0\n"
         f"mcp:\n  servers_file: {servers}\n"
         f"logging:\n  file: {folder / 'aichat-backend.log'}\n  level: info\n"
-        "chat:\n  title_generation: false\n  stream_keep_seconds: 5\n"
+        "chat:\n  title_generation: false\n  stream_keep_seconds: 5\n  legacy_stream_get: true\n"
     )
     env = {k: v for k, v in os.environ.items() if not k.startswith("AICHAT_") and not k.endswith("_API_KEY")}
     process = subprocess.Popen(
@@ -426,7 +429,7 @@ async def measure(level: Level, database_url: str = "") -> dict[str, Any]:
     upstream, upstream_port = start_upstream(level.chunks, level.delay)
     try:
         with tempfile.TemporaryDirectory(prefix="aichat-bench-") as tmp:
-            daemon, daemon_port = start_daemon(Path(tmp), upstream_port, database_url)
+            daemon, daemon_port = start_daemon(Path(tmp), upstream_port, database_url=database_url)
             try:
                 direct, through, cpu = await measure_level(
                     level.streams,

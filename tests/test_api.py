@@ -250,8 +250,43 @@ def test_cors_preflight_and_headers(client: Client) -> None:
     assert "X-User-ID" in headers.getRawHeaders("access-control-allow-headers")[0]
     _, _, headers = client.call("GET", "/health", headers=origin)
     assert headers.getRawHeaders("access-control-allow-origin") == ["https://ui.example"]
+    assert headers.getRawHeaders("access-control-allow-credentials") == ["true"]
     _, _, headers = client.call("GET", "/health", headers={"Origin": "https://evil.example"})
     assert headers.getRawHeaders("access-control-allow-origin") is None
+
+
+def _client_with(tmp_path: Path, yaml_text: str) -> Client:
+    settings = make_settings(tmp_path, yaml_text)
+    return Client(build_api(settings, inline_store(settings.database.path), Clock())[1])
+
+
+def test_cors_is_off_by_default(tmp_path: Path) -> None:
+    """With no origins configured, no page of another origin may read a response (PMM's UI is same-origin)."""
+    client = _client_with(tmp_path, "")
+    for method in ("GET", "OPTIONS"):
+        _, _, headers = client.call(method, "/v1/chat/sessions", headers={"Origin": "https://evil.example", **USER})
+        assert headers.getRawHeaders("access-control-allow-origin") is None
+        assert headers.getRawHeaders("access-control-allow-credentials") is None
+
+
+def test_cors_wildcard_never_allows_credentials(tmp_path: Path) -> None:
+    """``*`` lets any page read public responses, never with the user's cookies."""
+    client = _client_with(tmp_path, "cors:\n  origins: ['*']\n")
+    status, _, headers = client.call("OPTIONS", "/v1/chat/sessions", headers={"Origin": "https://any.example"})
+    assert status == 204
+    assert headers.getRawHeaders("access-control-allow-origin") == ["*"]
+    assert headers.getRawHeaders("access-control-allow-credentials") is None
+
+
+def test_json_routes_need_a_json_content_type(client: Client) -> None:
+    """A body without ``application/json`` (what a cross-site form can send without preflight) is 415."""
+    for content_type in (None, "text/plain", "application/x-www-form-urlencoded"):
+        headers = {**USER, **({"Content-Type": content_type} if content_type else {})}
+        status, body, _ = client.raw("POST", "/v1/chat/sessions", headers, b'{"title": "forged"}')
+        assert status == 415, content_type
+        assert "application/json" in json.loads(body)["error"]
+    status, _, _ = client.call("GET", "/v1/chat/sessions", headers=USER)
+    assert status == 200
 
 
 @pytest.mark.parametrize(
@@ -268,3 +303,36 @@ def test_token_digest_is_not_the_token() -> None:
     """Tokens are compared by SHA-256 digest."""
     assert token_digest(TOKEN) != TOKEN
     assert len(token_digest(TOKEN)) == 64
+
+
+class FakeHost:
+    """The MCP host part the restart route uses, recording restarts."""
+
+    def __init__(self) -> None:
+        self.restarted: list[str] = []
+
+    async def restart(self, name: str) -> None:
+        self.restarted.append(name)
+
+
+ADMIN = "operator-token-for-tests-01"
+
+
+def test_restarting_a_shared_mcp_server_is_an_operator_action(tmp_path: Path) -> None:
+    """Users (through the proxy, or with their own token) get 403; an admin token or a local operator restarts."""
+    settings = make_settings(
+        tmp_path, f"auth:\n  tokens:\n    - {{token: {TOKEN}, user_id: 42}}\n  admin_tokens: [{ADMIN}]\n"
+    )
+    api, resource = build_api(settings, inline_store(settings.database.path), Clock())
+    host = FakeHost()
+    api.services["mcp"] = host
+    client = Client(resource)
+    path = "/api/v1/mcp/servers/everything/restart"
+    assert client.call("POST", path, headers=USER)[0] == 403
+    assert client.call("POST", path, headers={"Authorization": f"Bearer {TOKEN}"})[0] == 403
+    assert client.call("POST", path, headers={"X-Forwarded-For": "203.0.113.9"})[0] == 401
+    assert host.restarted == []
+    status, body, _ = client.call("POST", path, headers={"Authorization": f"Bearer {ADMIN}"})
+    assert (status, body["server"]) == (200, "everything")
+    assert client.call("POST", path)[0] == 200
+    assert host.restarted == ["everything", "everything"]

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import pytest
 from twisted.internet.task import Clock
-from twisted.web.iweb import IRequest
 
 from aichat.chat.streams import StreamRegistry
 from aichat.chat.turn import ChatService
@@ -109,9 +108,18 @@ def test_streaming_send_then_sse_replays_everything(tmp_path: Path) -> None:
     assert status == 404
 
 
-def test_legacy_stream_endpoint(tmp_path: Path) -> None:
-    """GET /v1/chat/stream?message= runs a turn as SSE; without message it is 400 JSON."""
+def test_legacy_stream_endpoint_is_off_by_default(tmp_path: Path) -> None:
+    """A plain link must not start a turn: the legacy GET turn is 403 JSON saying how to enable it."""
     f = Fixture(tmp_path, Script(["x"]))
+    status, body, _ = f.raw("GET", "/v1/chat/stream?message=hello", USER)
+    assert status == 403
+    assert "chat.legacy_stream_get" in json.loads(body)["error"]
+    assert f.model.requests == []
+
+
+def test_legacy_stream_endpoint(tmp_path: Path) -> None:
+    """Opted in, GET /v1/chat/stream?message= runs a turn as SSE; without message it is 400 JSON."""
+    f = Fixture(tmp_path, Script(["x"]), yaml_text="chat:\n  legacy_stream_get: true\n")
     status, body, _ = f.raw("GET", "/v1/chat/stream?message=hello", USER)
     assert status == 200
     assert [e["type"] for e in sse_events(body)] == ["message", "done"]
@@ -207,30 +215,3 @@ def test_settings_defaults_for_chat() -> None:
     """The chat defaults the issue names: 10 tool rounds, approval always."""
     settings = ChatSettings()
     assert (settings.max_tool_rounds, settings.approval.policy, settings.keepalive_seconds) == (10, "always", 15.0)
-
-
-def test_sse_sends_keepalive_pings_and_cancels_its_timer(tmp_path: Path) -> None:
-    """While a turn is quiet, ': ping' comments go out every keepalive interval; the timer stops at the end."""
-    from twisted.internet.defer import Deferred
-    from twisted.web.test.requesthelper import DummyRequest
-
-    from aichat.api.chat import write_sse
-    from aichat.chat.streams import Event
-
-    settings = make_settings(tmp_path, "chat:\n  keepalive_seconds: 15\n")
-    clock = Clock()
-    api_object, _ = build_api(settings, inline_store(settings.database.path), clock)
-    stream = StreamRegistry(clock, 60).create("s", "7", "sess")
-    stream.emit(Event("message", "sess", content="early"))
-    request = DummyRequest([b""])
-    writing = Deferred.fromCoroutine(write_sse(api_object, cast(IRequest, request), stream))
-    assert b"".join(request.written).count(b"event: message") == 1
-    clock.advance(15)
-    clock.advance(15)
-    assert b"".join(request.written).count(b": ping\n\n") == 2
-    assert not writing.called
-    stream.emit(Event("done", "sess"))
-    assert writing.called
-    assert b"".join(request.written).endswith(b'data: {"type":"done","session_id":"sess"}\n\n')
-    pending = [getattr(c.func, "__name__", "") for c in clock.getDelayedCalls() if c.active()]
-    assert pending == ["_remove"], "only the stream's own removal timer is left"

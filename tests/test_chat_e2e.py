@@ -283,7 +283,7 @@ def openai(tmp_path_factory: pytest.TempPathFactory, upstream: ThreadedUpstream)
     keep-alives every 0.1 s; server-everything auto-approved."""
     chat = launch(
         tmp_path_factory.mktemp("openai"),
-        "chat:\n  title_generation: false\n  keepalive_seconds: 0.1\n"
+        "chat:\n  title_generation: false\n  keepalive_seconds: 0.1\n  legacy_stream_get: true\n"
         '  approval:\n    policy: auto\n    auto_approve: ["everything/*"]\n',
         f"llm:\n  provider: openai\n  base_url: {upstream.base_url}\n  api_key: sk-test\n  max_retries: 0\n"
         "  timeout_seconds: 2\n",

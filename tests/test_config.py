@@ -163,6 +163,32 @@ def test_secrets_never_appear_in_errors(tmp_path: Path) -> None:
     assert "***" in text
 
 
+def test_secret_placeholders_of_digits_stay_strings(tmp_path: Path) -> None:
+    """``${VAR}`` under a secret key keeps the text it expands to: a key of digits is not a number, works,
+    and is never printed in a type error."""
+    path = write_config(
+        tmp_path,
+        "llm:\n  api_key: ${KEY}\nauth:\n  tokens:\n    - {token: '${TOKEN}', user_id: 1}\n"
+        "  admin_tokens: ['${ADMIN}']\nserver:\n  port: ${PORT}\n",
+    )
+    digits = {"KEY": "123456789012", "TOKEN": "9" * 20, "ADMIN": "8" * 20, "PORT": "4000"}
+    settings = load_settings(str(path), environ=digits)
+    assert settings.llm.api_key == "123456789012"
+    assert dict(settings.auth.token_digests) == {token_digest("9" * 20): "1"}
+    assert settings.auth.admin_digests == {token_digest("8" * 20)}
+    assert settings.server.port == 4000, "placeholders outside secrets are still typed"
+
+
+def test_secret_numbers_never_appear_in_errors(tmp_path: Path) -> None:
+    """A key written as a bare YAML number is a type error that does not echo the number."""
+    path = write_config(tmp_path, "llm:\n  api_key: 123456789012\nauth:\n  admin_tokens: [5555555555555555]\n")
+    problems = problems_of(path, environ={})
+    text = "\n".join(problems)
+    assert len(problems) == 2, text
+    assert "123456789012" not in text
+    assert "5555555555555555" not in text
+
+
 def test_tokens_are_kept_only_as_digests(tmp_path: Path) -> None:
     """Bearer tokens come from the environment and are stored hashed, mapped to user ids."""
     path = write_config(tmp_path, "auth:\n  tokens:\n    - {token: '${TOKEN}', user_id: 42}\n")

@@ -8,11 +8,11 @@ from aichat.api.app import API
 from aichat.api.chat import register_chat
 from aichat.api.mcp import register_mcp
 from aichat.api.sessions import register_health, register_sessions
-from aichat.api.site import CORSResource
+from aichat.api.site import EdgeResource
 
 
 def build_resource(api: API) -> IResource:
-    """Register every route on ``api`` and wrap its resource with CORS.
+    """Register every route on ``api`` and wrap its resource in the edge (UTF-8 paths, CORS).
 
     Chat and MCP routes find their services in ``api.services`` (``chat``, ``mcp``) and answer 503 without.
     """
@@ -20,7 +20,7 @@ def build_resource(api: API) -> IResource:
     register_sessions(api)
     register_chat(api)
     register_mcp(api)
-    resource: IResource = CORSResource(api.app.resource(), api.settings.cors.origins)
+    resource: IResource = EdgeResource(api.app.resource(), api.settings.cors.origins)
     return resource
 
 

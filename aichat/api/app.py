@@ -9,6 +9,7 @@ errors are sent as ``error`` events by the stream writer, never as a status.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -49,22 +50,64 @@ def json_response(request: IRequest, body: Any, status: int = 200) -> bytes:
     return compact(body).encode("utf-8")
 
 
+def media_type(request: IRequest) -> str:
+    """The request's ``Content-Type`` without parameters, lower-cased; ``""`` when absent.
+
+    Header bytes are read as Latin-1, which cannot fail: a value that is not a known type is refused by the
+    caller, never decoded into an error.
+    """
+    values = request.requestHeaders.getRawHeaders(b"content-type")
+    if not values:
+        return ""
+    raw: bytes = values[0]
+    return raw.decode("latin-1").split(";", 1)[0].strip().lower()
+
+
+def _is_json(media: str) -> bool:
+    return media == "application/json" or (media.startswith("application/") and media.endswith("+json"))
+
+
+#: ``\ud800``-``\udfff`` escapes: JSON may spell lone surrogates, which no UTF-8 text (or database) can hold.
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
+
+
+def _storable(value: Any) -> bool:
+    """Whether every string in ``value`` is valid Unicode text (no lone surrogates)."""
+    try:
+        compact(value).encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def read_json(request: IRequest, *, required: bool = True) -> dict[str, Any]:
-    """The request body as a JSON object; 415 for a non-JSON content type, 400 when malformed."""
-    content_type = (request.getHeader("content-type") or "").split(";")[0].strip().lower()
-    if content_type and content_type != "application/json" and not content_type.endswith("+json"):
-        raise UnsupportedMediaType(f"Unsupported content type {content_type!r}: send application/json")
+    """The request body as a JSON object.
+
+    400 when empty (if ``required``) or malformed, 415 when the body is not declared ``application/json``
+    (so a cross-site form post, which cannot declare it without a CORS preflight, is never taken as JSON),
+    400 for text that is not valid Unicode (lone surrogates), numbers past Python's digit limit, or nesting
+    past the parser's depth.
+    """
     raw = request.content.read() if request.content is not None else b""
     if not raw.strip():
         if required:
             raise BadRequest("Invalid request format: a JSON object body is required")
         return {}
+    media = media_type(request)
+    if not _is_json(media):
+        shown = repr(media) if media else "none"
+        raise UnsupportedMediaType(f"Unsupported content type {shown}: send Content-Type: application/json")
     try:
         body = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except RecursionError:
+        raise BadRequest("Invalid request format: JSON nested too deeply") from None
+    except ValueError as e:  # malformed JSON, bytes that are not UTF-8, an integer of too many digits
         raise BadRequest(f"Invalid request format: malformed JSON ({e})") from None
     if not isinstance(body, dict):
         raise BadRequest("Invalid request format: the body must be a JSON object")
+    if _SURROGATE_ESCAPE.search(raw) and not _storable(body):
+        raise BadRequest("Invalid request format: the text contains a lone surrogate (\\ud800-\\udfff), "
+                         "which is not valid Unicode")
     return body
 
 
@@ -91,17 +134,33 @@ def query_arg(request: IRequest, name: str) -> str | None:
     return value.decode("utf-8", errors="replace")
 
 
+#: The largest offset a page may reach: SQLite and PostgreSQL take 64-bit signed offsets.
+MAX_OFFSET = 2**63 - 1
+
+
 def page_args(request: IRequest, default_limit: int) -> tuple[int, int, int]:
-    """The reference's pagination: (page, limit, offset); bad values fall back to the defaults."""
+    """The reference's pagination: (page, limit, offset).
 
-    def number(name: str) -> int:
-        raw = query_arg(request, name) or ""
-        return int(raw) if raw.strip().lstrip("-").isdigit() else 0
+    Values that are not ASCII integers fall back to the defaults, as Go's ``Atoi`` failing did (``?page=²``
+    is page 1); a page whose offset would pass 64 bits is a 400.
+    """
 
-    page = max(number("page"), 1)
-    limit = number("limit")
+    def number(name: str) -> int | None:
+        raw = (query_arg(request, name) or "").strip()
+        digits = raw[1:] if raw[:1] in ("-", "+") else raw
+        if not (digits.isascii() and digits.isdigit()):
+            return 0
+        if len(digits.lstrip("0")) > 19:
+            return None
+        return -int(digits) if raw.startswith("-") else int(digits)
+
+    limit = number("limit") or 0
     if not 1 <= limit <= 100:
         limit = default_limit
+    page = number("page")
+    if page is None or (max(page, 1) - 1) * limit > MAX_OFFSET:
+        raise BadRequest("Invalid page: the offset it asks for is out of range")
+    page = max(page, 1)
     return page, limit, (page - 1) * limit
 
 
@@ -117,8 +176,11 @@ class API:
     app: Klein = field(default_factory=Klein)
 
     def __post_init__(self) -> None:
-        self.identity = Identity(self.settings.auth.trusted_proxies, self.settings.auth.token_digests)
+        auth = self.settings.auth
+        self.identity = Identity(auth.trusted_proxies, auth.token_digests, auth.admin_digests)
         self.app.handle_errors(Exception)(self._error)
+        # ``%2F`` in a path parameter arrives as ``/``; merging slashes would redirect to the same URL forever.
+        self.app.url_map.merge_slashes = False
 
     def user(self, request: IRequest) -> str:
         """The caller's user id, or 401."""

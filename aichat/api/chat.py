@@ -9,19 +9,17 @@ goes on and is stored.
 from __future__ import annotations
 
 import base64
-import email.parser
-import email.policy
+import io
 
-from twisted.internet.defer import Deferred
-from twisted.internet.task import LoopingCall
+import multipart
 from twisted.web.iweb import IRequest
 
-from aichat.api.app import API, json_response, query_arg, read_json, string_field
+from aichat.api.app import API, json_response, media_type, query_arg, read_json, string_field
 from aichat.api.errors import APIError, BadRequest, NotFound, ServiceUnavailable, UnsupportedMediaType
+from aichat.api.stream_reader import ReaderSlots, StreamReader
 from aichat.chat.approvals import parse_command
-from aichat.chat.streams import TERMINAL, Event, Stream, StreamError
+from aichat.chat.streams import Stream, StreamError
 from aichat.chat.turn import ChatError, ChatService, TurnRecord
-from aichat.sse import encode_comment, encode_event
 from aichat.store.base import Attachment, new_id
 
 
@@ -59,68 +57,59 @@ async def _respond(api: API, request: IRequest, record: TurnRecord) -> bytes:
     return json_response(request, record.response())
 
 
-async def write_sse(api: API, request: IRequest, stream: Stream) -> None:
-    """Write ``stream`` as SSE from its first event until it ends or the client goes away."""
-    request.setResponseCode(200)
-    request.setHeader(b"Content-Type", b"text/event-stream; charset=utf-8")
-    request.setHeader(b"Cache-Control", b"no-cache")
-    request.setHeader(b"X-Accel-Buffering", b"no")
-    request.setHeader(b"Connection", b"keep-alive")
-    request.write(b"")
-    finished: Deferred[None] = Deferred()
-
-    def on_event(event: Event) -> None:
-        request.write(encode_event("message", event.to_json()))
-        if event.type in TERMINAL and not finished.called:
-            finished.callback(None)
-
-    ping = LoopingCall(lambda: request.write(encode_comment("ping")))
-    ping.clock = api.clock
-    unsubscribe = stream.subscribe(on_event)
-    try:
-        if not finished.called:
-            ping.start(api.settings.chat.keepalive_seconds, now=False)
-            await finished
-    finally:
-        unsubscribe()
-        if ping.running:
-            ping.stop()
-
-
 def _multipart(api: API, request: IRequest) -> tuple[str, str, list[Attachment]]:
-    """``message``, ``session_id`` and ``file*`` parts of a multipart/form-data body."""
-    content_type = request.getHeader("content-type") or ""
-    if not content_type.lower().startswith("multipart/form-data"):
+    """``message``, ``session_id`` and ``file*`` parts of a multipart/form-data body (parsed by ``multipart``)."""
+    if media_type(request) != "multipart/form-data":
         raise UnsupportedMediaType("Unsupported content type: send multipart/form-data")
+    header: bytes = request.requestHeaders.getRawHeaders(b"content-type", [b""])[0]
+    boundary = multipart.parse_options_header(header.decode("latin-1"))[1].get("boundary", "")
+    if not boundary:
+        raise BadRequest("Failed to parse multipart form: the content type names no boundary")
     raw = request.content.read() if request.content is not None else b""
-    header = f"Content-Type: {content_type}\r\nMIME-Version: 1.0\r\n\r\n".encode()
-    parsed = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(header + raw)
-    if not parsed.is_multipart():
-        raise BadRequest("Failed to parse multipart form: no parts found")
+    limit = api.settings.limits.max_file_bytes
     fields: dict[str, str] = {}
     attachments: list[Attachment] = []
-    limit = api.settings.limits.max_file_bytes
-    for part in parsed.iter_parts():
-        name = part.get_param("name", header="content-disposition")
-        if not isinstance(name, str):
-            continue
-        payload = part.get_payload(decode=True)
-        data = payload if isinstance(payload, bytes) else b""
-        filename = part.get_filename()
-        if filename is not None and name.startswith("file"):
-            if len(data) > limit:
-                raise BadRequest(f"File too large. Maximum size is {limit // (1024 * 1024)}MB per file.")
-            mime = part.get("content-type", "") if "content-type" in part else ""
-            attachments.append(
-                Attachment(new_id(), filename, str(mime), len(data), base64.b64encode(data).decode("ascii"))
-            )
-        elif filename is None:
-            fields[name] = data.decode("utf-8", errors="replace")
+    parser = multipart.MultipartParser(
+        io.BytesIO(raw), boundary, len(raw), charset="utf-8", strict=True,
+        spool_limit=len(raw) + 1, memory_limit=len(raw) + 1,
+    )
+    try:
+        for part in parser:
+            if part.filename is not None and part.name.startswith("file"):
+                if part.size > limit:
+                    raise BadRequest(f"File too large. Maximum size is {limit // (1024 * 1024)}MB per file.")
+                data = part.raw
+                attachments.append(Attachment(
+                    new_id(), part.filename, part.content_type or "", len(data), base64.b64encode(data).decode("ascii")
+                ))
+            elif part.filename is None:
+                fields[part.name] = part.raw.decode("utf-8", errors="replace")
+    except multipart.MultipartError as e:
+        raise BadRequest(f"Failed to parse multipart form: {e.args[0] if e.args else e}") from None
+    if not fields and not attachments:
+        raise BadRequest("Failed to parse multipart form: no parts found")
     return fields.get("message", ""), fields.get("session_id", ""), attachments
 
 
 def register_chat(api: API) -> None:
     """The chat routes."""
+    chat_settings = api.settings.chat
+    slots = ReaderSlots(chat_settings.max_stream_readers)
+
+    async def read_stream(request: IRequest, stream: Stream) -> None:
+        """Write ``stream`` as SSE to this client, within the stream's reader limit."""
+        slots.acquire(stream.id)
+        try:
+            reader = StreamReader(
+                request,
+                stream,
+                api.clock,
+                keepalive_seconds=chat_settings.keepalive_seconds,
+                max_lag_bytes=chat_settings.max_reader_lag_bytes,
+            )
+            await reader.run()
+        finally:
+            slots.release(stream.id)
 
     @api.route("/v1/chat/send", methods=["POST"])
     async def send(request: IRequest) -> bytes:
@@ -162,16 +151,22 @@ def register_chat(api: API) -> None:
             stream = _chat(api).streams.get(stream_id, user)
         except StreamError as e:
             raise NotFound(str(e)) from None
-        await write_sse(api, request, stream)
+        await read_stream(request, stream)
         return b""
 
     @api.route("/v1/chat/stream", methods=["GET"])
     async def legacy_stream(request: IRequest) -> bytes:
+        if not api.settings.chat.legacy_stream_get:
+            raise APIError(
+                "GET /v1/chat/stream?message= is disabled, since any link could start a turn: use "
+                "POST /v1/chat/send?streaming=true, or set chat.legacy_stream_get to true",
+                403,
+            )
         message = query_arg(request, "message") or ""
         if not message:
             raise BadRequest("message parameter is required")
         user = api.user(request)
         record = await _begin(api, user, message, query_arg(request, "session_id") or "")
-        await write_sse(api, request, record.stream)
+        await read_stream(request, record.stream)
         return b""
 

@@ -27,6 +27,12 @@ class Unauthorized(APIError):
     status = 401
 
 
+class Forbidden(APIError):
+    """An identity that may not do this."""
+
+    status = 403
+
+
 class NotFound(APIError):
     """Missing, or belonging to another user (indistinguishable on purpose)."""
 

@@ -1,7 +1,8 @@
 """MCP routes: the tool list (reference path and the seed's), server status and restart.
 
-The tool list and the status are open, as in the reference (they carry no user data); restarting a server
-needs an identity.
+The tool list and the status are open, as in the reference (they carry no user data). Restarting a server
+fails every user's calls in flight on it, so it is an operator action: an ``auth.admin_tokens`` bearer
+token, or a request made on this machine directly (a loopback peer, not through a proxy).
 """
 
 from __future__ import annotations
@@ -59,7 +60,7 @@ def register_mcp(api: API) -> None:
     @api.route("/v1/chat/mcp/servers/<string:name>/restart", methods=["POST"])
     @api.route("/api/v1/mcp/servers/<string:name>/restart", methods=["POST"])
     async def restart(request: IRequest, name: str) -> bytes:
-        api.user(request)
+        api.identity.operator(request)
         host = _host(api)
         try:
             await host.restart(name)

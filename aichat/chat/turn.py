@@ -68,6 +68,10 @@ class ToolHost(Protocol):
     async def call_tool(self, function_name: str, arguments: dict[str, Any]) -> ToolOutcome: ...
 
 
+#: The ``error`` event of a turn cut short by the daemon's stop.
+SHUTTING_DOWN = "The server is shutting down; the turn was stopped"
+
+
 class ChatError(Exception):
     """A turn cannot start or an approval cannot be resolved; ``status`` is the HTTP status to answer."""
 
@@ -154,6 +158,7 @@ class ChatService:
         self._now = now or (lambda: datetime.fromtimestamp(clock.seconds(), UTC))
         self._running: dict[str, Deferred[None]] = {}
         self._background: set[Deferred[Any]] = set()
+        self._stopping = False
 
     # -- sessions -----------------------------------------------------------------------------------
 
@@ -297,7 +302,9 @@ class ChatService:
             record.error_status = 504 if e.code == "timeout" else 502
             stream.emit(Event("error", record.session_id, error=record.error))
         except CancelledError:
-            record.error = "The turn was cancelled"
+            record.error = SHUTTING_DOWN if self._stopping else "The turn was cancelled"
+            if self._stopping:
+                record.error_status = 503
             stream.emit(Event("error", record.session_id, error=record.error))
             raise
         except StoreUnavailable as e:
@@ -555,9 +562,24 @@ class ChatService:
     # -- shutdown -----------------------------------------------------------------------------------
 
     async def stop(self) -> None:
-        """Cancel running turns and title work; their streams end with an ``error`` event."""
+        """Cancel running turns and title work and wait for them to settle.
+
+        Each turn's stream ends with an ``error`` event saying the server is shutting down, and what the
+        model had said so far is stored before this returns (so the store may be closed after it).
+        """
+        self._stopping = True
+        settled: list[Deferred[None]] = []
         for turn in list(self._running.values()) + list(self._background):
+            done: Deferred[None] = Deferred()
+
+            def settle(result: object, done: Deferred[None] = done) -> object:
+                done.callback(None)
+                return result
+
+            turn.addBoth(settle)
+            settled.append(done)
             turn.cancel()
+        await gatherResults(settled)
         self.streams.close()
 
 

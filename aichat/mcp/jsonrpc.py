@@ -61,6 +61,13 @@ class PeerGone(Exception):
     """The connection failed or closed while the request was pending (crash, overlong line, HTTP error)."""
 
 
+class NotDelivered(PeerGone):
+    """The request was refused before the server acted on it (unknown session, connection refused).
+
+    Unlike a plain :class:`PeerGone`, whose request may or may not have run, it is safe to send again.
+    """
+
+
 class _Pending:
     __slots__ = ("deferred", "method", "timer")
 
@@ -131,6 +138,10 @@ class JSONRPCPeer:
         except Exception as e:
             self.fail_request(request_id, PeerGone(f"cannot send {method}: {e}"))
         return deferred
+
+    def is_pending(self, request_id: RequestId) -> bool:
+        """True while a request we sent still awaits its response."""
+        return request_id in self._pending
 
     def notify(self, method: str, params: Any = None) -> None:
         """Send a notification (no response expected); dropped once the peer is gone."""

@@ -149,9 +149,9 @@ class MCPSession:
                 self.on_tools_changed()
         elif method == "notifications/message" and isinstance(params, dict):
             log.info(
-                "{server} log ({level}): {data}",
+                "{server} log ({log_level}): {data}",
                 server=self.name,
-                level=params.get("level", "info"),
+                log_level=params.get("level", "info"),
                 data=params.get("data"),
             )
 

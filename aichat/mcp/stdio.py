@@ -180,6 +180,7 @@ class StdioConnection:
         self.config = config
         self.peer = JSONRPCPeer(clock, self._send, name=config.name)
         self.on_lost: Callable[[str], None] | None = None
+        self.reachable = False
         self.pid: int | None = None
         self.protocol_version: str | None = None
         self._reactor = reactor

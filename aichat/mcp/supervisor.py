@@ -5,12 +5,18 @@ The lifecycle is an explicit state machine::
     stopped --start--> starting --handshake and tool list--> ready
     starting --failure--> backing_off --delay--> starting
     starting --unsupported protocol version--> failed
-    ready --crash / overlong line / lost session--> backing_off
+    ready --crash / overlong line / unreachable--> backing_off
+    ready --session lost while the server answers--> starting (at once, if it was ready >= 1 s)
     any --stop--> stopping --children gone--> stopped
 
 The delay starts at 1 s and doubles to 60 s; it goes back to 1 s once a server has stayed ready for 60 s.
-A crash fails every in-flight call at once (the transport fails its peer before telling us). The
-transport is reached through a *connector*, so the logic is tested with a Clock and fake connections.
+A remote server that forgot our session (it restarted) is asked for a new one at once, as the MCP
+specification wants; one that loses it again within the first backoff delay of readiness waits like a
+crash, so a server that never keeps a session cannot make us spin. A crash fails every in-flight call at
+once (the transport fails its peer before telling us). A call the server refused unread
+(:class:`~aichat.mcp.jsonrpc.NotDelivered`) is sent once more on the next session, if that is ready
+within the call's timeout. The transport is reached through a *connector*, so the logic is tested with a
+Clock and fake connections.
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from aichat.mcp.config import ServerConfig
-from aichat.mcp.jsonrpc import JSONRPCPeer, PeerGone, RequestTimeout, RPCError
+from aichat.mcp.jsonrpc import JSONRPCPeer, NotDelivered, PeerGone, RequestTimeout, RPCError
 from aichat.mcp.session import MCPSession, ProtocolVersionError, ServerInfo, ToolResult
 
 log = Logger()
@@ -43,12 +49,17 @@ class State(enum.Enum):
 
 
 class Connection(Protocol):
-    """A live transport to one server: its JSON-RPC peer and a way to close it."""
+    """A live transport to one server: its JSON-RPC peer and a way to close it.
+
+    ``reachable`` is read when ``on_lost`` is called: True if the server still answers and only the
+    session is gone.
+    """
 
     peer: JSONRPCPeer
     pid: int | None
     on_lost: Callable[[str], None] | None
     protocol_version: str | None
+    reachable: bool
 
     def close(self) -> Deferred[None]:
         """Stop the server or session; fires when it is gone."""
@@ -97,6 +108,7 @@ class ServerSupervisor:
         self._listing = False
         self._relist_wanted = False
         self._closing: set[Connection] = set()
+        self._outcome_waiters: list[Deferred[None]] = []
 
     @property
     def name(self) -> str:
@@ -127,6 +139,7 @@ class ServerSupervisor:
         """
         self._cancel_retry()
         self._generation += 1
+        self._settle_waiters()
         if self._bring_up is not None:
             bring_up, self._bring_up = self._bring_up, None
             bring_up.cancel()
@@ -166,13 +179,25 @@ class ServerSupervisor:
         await waiter
 
     async def call_tool(self, tool: str, arguments: dict[str, Any]) -> ToolResult:
-        """Call ``tool`` with the configured per-call timeout; failures become :class:`ToolCallError`."""
+        """Call ``tool`` with the configured per-call timeout; failures become :class:`ToolCallError`.
+
+        A call the server refused unread because it no longer knew our session (it restarted) is sent once
+        more on the new session, within the same timeout.
+        """
         session = self._session
         if self.state is not State.READY or session is None:
             detail = f": {self.last_error}" if self.last_error and self.state is not State.STARTING else ""
             raise ToolCallError(f"MCP server {self.name!r} is not ready ({self.state.value}){detail}")
+        deadline = self._clock.seconds() + self.config.timeout
         try:
-            return await session.call_tool(tool, arguments, time_limit=self.config.timeout)
+            try:
+                return await session.call_tool(tool, arguments, time_limit=self.config.timeout)
+            except NotDelivered as e:
+                log.info("{server}: {tool} was not delivered ({error}); resending on a new session",
+                         server=self.name, tool=tool, error=str(e))
+                session = await self._next_session(session, deadline, tool, e)
+                remaining = max(deadline - self._clock.seconds(), 0.001)
+                return await session.call_tool(tool, arguments, time_limit=remaining)
         except CancelledError:
             raise
         except RequestTimeout:
@@ -183,8 +208,49 @@ class ServerSupervisor:
             raise ToolCallError(f"tool {tool!r} failed: {e}") from None
         except RPCError as e:
             raise ToolCallError(f"tool {tool!r} of MCP server {self.name!r} failed: {e}") from None
+        except ToolCallError:
+            raise
         except Exception as e:
             raise ToolCallError(f"tool {tool!r} of MCP server {self.name!r} failed: {e}") from e
+
+    async def _next_session(self, old: MCPSession, deadline: float, tool: str, cause: Exception) -> MCPSession:
+        """The session that replaced ``old``, if the next bring-up makes one before ``deadline``.
+
+        Waits for one bring-up at most: a server still down then is reported, not waited for.
+        """
+        if self._session is old or self.state is not State.READY:
+            remaining = deadline - self._clock.seconds()
+            retry_at = self._retry_timer.getTime() if self._retry_timer is not None else None
+            too_late = self.state is State.BACKING_OFF and retry_at is not None and retry_at >= deadline
+            if remaining > 0 and not too_late and self.state not in (State.FAILED, State.STOPPING, State.STOPPED):
+                await self._outcome(remaining)
+        session = self._session
+        if self.state is State.READY and session is not None and session is not old:
+            return session
+        detail = f": {self.last_error}" if self.last_error and self.last_error not in str(cause) else ""
+        raise ToolCallError(f"tool {tool!r} was not run: {cause}; not ready again ({self.state.value}){detail}")
+
+    async def _outcome(self, within: float) -> None:
+        """Wait (at most ``within`` seconds) until a bring-up ends, or the server stops."""
+        waiter: Deferred[None] = Deferred(lambda d: self._outcome_waiters.remove(d))
+        self._outcome_waiters.append(waiter)
+
+        def give_up() -> None:
+            if waiter in self._outcome_waiters:
+                self._outcome_waiters.remove(waiter)
+                waiter.callback(None)
+
+        timer = self._clock.callLater(within, give_up)
+        try:
+            await waiter
+        finally:
+            if timer.active():
+                timer.cancel()
+
+    def _settle_waiters(self) -> None:
+        waiters, self._outcome_waiters = self._outcome_waiters, []
+        for waiter in waiters:
+            waiter.callback(None)
 
     async def refresh_tools(self) -> None:
         """Re-list the tools of a ready server; retry a failed or backing-off one now and wait for it."""
@@ -235,7 +301,7 @@ class ServerSupervisor:
             await connection.close()
             return
         self._connection = connection
-        connection.on_lost = lambda reason: self._lost(generation, reason)
+        connection.on_lost = lambda reason: self._lost(generation, reason, connection.reachable)
 
         def negotiated(version: str) -> None:
             connection.protocol_version = version
@@ -260,6 +326,7 @@ class ServerSupervisor:
             count=len(tools),
         )
         self._set_state(State.READY)
+        self._settle_waiters()
         if self._relist_wanted:
             self._tools_changed()
 
@@ -271,8 +338,9 @@ class ServerSupervisor:
             self._set_state(State.FAILED)
         else:
             self._schedule_retry()
+        self._settle_waiters()
 
-    def _lost(self, generation: int, reason: str) -> None:
+    def _lost(self, generation: int, reason: str, reachable: bool) -> None:
         if generation != self._generation:
             return
         self.last_error = reason
@@ -283,7 +351,12 @@ class ServerSupervisor:
             log.error("{server}: lost after {uptime:.1f} s: {reason}", server=self.name, uptime=uptime, reason=reason)
             self._generation += 1
             self._drop_connection()
-            self._schedule_retry()
+            if reachable and uptime >= self._initial_backoff:
+                self.restarts += 1
+                log.info("{server}: the server answers; starting a new session now", server=self.name)
+                self._attempt()
+            else:
+                self._schedule_retry()
 
     def _drop_connection(self) -> None:
         connection, self._connection, self._session = self._connection, None, None

@@ -59,6 +59,7 @@ class FakeConnection:
         self.peer = JSONRPCPeer(clock, self._send, name="fake")
         self.pid: int | None = 4242
         self.on_lost: Callable[[str], None] | None = None
+        self.reachable = False
         self.protocol_version: str | None = None
         self.closed = False
         self.crashed = False

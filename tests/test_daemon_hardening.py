@@ -1,0 +1,256 @@
+"""The daemon as a real process under hostile clients: SIGTERM with live streams, slow senders (slowloris),
+oversized request heads, readers that never read, and the cap on readers per stream.
+
+Each test runs the real daemon against the scripted upstream (``python -m tests.upstream``) over real
+loopback sockets, as a client on the network would reach it.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import signal
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from tests.support import BIN, ROOT, free_port
+from tests.test_daemon import Daemon, get_json, start, write_daemon_config
+
+pytestmark = pytest.mark.slow
+
+USER = {"X-User-ID": "5", "Content-Type": "application/json"}
+
+
+@dataclass
+class Upstream:
+    """The scripted upstream as a process."""
+
+    process: subprocess.Popen[bytes]
+    port: int
+
+
+@pytest.fixture
+def slow_upstream() -> Iterator[Upstream]:
+    """An upstream that streams 60 deltas 0.25 s apart: a turn lasts 15 s."""
+    port = free_port()
+    process = subprocess.Popen(
+        [str(BIN / "python"), "-m", "tests.upstream", "--port", str(port), "--chunks", "60", "--delay", "0.25"],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    )
+    assert process.stdout is not None
+    assert b"listening on" in process.stdout.readline()
+    yield Upstream(process, port)
+    process.kill()
+    process.wait()
+
+
+def daemon_on(tmp_path: Path, upstream: Upstream, chat: str = "", server: str = "") -> Daemon:
+    """The daemon against ``upstream``, titles off, with extra ``chat`` and ``server`` settings."""
+    port = free_port()
+    config = write_daemon_config(tmp_path, port, "chat:\n  title_generation: false\n" + chat)
+    config.write_text(config.read_text().replace(
+        "llm:\n  provider: mock\n",
+        f"llm:\n  provider: openai\n  base_url: http://127.0.0.1:{upstream.port}/v1\n  api_key: test\n",
+    ).replace("  shutdown_grace_seconds: 2\n", "  shutdown_grace_seconds: 2\n" + server))
+    return start(tmp_path, [str(BIN / "aichat-backend"), "-config", str(config)], port)
+
+
+def stream_handle(daemon: Daemon, message: str) -> dict[str, str]:
+    """Start a streaming turn; its handle."""
+    status, body = get_json(daemon.base + "/v1/chat/send?streaming=true", USER, "POST",
+                            json.dumps({"message": message}).encode())
+    assert status == 200, body
+    assert isinstance(body, dict)
+    return body
+
+
+@dataclass
+class SSEClient:
+    """Reads one stream on its own connection in a thread: events, and how the response ended."""
+
+    port: int
+    path: str
+    events: list[dict[str, object]] = field(default_factory=list)
+    ending: str = ""
+    first: threading.Event = field(default_factory=threading.Event)
+
+    def run(self) -> None:
+        connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
+        try:
+            connection.request("GET", self.path, headers={"X-User-ID": "5"})
+            response = connection.getresponse()
+            buffer = b""
+            while True:
+                data = response.read1(65536)
+                if not data:
+                    self.ending = "complete"
+                    break
+                buffer += data
+                while b"\n\n" in buffer:
+                    frame, buffer = buffer.split(b"\n\n", 1)
+                    for line in frame.split(b"\n"):
+                        if line.startswith(b"data: "):
+                            self.events.append(json.loads(line[6:]))
+                            self.first.set()
+        except (ConnectionError, http.client.HTTPException, OSError) as e:
+            self.ending = f"broken: {type(e).__name__}"
+        finally:
+            self.first.set()
+            connection.close()
+
+
+def test_sigterm_ends_live_streams_with_an_error_event_and_keeps_what_was_said(
+    tmp_path: Path, slow_upstream: Upstream
+) -> None:
+    """Streams still running when the grace ends each get an ``error`` event, then a complete response (no
+    reset); the daemon exits 0; after a restart the user messages and partial replies are stored."""
+    daemon = daemon_on(tmp_path, slow_upstream, chat="  max_stream_readers: 50\n")
+    handles = [stream_handle(daemon, f"message {i} " + "word " * 5) for i in range(20)]
+    clients = [SSEClient(daemon.port, handle["stream_url"]) for handle in handles]
+    threads = [threading.Thread(target=client.run) for client in clients]
+    for thread in threads:
+        thread.start()
+    for client in clients:
+        assert client.first.wait(10)
+    daemon.process.send_signal(signal.SIGTERM)
+    for thread in threads:
+        thread.join(20)
+    assert daemon.process.wait(20) == 0
+    for client in clients:
+        assert client.ending == "complete", (client.ending, client.events[-2:])
+        assert client.events[-1]["type"] == "error"
+        assert "shutting down" in str(client.events[-1]["error"])
+        assert any(event["type"] == "message" for event in client.events)
+    restarted = start(tmp_path, [str(BIN / "aichat-backend"), "-config", str(tmp_path / "config.yaml")],
+                      daemon.port)
+    try:
+        for handle in handles:
+            status, body = get_json(restarted.base + f"/v1/chat/sessions/{handle['session_id']}/messages", USER)
+            assert status == 200
+            assert isinstance(body, dict)
+            roles = [m["role"] for m in body["messages"]]
+            assert roles == ["user", "assistant"], roles
+            assert body["messages"][1]["content"].startswith("Echo:")
+    finally:
+        restarted.stop()
+
+
+def test_slow_senders_are_cut_at_the_request_deadline(tmp_path: Path, slow_upstream: Upstream) -> None:
+    """A byte every 0.3 s keeps Twisted's idle timer alive; the request deadline (1 s) ends each with 408."""
+    daemon = daemon_on(tmp_path, slow_upstream, server="  request_timeout_seconds: 1\n")
+    try:
+        sockets = [socket.create_connection(("127.0.0.1", daemon.port)) for _ in range(50)]
+        request = b"GET /health HTTP/1.1\r\nHost: x\r\nX-Pad: " + b"a" * 100
+        started = time.monotonic()
+        answers: dict[int, bytes] = {}
+        for byte_index in range(len(request)):
+            for number, sock in enumerate(sockets):
+                if number in answers:
+                    continue
+                try:
+                    sock.sendall(request[byte_index:byte_index + 1])
+                except OSError:
+                    sock.settimeout(2)
+                    try:
+                        answers[number] = sock.recv(4096) or b"closed"
+                    except OSError:
+                        answers[number] = b"reset"
+            time.sleep(0.3)
+            if time.monotonic() - started > 3:
+                break
+        for number, sock in enumerate(sockets):
+            sock.settimeout(2)
+            if number not in answers:
+                try:
+                    answers[number] = sock.recv(4096)
+                except OSError:
+                    answers[number] = b"reset"
+            sock.close()
+        assert all(answer.startswith(b"HTTP/1.1 408") for answer in answers.values()), set(answers.values())
+        status, _ = get_json(daemon.base + "/health")
+        assert status == 200
+    finally:
+        daemon.stop()
+
+
+def test_oversized_request_lines_and_headers_get_414_and_431(tmp_path: Path, slow_upstream: Upstream) -> None:
+    """Past Twisted's limits a client gets a JSON answer saying which limit, not a closed connection."""
+    daemon = daemon_on(tmp_path, slow_upstream)
+    try:
+        for head, status in (
+            (b"GET /" + b"a" * 20000 + b" HTTP/1.1\r\nHost: x\r\n\r\n", 414),
+            (b"GET /health HTTP/1.1\r\nHost: x\r\nX-Big: " + b"b" * 20000 + b"\r\n\r\n", 431),
+        ):
+            with socket.create_connection(("127.0.0.1", daemon.port), timeout=5) as sock:
+                sock.sendall(head)
+                answer = b""
+                while chunk := sock.recv(65536):
+                    answer += chunk
+            assert answer.startswith(b"HTTP/1.1 %d" % status), answer[:80]
+            assert "limit" in json.loads(answer.split(b"\r\n\r\n", 1)[1])["error"]
+    finally:
+        daemon.stop()
+
+
+def test_readers_that_never_read_are_dropped_and_cost_others_nothing(tmp_path: Path) -> None:
+    """Non-reading clients of a fast, large stream are dropped once they lag; the stream and another user's
+    turn go on; a reader over the per-stream cap gets 429."""
+    port = free_port()
+    upstream = subprocess.Popen(
+        [str(BIN / "python"), "-m", "tests.upstream", "--port", str(port), "--chunks", "3000", "--delay", "0.001"],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    )
+    try:
+        assert upstream.stdout is not None
+        assert b"listening on" in upstream.stdout.readline()
+        daemon = daemon_on(
+            tmp_path, Upstream(upstream, port), chat="  max_stream_readers: 8\n  max_reader_lag_bytes: 65536\n"
+        )
+        try:
+            handle = stream_handle(daemon, "x" * 2000)
+            idle = []
+            for _ in range(8):
+                sock = socket.socket()
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+                sock.connect(("127.0.0.1", daemon.port))
+                sock.sendall(f"GET {handle['stream_url']} HTTP/1.1\r\nHost: x\r\nX-User-ID: 5\r\n\r\n".encode())
+                idle.append(sock)
+            time.sleep(0.5)
+            status, body = get_json(daemon.base + handle["stream_url"], {"X-User-ID": "5"})
+            assert status == 429 and isinstance(body, dict) and "Too many readers" in body["error"]
+            other = {"X-User-ID": "6", "Content-Type": "application/json"}
+            began = time.monotonic()
+            status, answer = get_json(daemon.base + "/v1/chat/send", other, "POST", b'{"message": "hi"}')
+            assert status == 200, answer
+            assert time.monotonic() - began < 30
+            deadline = time.monotonic() + 40
+            closed = 0
+            for sock in idle:
+                sock.settimeout(max(0.1, deadline - time.monotonic()))
+                received = b""
+                try:
+                    while chunk := sock.recv(1 << 20):
+                        received += chunk
+                    closed += 1
+                except ConnectionResetError:
+                    closed += 1
+                except TimeoutError:
+                    pass
+                sock.close()
+                if received:
+                    assert b"fell more than 65536 bytes behind" in received or b'"type":"done"' in received
+            assert closed == 8
+            log = daemon.log.read_text()
+            assert "Dropping a stream reader" in log
+        finally:
+            daemon.stop()
+    finally:
+        upstream.kill()
+        upstream.wait()
