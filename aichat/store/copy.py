@@ -90,18 +90,20 @@ def _open_sqlite(path: str) -> Database:
 def _open_postgres(dsn: str, connect_timeout: float) -> Database:
     import psycopg
 
-    from aichat.store.postgres import PostgresStore, migrate, reason
+    from aichat.store.postgres import connect, migrate, password_of, reason
 
-    probe = PostgresStore(None, dsn, connect_timeout=connect_timeout)  # type: ignore[arg-type]
     try:
-        connection = probe._connect()
-        with connection.transaction():
-            migrate(connection)
+        connection = connect(dsn, connect_timeout)
     except StoreError as e:
         raise CopyError(str(e)) from None
-    except psycopg.Error as e:
-        raise CopyError(f"cannot migrate {probe.shown}: {reason(e, probe._password)}") from None
-    return Database(probe.shown, PostgresEngine(), connection, connection.close)
+    try:
+        with connection.transaction():
+            migrate(connection)
+    except (StoreError, psycopg.Error) as e:
+        connection.close()
+        text = str(e) if isinstance(e, StoreError) else reason(e, password_of(dsn))
+        raise CopyError(f"cannot migrate {mask_password(dsn)}: {text}") from None
+    return Database(mask_password(dsn), PostgresEngine(), connection, connection.close)
 
 
 def open_database(dsn: str, connect_timeout: float = 5.0) -> Database:

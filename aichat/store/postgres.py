@@ -78,6 +78,27 @@ def reason(error: BaseException, secret: str | None = None) -> str:
     return text
 
 
+def password_of(dsn: str) -> str | None:
+    """The password written in ``dsn``, to keep it out of messages (``None`` if there is none)."""
+    try:
+        return str(conninfo_to_dict(dsn).get("password") or "") or None
+    except psycopg.Error:
+        return None
+
+
+def libpq_timeout(seconds: float) -> int:
+    """libpq's ``connect_timeout``: whole seconds, and anything under 2 counts as 2."""
+    return max(2, math.ceil(seconds))
+
+
+def connect(dsn: str, connect_timeout: float) -> psycopg.Connection[Any]:
+    """One connection to ``dsn`` (not autocommit); :class:`StoreError` with libpq's reason, never the password."""
+    try:
+        return psycopg.connect(dsn, connect_timeout=libpq_timeout(connect_timeout))
+    except psycopg.Error as e:
+        raise StoreError(f"cannot connect to database {mask_password(dsn)}: {reason(e, password_of(dsn))}") from None
+
+
 class PostgresStore(SQLStore):
     """:class:`~aichat.store.base.Store` on a PostgreSQL database named by a libpq URL."""
 
@@ -100,10 +121,7 @@ class PostgresStore(SQLStore):
         self.pool_size = pool_size
         self.connect_timeout = connect_timeout
         self.statement_timeout = statement_timeout
-        try:
-            self._password = str(conninfo_to_dict(dsn).get("password") or "") or None
-        except psycopg.Error:
-            self._password = None
+        self._password = password_of(dsn)
         self._run_in_thread = run_in_thread
         self._threads: ThreadPool | None = None
         self._pool: ConnectionPool[Any] | None = None
@@ -123,10 +141,6 @@ class PostgresStore(SQLStore):
             return maybeDeferred(_not_open)
         return deferToThreadPool(self._reactor, self._threads, work, *args)
 
-    def _libpq_timeout(self) -> int:
-        # libpq takes whole seconds and treats anything under 2 as 2.
-        return max(2, math.ceil(self.connect_timeout))
-
     # -- lifecycle ------------------------------------------------------------------------------------
 
     async def open(self) -> None:
@@ -144,14 +158,8 @@ class PostgresStore(SQLStore):
         for name in applied:
             self.log.info("Applied database migration {version}", version=name, database=self.shown)
 
-    def _connect(self) -> psycopg.Connection[Any]:
-        try:
-            return psycopg.connect(self.dsn, connect_timeout=self._libpq_timeout())
-        except psycopg.Error as e:
-            raise StoreError(f"cannot connect to database {self.shown}: {reason(e, self._password)}") from None
-
     def _connect_and_migrate(self) -> list[str]:
-        connection = self._connect()
+        connection = connect(self.dsn, self.connect_timeout)
         try:
             with connection.transaction():
                 return migrate(connection)
@@ -170,7 +178,7 @@ class PostgresStore(SQLStore):
             min_size=self.pool_size,
             max_size=self.pool_size,
             # Reads run statement by statement (no BEGIN/COMMIT round trips); writes open a transaction.
-            kwargs={"connect_timeout": self._libpq_timeout(), "autocommit": True},
+            kwargs={"connect_timeout": libpq_timeout(self.connect_timeout), "autocommit": True},
             configure=self._configure,
             timeout=self.connect_timeout,
             reconnect_timeout=24 * 3600.0,
@@ -290,9 +298,8 @@ def check_database(dsn: str, connect_timeout: float) -> str | None:
 
     Used by ``-validate``: it connects and reads the schema's state, and changes nothing.
     """
-    probe = PostgresStore(None, dsn, connect_timeout=connect_timeout)  # type: ignore[arg-type]
     try:
-        connection = probe._connect()
+        connection = connect(dsn, connect_timeout)
     except StoreError as e:
         return str(e)
     try:
@@ -310,7 +317,7 @@ def check_database(dsn: str, connect_timeout: float) -> str | None:
     except StoreError as e:
         return str(e)
     except psycopg.Error as e:
-        return f"cannot read database {probe.shown}: {reason(e, probe._password)}"
+        return f"cannot read database {mask_password(dsn)}: {reason(e, password_of(dsn))}"
     finally:
         connection.rollback()
         connection.close()
