@@ -61,6 +61,7 @@ class Cluster:
         self.port = free_port()
         self.settings = settings
         self._as_user: list[str] = []
+        self._started = False
         if os.geteuid() == 0:
             entry = pwd.getpwnam(SERVER_USER)
             os.chown(self.folder, entry.pw_uid, entry.pw_gid)
@@ -81,12 +82,29 @@ class Cluster:
         command = [*self._as_user, str(self.bindir / program), *args]
         subprocess.run(command, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=self.folder)
 
-    def start(self) -> None:
-        """Start the server (again) on the same port."""
-        options = f"-p {self.port} -k {self.folder} -c listen_addresses=127.0.0.1"
-        for setting in self.settings:
-            options += f" -c {setting}"
-        self._run("pg_ctl", "-D", str(self.data), "-l", str(self.log), "-w", "-t", "60", "-o", options, "start")
+    def start(self, *, attempts: int = 3) -> None:
+        """Start the server (again) on the same port; a first start picks another free port if that one was
+        taken meanwhile. A failure shows the server's log."""
+        for attempt in range(attempts):
+            options = f"-p {self.port} -k {self.folder} -c listen_addresses=127.0.0.1"
+            for setting in self.settings:
+                options += f" -c {setting}"
+            try:
+                self._run("pg_ctl", "-D", str(self.data), "-l", str(self.log), "-w", "-t", "60", "-o", options, "start")
+                return
+            except subprocess.CalledProcessError as e:
+                log = self.log.read_text(errors="replace") if self.log.exists() else ""
+                if attempt + 1 == attempts or self._started:
+                    raise RuntimeError(f"PostgreSQL did not start: {e.stderr!r}\n{log[-2000:]}") from None
+                self.port = free_port()
+            finally:
+                if not self._started:
+                    self._started = self._running()
+
+    def _running(self) -> bool:
+        result = subprocess.run([*self._as_user, str(self.bindir / "pg_ctl"), "-D", str(self.data), "status"],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=self.folder)
+        return result.returncode == 0
 
     def stop_server(self) -> None:
         """Stop the server, keeping its data (``start`` brings it back)."""

@@ -294,6 +294,23 @@ class ThreadedTests(TestCase):
             assert sorted([session.title[1:3], session.title[3:5]]) == ["ab", "ba"], session.title
 
 
+    async def test_dropped_connections_are_replaced_and_the_transaction_re_run(self) -> None:
+        """After the server ends every connection of the pool (as a restart or a failover does), the next
+        write and read succeed: the failed attempt is re-run on a fresh connection."""
+        url = pytest_pg_url()
+        store = await self._store(url, pool_size=3)
+        session = await store.create_session("1", "t")
+        with psycopg.connect(url, autocommit=True) as admin:
+            ended = admin.execute(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+            ).fetchone()
+        assert ended is not None and ended[0] == 3
+        await store.add_message(Message(new_id("user"), session.id, "user", "after"))
+        store.cache.clear()
+        assert [m.content for m in await store.history(session.id)] == ["after"]
+
+
 _session_cluster: list[Cluster] = []
 
 
