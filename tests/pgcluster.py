@@ -76,7 +76,11 @@ class Cluster:
             f"--pwfile={password_file}", "-E", "UTF8", "--locale=C.UTF-8", "--no-sync",
         )
         password_file.unlink()
-        self.start()
+        try:
+            self.start()
+        except BaseException:
+            shutil.rmtree(self.folder, ignore_errors=True)
+            raise
 
     def _run(self, program: str, *args: str) -> None:
         command = [*self._as_user, str(self.bindir / program), *args]
