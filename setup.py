@@ -24,7 +24,7 @@ setup(
     packages=[*find_packages(include=["aichat", "aichat.*"]), "twisted.plugins"],
     package_data={
         "aichat.schemas": ["*.json"],
-        "aichat.store": ["migrations/*.sql"],
+        "aichat.store": ["migrations/*.sql", "migrations/postgres/*.sql"],
     },
     include_package_data=False,
     install_requires=requirements(),

@@ -1,4 +1,4 @@
-"""The ``aichat-backend`` command: Go-style flags, ``-validate``, ``-version``; otherwise runs twistd.
+"""The ``aichat-backend`` command: Go-style flags, ``-validate``, ``-version``, ``db copy``; otherwise runs twistd.
 
 Flags take one or two dashes (``-config FILE``, ``--config=FILE``), as the reference and its packaging
 guide use them. Without ``-validate`` the daemon runs in the foreground through twistd with the same
@@ -49,7 +49,13 @@ def _options_class() -> type[usage.Options]:
             print(self.__str__())
             print(
                 "Flags take one or two dashes. Without -validate the daemon runs in the foreground\n"
-                "(the same as `twistd -n --pidfile= aichat-backend [options]`)."
+                "(the same as `twistd -n --pidfile= aichat-backend [options]`).\n\n"
+                "Database: SQLite at database.path by default; a PostgreSQL URL in database.dsn,\n"
+                "$AICHAT_DATABASE_URL or -database-url (postgres://USER@HOST:PORT/DB?sslmode=...; the password\n"
+                "may come from $PGPASSWORD or ~/.pgpass) selects PostgreSQL.\n\n"
+                "  aichat-backend db copy --from SRC --to DST [--force]\n"
+                "      copy every session, message, attachment and approval between databases\n"
+                "      (SQLite <-> PostgreSQL); see `aichat-backend db --help`."
             )
             sys.exit(0)
 
@@ -73,6 +79,17 @@ def _mcp_problems(settings: Settings) -> tuple[list[Problem], list[str]]:
     return [], [f"mcp servers:    {len(enabled)} enabled of {len(servers)}: {names or 'none'}"]
 
 
+def _database_problems(settings: Settings) -> list[Problem]:
+    """PostgreSQL only: connect and read the schema's state (changing nothing); SQLite is checked at start."""
+    database = settings.database
+    if database.engine != "postgres":
+        return []
+    from aichat.store.postgres import check_database
+
+    problem = check_database(database.dsn, database.connect_timeout_seconds)
+    return [] if problem is None else [Problem(database.shown(), "database.dsn", problem)]
+
+
 def _load(options: usage.Options) -> Settings | list[Problem]:
     """Settings for the parsed options, or the problems that prevent them."""
     from aichat.tap import Options
@@ -90,6 +107,7 @@ def validate(options: usage.Options) -> int:
     if isinstance(settings, list):
         return _report(settings)
     problems, mcp_lines = _mcp_problems(settings)
+    problems.extend(_database_problems(settings))
     if problems:
         return _report(problems)
     print(f"{PROGRAM} {__version__}: configuration is valid")
@@ -120,7 +138,12 @@ def run_daemon(argv: list[str]) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``aichat-backend`` console script and ``python -m aichat``."""
-    args = normalize(sys.argv[1:] if argv is None else argv)
+    given = list(sys.argv[1:] if argv is None else argv)
+    if given and given[0] == "db":
+        from aichat.store.copy import main as db_main
+
+        return db_main(given[1:])
+    args = normalize(given)
     options = _options_class()()
     try:
         options.parseOptions(args)

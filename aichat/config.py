@@ -18,6 +18,7 @@ from typing import Any
 
 import yaml
 
+from aichat.store.dsn import DSNError, mask_password, parse_dsn
 from aichat.validation import SECRET_KEYS, ConfigError, Problem, validate
 
 DEFAULT_CONFIG_PATH = "config.yaml"
@@ -46,11 +47,25 @@ class ServerSettings:
 
 @dataclass(frozen=True)
 class DatabaseSettings:
-    """The embedded SQLite store."""
+    """The store: a SQLite file at ``path`` unless ``dsn`` is a PostgreSQL URL (which may hold a password)."""
 
     path: str = "/var/lib/aichat-backend/aichat.db"
+    #: A ``postgres://`` or ``postgresql://`` URL; empty for SQLite at ``path``.
+    dsn: str = field(default="", repr=False)
     #: Memory for recently used sessions' histories (0: read every history from the database).
     history_cache_mb: int = 64
+    pool_size: int = 10
+    connect_timeout_seconds: float = 5.0
+    statement_timeout_seconds: float = 30.0
+
+    @property
+    def engine(self) -> str:
+        """``postgres`` or ``sqlite``."""
+        return "postgres" if self.dsn else "sqlite"
+
+    def shown(self) -> str:
+        """The database as it may be printed or logged: the path, or the URL with its password masked."""
+        return mask_password(self.dsn) if self.dsn else self.path
 
 
 @dataclass(frozen=True)
@@ -177,6 +192,7 @@ class Overrides:
     log_json: bool = False
     log_file: str | None = None
     database_path: str | None = None
+    database_url: str | None = None
     llm_provider: str | None = None
     llm_model: str | None = None
     api_key: str | None = None
@@ -190,6 +206,7 @@ ENVIRONMENT: tuple[tuple[str, str, type], ...] = (
     ("AICHAT_HOST", "server.host", str),
     ("AICHAT_PORT", "server.port", int),
     ("AICHAT_DATABASE_PATH", "database.path", str),
+    ("AICHAT_DATABASE_URL", "database.dsn", str),
     ("AICHAT_LLM_PROVIDER", "llm.provider", str),
     ("AICHAT_LLM_MODEL", "llm.model", str),
     ("AICHAT_API_KEY", "llm.api_key", str),
@@ -289,6 +306,7 @@ def _flag_overrides(flags: Overrides) -> dict[str, Any]:
         "logging.file": flags.log_file,
         "logging.format": "json" if flags.log_json else None,
         "database.path": flags.database_path,
+        "database.dsn": flags.database_url,
         "llm.provider": flags.llm_provider,
         "llm.model": flags.llm_model,
         "llm.api_key": flags.api_key,
@@ -296,7 +314,10 @@ def _flag_overrides(flags: Overrides) -> dict[str, Any]:
         "llm.system_prompt": flags.system_prompt,
         "mcp.servers_file": flags.mcp_servers_file,
     }
-    return {key: value for key, value in pairs.items() if value not in (None, "")}
+    given = {key: value for key, value in pairs.items() if value not in (None, "")}
+    if flags.database_path and not flags.database_url:
+        given["database.dsn"] = ""  # -database-path names the database, whatever the file or environment say
+    return given
 
 
 def token_digest(token: str) -> str:
@@ -346,11 +367,21 @@ def load_settings(
         )
     if problems:
         raise ConfigError(problems)
-    settings = _build(merged, base_dir, shown_path, problems)
+    dsn_source = _dsn_source(flags, environ, shown_path)
+    settings = _build(merged, base_dir, shown_path, problems, dsn_source)
     if problems:
         raise ConfigError(problems)
     warnings = tuple(f"${{{name}}} is not set; using an empty string" for name in sorted(unset))
     return replace(settings, warnings=warnings)
+
+
+def _dsn_source(flags: Overrides, environ: Mapping[str, str], shown_path: str | None) -> tuple[str, str]:
+    """Where the effective ``database.dsn`` came from, as (file, key) for a :class:`Problem`."""
+    if flags.database_url:
+        return "flags", "-database-url"
+    if environ.get("AICHAT_DATABASE_URL"):
+        return "environment", "AICHAT_DATABASE_URL"
+    return shown_path or "config", "$.database.dsn"
 
 
 def _resolve(base: Path, value: str) -> str:
@@ -360,21 +391,55 @@ def _resolve(base: Path, value: str) -> str:
     return os.path.normpath(candidate if candidate.is_absolute() else (base / candidate))
 
 
-def _build(doc: dict[str, Any], base: Path, shown_path: str | None, problems: list[Problem]) -> Settings:
+def _conninfo_problem(dsn: str) -> str | None:
+    """libpq's complaint about a PostgreSQL URL it cannot parse (password masked), or ``None``."""
+    import psycopg
+    from psycopg.conninfo import conninfo_to_dict
+
+    try:
+        conninfo_to_dict(dsn)
+    except psycopg.Error as e:
+        return f"invalid PostgreSQL URL {mask_password(dsn)}: {' '.join(str(e).split())}"
+    return None
+
+
+def _database(
+    doc: dict[str, Any], base: Path, problems: list[Problem], dsn_source: tuple[str, str]
+) -> DatabaseSettings:
+    path = doc.get("path", DatabaseSettings.path)
+    dsn = doc.get("dsn", "").strip()
+    if dsn:
+        try:
+            url = parse_dsn(dsn)
+        except DSNError as e:
+            problems.append(Problem(dsn_source[0], dsn_source[1], str(e)))
+            url = None
+        if url is not None and url.engine == "sqlite":
+            path, dsn = url.path, ""
+        elif url is None:
+            dsn = ""
+        else:
+            problem = _conninfo_problem(dsn)
+            if problem:
+                problems.append(Problem(dsn_source[0], dsn_source[1], problem))
+    tuning = {key: doc[key] for key in ("history_cache_mb", "pool_size", "connect_timeout_seconds",
+                                         "statement_timeout_seconds") if key in doc}
+    return DatabaseSettings(path=_resolve(base, path), dsn=dsn, **tuning)
+
+
+def _build(
+    doc: dict[str, Any],
+    base: Path,
+    shown_path: str | None,
+    problems: list[Problem],
+    dsn_source: tuple[str, str] = ("config", "$.database.dsn"),
+) -> Settings:
     def section(name: str) -> dict[str, Any]:
         value = doc.get(name) or {}
         return value if isinstance(value, dict) else {}
 
     server = ServerSettings(**section("server"))
-    database_doc = section("database")
-    path = database_doc.get("path", DatabaseSettings.path)
-    dsn = database_doc.get("dsn", "")
-    if dsn.startswith("sqlite:"):
-        path = dsn.removeprefix("sqlite:")
-    database = DatabaseSettings(
-        path=_resolve(base, path),
-        history_cache_mb=database_doc.get("history_cache_mb", DatabaseSettings.history_cache_mb),
-    )
+    database = _database(section("database"), base, problems, dsn_source)
     llm_doc = dict(section("llm"))
     provider = llm_doc.get("provider", "openai")
     llm_doc.setdefault("model", DEFAULT_MODELS[provider])
@@ -420,13 +485,23 @@ def _build(doc: dict[str, Any], base: Path, shown_path: str | None, problems: li
     )
 
 
+def _database_line(database: DatabaseSettings) -> str:
+    if database.engine == "postgres":
+        return (
+            f"{database.shown()} (PostgreSQL, pool {database.pool_size}, connect timeout "
+            f"{database.connect_timeout_seconds:g} s, statement timeout {database.statement_timeout_seconds:g} s, "
+            f"history cache {database.history_cache_mb} MB)"
+        )
+    return f"{database.path} (SQLite, history cache {database.history_cache_mb} MB)"
+
+
 def summary(settings: Settings) -> list[str]:
     """A one-screen description of ``settings`` for ``-validate``; secrets are shown only as set/unset."""
     llm = settings.llm
     return [
         f"config file:    {settings.config_path or '(none: defaults, environment and flags)'}",
         f"listen:         {settings.server.host or '0.0.0.0'}:{settings.server.port}",
-        f"database:       {settings.database.path} (history cache {settings.database.history_cache_mb} MB)",
+        f"database:       {_database_line(settings.database)}",
         f"llm:            provider={llm.provider} model={llm.model} "
         f"base_url={llm.base_url or '(default)'} api_key={'set' if llm.api_key else 'not set'}",
         f"mcp servers:    {settings.mcp.servers_file}",

@@ -36,7 +36,7 @@ from aichat.llm.provider import Provider
 from aichat.llm.unconfigured import UnconfiguredProvider
 from aichat.logs import ReopenableFile, make_observer
 from aichat.mcp import MCPHost, ServerConfig, load_servers_file_if_present
-from aichat.store.sqlite import SQLiteStore
+from aichat.store.factory import build_store
 from aichat.validation import ConfigError
 
 log = Logger(namespace="aichat")
@@ -72,9 +72,7 @@ class AichatService(Service):
         self.observer, self.log_file = make_observer(
             settings.logging.file, settings.logging.level, settings.logging.format
         )
-        self.store = SQLiteStore(
-            reactor, settings.database.path, cache_bytes=settings.database.history_cache_mb * 1024 * 1024
-        )
+        self.store = build_store(settings.database, reactor)
         self._mcp_pool = HTTPConnectionPool(reactor, persistent=True)
         self.mcp = MCPHost(
             reactor,
@@ -152,7 +150,7 @@ class AichatService(Service):
             "aichat-backend {version} starting (config {config}, database {database})",
             version=__version__,
             config=settings.config_path or "(none)",
-            database=settings.database.path,
+            database=settings.database.shown(),
             announce=True,
         )
         await self.store.open()

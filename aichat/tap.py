@@ -60,7 +60,13 @@ class Options(usage.Options):
         ["log-level", None, None, "Log level (logging.level)", _log_level],
         ["log-file", None, None, "Log file, reopened on SIGHUP (logging.file); '' for stdout."],
         ["database-path", None, None, "SQLite database file (database.path)."],
-        ["database-url", None, None, "sqlite:PATH (database.dsn); PostgreSQL is not supported yet."],
+        [
+            "database-url",
+            None,
+            None,
+            "postgres://USER@HOST:PORT/DB?sslmode=... or sqlite:PATH (database.dsn, $AICHAT_DATABASE_URL); "
+            "the password may come from $PGPASSWORD or ~/.pgpass.",
+        ],
         ["llm-provider", None, None, "openai, ollama or mock (llm.provider)."],
         ["llm-model", None, None, "Model name (llm.model)."],
         ["api-key", None, None, "LLM API key (llm.api_key); prefer $OPENAI_API_KEY."],
@@ -77,19 +83,14 @@ class Options(usage.Options):
 
     def overrides(self) -> Overrides:
         """The flags that override settings."""
-        database_url = self["database-url"]
-        database_path = self["database-path"]
-        if database_url:
-            if not database_url.startswith("sqlite:"):
-                raise usage.UsageError("--database-url: only sqlite:PATH is supported")
-            database_path = database_path or database_url.removeprefix("sqlite:")
         return Overrides(
             port=self["port"],
             host=self["host"],
             log_level=self["log-level"],
             log_json=bool(self["log-json"]),
             log_file=self["log-file"],
-            database_path=database_path,
+            database_path=self["database-path"],
+            database_url=self["database-url"],
             llm_provider=self["llm-provider"],
             llm_model=self["llm-model"],
             api_key=self["api-key"],

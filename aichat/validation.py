@@ -18,7 +18,7 @@ from jsonschema import Draft202012Validator
 from jsonschema.exceptions import ValidationError, best_match
 
 #: Keys whose values are secrets, in every configuration file: never echoed, never typed from a placeholder.
-SECRET_KEYS = frozenset({"api_key", "token", "admin_tokens", "password", "Authorization", "authorization"})
+SECRET_KEYS = frozenset({"api_key", "token", "admin_tokens", "password", "dsn", "Authorization", "authorization"})
 
 
 @dataclass(frozen=True, order=True)

@@ -4,8 +4,9 @@ Run ``python -m benchmarks.chat_stream`` from the repository root (``--levels 1 
 each concurrency level it starts the scripted OpenAI upstream (``python -m tests.upstream --chunks N --delay
 S``: every answer is N text deltas S seconds apart, the first at once; N and S per level in ``LEVELS``) and a
 fresh daemon (``aichat-backend``, OpenAI provider pointed at that upstream, no MCP servers, no title
-generation, SQLite in a temporary folder) as child processes with a raised open-files limit, then measures, in
-the same run:
+generation, SQLite in a temporary folder, or with ``--engines postgres`` a new database in a throwaway
+PostgreSQL cluster started for the run with its default durability) as child processes with a raised
+open-files limit, then measures, in the same run:
 
 - direct: the level's streams as ``POST /v1/chat/completions`` (``stream: true``) straight to the upstream;
 - daemon: the same number of one-request turns ``GET /v1/chat/stream?session_id=&message=`` read as SSE (each
@@ -21,7 +22,8 @@ direct ones), the added p99 inter-chunk gap, errors (non-200, ``error`` events, 
 broken connections), the daemon's peak RSS (``VmHWM``) and the CPU use of the daemon, the upstream and this
 client while the daemon streamed (100%: one core; all three share the machine).
 Targets (2 cores): added TTFT median <= 1 ms and p99 <= 5 ms at 100; at 1000, 0 errors, added inter-chunk p99
-<= 50 ms, RSS <= 300 MB; each is printed as PASS or MISS (``--strict``: exit status 1 on a miss). Everything
+<= 50 ms, RSS <= 300 MB; with both engines, PostgreSQL's added TTFT median at 100 within 1.3x of SQLite's
+and 0 errors; each is printed as PASS or MISS (``--strict``: exit status 1 on a miss). Everything
 listens on 127.0.0.1; every wait has a deadline. ``AICHAT_BENCH_DAEMON`` and ``AICHAT_BENCH_UPSTREAM`` replace
 the daemon's and the upstream's commands (their arguments are appended), to run them under a profiler.
 """
@@ -43,6 +45,7 @@ import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -331,17 +334,20 @@ def daemon_command() -> list[str]:
     return os.environ.get("AICHAT_BENCH_DAEMON", "").split() or [str(BIN / "aichat-backend")]
 
 
-def start_daemon(folder: Path, upstream_port: int, *, database: str = "") -> tuple[subprocess.Popen[bytes], int]:
-    """The daemon against the upstream (``database``: more lines of its database section); the process once
-    /health answers, and its port."""
+def start_daemon(
+    folder: Path, upstream_port: int, *, database: str = "", database_url: str = ""
+) -> tuple[subprocess.Popen[bytes], int]:
+    """The daemon against the upstream (``database``: more lines of its database section; ``database_url``:
+    PostgreSQL instead of SQLite); the process once /health answers, and its port."""
     port = free_port()
     servers = folder / "mcp-servers.json"
     servers.write_text('{"mcpServers": {}}')
     config = folder / "config.yaml"
     config.write_text(
         f"server:\n  host: {HOST}\n  port: {port}\n  shutdown_grace_seconds: 2\n"
-        f"database:\n  path: {folder / 'aichat.db'}\n{database}"
-        f"llm:\n  provider: openai\n  base_url: http://{HOST}:{upstream_port}/v1\n  api_key: sk-bench\n"
+        + (f"database:\n  dsn: {database_url}\n" if database_url else f"database:\n  path: {folder / 'aichat.db'}\n")
+        + database
+        + f"llm:\n  provider: openai\n  base_url: http://{HOST}:{upstream_port}/v1\n  api_key: sk-bench\n"
         "  max_retries: 0\n"
         f"mcp:\n  servers_file: {servers}\n"
         f"logging:\n  file: {folder / 'aichat-backend.log'}\n  level: info\n"
@@ -418,12 +424,12 @@ def level_of(streams: int) -> Level:
     return LEVELS.get(streams) or Level(streams, max(2, 200 // streams), 20, max(0.02, streams / 5000))
 
 
-async def measure(level: Level) -> dict[str, float]:
+async def measure(level: Level, database_url: str = "") -> dict[str, Any]:
     """Start an upstream and a daemon for ``level``, measure both sides, stop them; one table row."""
     upstream, upstream_port = start_upstream(level.chunks, level.delay)
     try:
         with tempfile.TemporaryDirectory(prefix="aichat-bench-") as tmp:
-            daemon, daemon_port = start_daemon(Path(tmp), upstream_port)
+            daemon, daemon_port = start_daemon(Path(tmp), upstream_port, database_url=database_url)
             try:
                 direct, through, cpu = await measure_level(
                     level.streams,
@@ -446,6 +452,7 @@ async def measure(level: Level) -> dict[str, float]:
             print(f"  {label} error at {level.streams} streams: {error}", file=sys.stderr)
     nan = float("nan")
     return {
+        "engine": "postgres" if database_url else "sqlite",
         "streams": level.streams,
         "turns": level.turns * level.streams,
         "chunks": level.chunks,
@@ -466,17 +473,17 @@ async def measure(level: Level) -> dict[str, float]:
     }
 
 
-def table(rows: list[dict[str, float]]) -> str:
+def table(rows: list[dict[str, Any]]) -> str:
     """The figures, one line per level."""
     lines = [
         "chat streaming through the daemon vs straight to the same upstream (times in ms; 'added' = daemon - direct)",
-        f"{'streams':>8}{'turns':>7}{'chunks':>7}{'every':>7}{'TTFT direct':>12}{'TTFT daemon':>12}"
+        f"{'engine':>9}{'streams':>8}{'turns':>7}{'chunks':>7}{'every':>7}{'TTFT direct':>12}{'TTFT daemon':>12}"
         f"{'added p50':>10}{'added p99':>10}{'gap p99 direct':>15}{'added gap p99':>14}{'errors':>7}"
         f"{'peak RSS MiB':>13}{'CPU daemon/upstream/client':>28}",
     ]
     for row in rows:
         lines.append(
-            f"{row['streams']:>8.0f}{row['turns']:>7.0f}{row['chunks']:>7.0f}{ms(row['delay']):>7}"
+            f"{row['engine']:>9}{row['streams']:>8.0f}{row['turns']:>7.0f}{row['chunks']:>7.0f}{ms(row['delay']):>7}"
             f"{ms(row['direct_ttft']):>12}{ms(row['daemon_ttft']):>12}{ms(row['added_median']):>10}"
             f"{ms(row['added_p99']):>10}{ms(row['direct_gap_p99']):>15}{ms(row['added_gap_p99']):>14}"
             f"{row['errors']:>7.0f}{row['rss_mib']:>13.1f}"
@@ -485,26 +492,51 @@ def table(rows: list[dict[str, float]]) -> str:
     return "\n".join(lines)
 
 
-def checks(rows: list[dict[str, float]]) -> list[tuple[str, bool]]:
+def checks(rows: list[dict[str, Any]]) -> list[tuple[str, bool]]:
     """The targets that apply to the levels measured."""
-    by_level = {int(row["streams"]): row for row in rows}
     found: list[tuple[str, bool]] = []
-    if 100 in by_level:
-        row = by_level[100]
-        found.append(("100 streams: added TTFT median <= 1 ms", row["added_median"] <= 0.001))
-        found.append(("100 streams: added TTFT p99 <= 5 ms", row["added_p99"] <= 0.005))
-    if 1000 in by_level:
-        row = by_level[1000]
-        found.append(("1000 streams: 0 errors", row["errors"] == 0))
-        found.append(("1000 streams: added inter-chunk p99 <= 50 ms", row["added_gap_p99"] <= 0.050))
-        found.append(("1000 streams: daemon peak RSS <= 300 MB", row["rss_mib"] * 1024 * 1024 <= 300e6))
+    for engine in ("sqlite", "postgres"):
+        by_level = {int(row["streams"]): row for row in rows if row["engine"] == engine}
+        if 100 in by_level:
+            row = by_level[100]
+            found.append((f"{engine}, 100 streams: added TTFT median <= 1 ms", row["added_median"] <= 0.001))
+            found.append((f"{engine}, 100 streams: added TTFT p99 <= 5 ms", row["added_p99"] <= 0.005))
+        if 1000 in by_level:
+            row = by_level[1000]
+            found.append((f"{engine}, 1000 streams: 0 errors", row["errors"] == 0))
+            found.append((f"{engine}, 1000 streams: added inter-chunk p99 <= 50 ms", row["added_gap_p99"] <= 0.050))
+            found.append((f"{engine}, 1000 streams: daemon peak RSS <= 300 MB", row["rss_mib"] * 1024 * 1024 <= 300e6))
+    at_100 = {row["engine"]: row for row in rows if int(row["streams"]) == 100}
+    if {"sqlite", "postgres"} <= set(at_100):
+        sqlite, postgres = at_100["sqlite"], at_100["postgres"]
+        ratio = postgres["added_median"] / sqlite["added_median"] if sqlite["added_median"] > 0 else float("inf")
+        found.append((f"100 streams: PostgreSQL added TTFT median within 1.3x of SQLite's ({ratio:.2f}x)",
+                      postgres["added_median"] <= 1.3 * max(sqlite["added_median"], 0.0)))
+        found.append(("100 streams: PostgreSQL 0 errors", postgres["errors"] == 0))
     return found
 
 
-async def run_all(levels: list[Level], strict: bool) -> int:
-    """Measure each level, print the table and the targets; 1 if ``strict`` and a target is missed."""
+async def run_all(levels: list[Level], strict: bool, engines: list[str]) -> int:
+    """Measure each level on each engine, print the table and the targets; 1 if ``strict`` and a target is
+    missed."""
     load = os.getloadavg()
-    rows = [await measure(level) for level in levels]
+    rows = []
+    cluster = None
+    try:
+        for engine in engines:
+            url = ""
+            if engine == "postgres" and cluster is None:
+                sys.path.insert(0, str(ROOT))
+                from tests.pgcluster import Cluster
+
+                cluster = Cluster(settings=())
+            for level in levels:
+                if cluster is not None and engine == "postgres":
+                    url = cluster.create_database("bench")
+                rows.append(await measure(level, url))
+    finally:
+        if cluster is not None:
+            cluster.stop()
     print(table(rows))
     print(
         f"{os.cpu_count()} CPUs; load average {load[0]:.2f} before, {os.getloadavg()[0]:.2f} after "
@@ -522,12 +554,15 @@ def run() -> None:
     parser.add_argument("--levels", type=int, nargs="+", default=sorted(LEVELS), help="concurrent streams")
     parser.add_argument("--turns", type=int, default=0, help="measured turns per stream (default: per level)")
     parser.add_argument("--strict", action="store_true", help="exit with status 1 when a target is missed")
+    parser.add_argument(
+        "--engines", nargs="+", default=["sqlite", "postgres"], choices=["sqlite", "postgres"], help="store engines"
+    )
     args = parser.parse_args()
     levels = [level_of(n) for n in args.levels]
     if args.turns > 0:
         levels = [Level(lv.streams, args.turns, lv.chunks, lv.delay) for lv in levels]
     raise_open_files()
-    sys.exit(asyncio.run(run_all(levels, args.strict)))
+    sys.exit(asyncio.run(run_all(levels, args.strict, args.engines)))
 
 
 if __name__ == "__main__":

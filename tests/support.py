@@ -13,11 +13,13 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.internet.task import Clock
+from twisted.python.failure import Failure
 
 from aichat.api import API, build_resource
 from aichat.config import Settings, load_settings
+from aichat.store.sql import SQLStore
 from aichat.store.sqlite import SQLiteStore
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -76,15 +78,32 @@ def make_settings(folder: Path, yaml_text: str = "", environ: Mapping[str, str] 
     return load_settings(str(write_config(folder, yaml_text)), environ=environ or {})
 
 
+def _open_inline(store: SQLStore) -> None:
+    """Open a store whose calls complete synchronously; raise what opening raised."""
+    outcome: list[Any] = []
+    Deferred.fromCoroutine(store.open()).addBoth(outcome.append)
+    assert outcome, "the inline store opens synchronously"
+    if isinstance(outcome[0], Failure):
+        outcome[0].raiseException()
+
+
 def inline_store(path: str, **options: Any) -> SQLiteStore:
     """A SQLite store whose queries run synchronously (for ``StubTreq`` tests); ``options`` go to it."""
     store = SQLiteStore(Clock(), path, pool_factory=InlinePool, **options)  # type: ignore[arg-type]
-    opened = Deferred.fromCoroutine(store.open())
-    assert opened.called, "the inline store opens synchronously"
+    _open_inline(store)
     return store
 
 
-def build_api(settings: Settings, store: SQLiteStore, clock: Clock | None = None) -> tuple[API, Any]:
+def inline_pg_store(url: str, **options: Any) -> SQLStore:
+    """A PostgreSQL store whose transactions run synchronously in the calling thread (for ``StubTreq`` tests)."""
+    from aichat.store.postgres import PostgresStore
+
+    store = PostgresStore(Clock(), url, run_in_thread=maybeDeferred, pool_size=2, **options)  # type: ignore[arg-type]
+    _open_inline(store)
+    return store
+
+
+def build_api(settings: Settings, store: SQLStore, clock: Clock | None = None) -> tuple[API, Any]:
     """An :class:`API` over ``store`` and its CORS-wrapped resource."""
     api = API(settings=settings, store=store, clock=clock or Clock(), version="test")
     return api, build_resource(api)

@@ -80,9 +80,13 @@ def test_version_and_help() -> None:
     assert (version.returncode, version.stdout.strip()) == (0, "aichat-backend 1.0.0")
     helped = run_cli("-help")
     assert helped.returncode == 0
-    for flag in ("--config", "--validate", "--env-only", "--port", "--log-level", "--version"):
+    for flag in ("--config", "--validate", "--env-only", "--port", "--log-level", "--version", "--database-url"):
         assert flag in helped.stdout
     assert "one or two dashes" in helped.stdout
+    assert "aichat-backend db copy --from SRC --to DST [--force]" in helped.stdout
+    db_help = run_cli("db", "--help")
+    assert db_help.returncode == 0 and "--force" in db_help.stdout
+    assert run_cli("db", "move").returncode == 2
 
 
 def test_python_dash_m_is_the_same_command(tmp_path: Path) -> None:

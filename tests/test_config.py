@@ -204,12 +204,49 @@ def test_trusted_proxies_must_be_networks(tmp_path: Path) -> None:
 
 
 def test_sqlite_dsn_sets_database_path(tmp_path: Path) -> None:
-    """database.dsn accepts sqlite:PATH; a PostgreSQL DSN is refused clearly."""
+    """database.dsn accepts sqlite:PATH, resolved against the file's folder."""
     settings = load_settings(str(write_config(tmp_path, "database:\n  dsn: sqlite:data/x.db\n")), environ={})
     assert settings.database.path == str(tmp_path / "data" / "x.db")
-    problems = problems_of(write_config(tmp_path, "database:\n  dsn: postgres://u@h/db\n", "pg.yaml"), environ={})
-    assert len(problems) == 1
-    assert "$.database.dsn" in problems[0]
+    assert settings.database.engine == "sqlite"
+
+
+def test_postgres_url_from_file_environment_and_flag(tmp_path: Path) -> None:
+    """A PostgreSQL URL selects that engine from the file, AICHAT_DATABASE_URL or -database-url (flag wins)."""
+    url = "postgres://ai_chat_user:s3cret@127.0.0.1:5432/ai_chat?sslmode=disable"
+    config = write_config(tmp_path, f"database:\n  dsn: {url}\n  pool_size: 4\n")
+    from_file = load_settings(str(config), environ={})
+    assert (from_file.database.engine, from_file.database.dsn, from_file.database.pool_size) == ("postgres", url, 4)
+    assert from_file.database.shown() == "postgres://ai_chat_user:***@127.0.0.1:5432/ai_chat?sslmode=disable"
+    assert "s3cret" not in repr(from_file)
+    from_env = load_settings(None, env_only=True, environ={"AICHAT_DATABASE_URL": "postgresql://u@db/x"})
+    assert from_env.database.dsn == "postgresql://u@db/x"
+    flagged = load_settings(
+        None,
+        env_only=True,
+        environ={"AICHAT_DATABASE_URL": "postgresql://u@db/x"},
+        flags=Overrides(database_url="postgres://v@other/y"),
+    )
+    assert flagged.database.dsn == "postgres://v@other/y"
+    by_path = load_settings(
+        None, env_only=True, environ={"AICHAT_DATABASE_URL": "postgresql://u@db/x"},
+        flags=Overrides(database_path=str(tmp_path / "f.db")),
+    )
+    assert (by_path.database.engine, by_path.database.path) == ("sqlite", str(tmp_path / "f.db"))
+
+
+def test_unknown_database_scheme_names_the_key_without_the_password(tmp_path: Path) -> None:
+    """An unknown scheme is a problem at the key it came from; the password is never echoed."""
+    problems = problems_of(write_config(tmp_path, "database:\n  dsn: mysql://u:pw1@h/db\n"), environ={})
+    assert problems == [
+        f"{tmp_path / 'config.yaml'}: $.database.dsn: unknown database URL (scheme 'mysql'): "
+        "use postgres://, postgresql:// or sqlite:PATH"
+    ]
+    with pytest.raises(ConfigError) as caught:
+        load_settings(None, env_only=True, environ={"AICHAT_DATABASE_URL": "mongodb://u:pw2@h/db"})
+    assert [str(p) for p in caught.value.problems] == [
+        "environment: AICHAT_DATABASE_URL: unknown database URL (scheme 'mongodb'): "
+        "use postgres://, postgresql:// or sqlite:PATH"
+    ]
 
 
 def test_history_cache_size(tmp_path: Path) -> None:

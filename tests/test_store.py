@@ -1,4 +1,5 @@
-"""The SQLite store: migrations, per-user isolation, message round-trips, approvals, durability."""
+"""The store contract on both engines (SQLite and a real PostgreSQL): per-user isolation, message round-trips,
+approvals, the history cache; and SQLite's own migrations and group commit."""
 
 from __future__ import annotations
 
@@ -15,8 +16,9 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 
 from aichat.store import Approval, Attachment, Message, StoreError, new_id, utc_now
+from aichat.store.sql import SQLStore
 from aichat.store.sqlite import SQLiteStore, migrations
-from tests.support import InlinePool, inline_store
+from tests.support import InlinePool, inline_pg_store, inline_store
 
 T = TypeVar("T")
 
@@ -33,10 +35,29 @@ def run(coroutine: Coroutine[Any, Any, T]) -> T:
     return result
 
 
-@pytest.fixture
-def store(tmp_path: Path) -> SQLiteStore:
-    """An opened store on a fresh file."""
-    return inline_store(str(tmp_path / "db" / "aichat.db"))
+@pytest.fixture(params=["sqlite", "postgres"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> SQLStore:
+    """An opened store on a fresh database of each engine (PostgreSQL: a new database on the test cluster)."""
+    if request.param == "sqlite":
+        return inline_store(str(tmp_path / "db" / "aichat.db"))
+    return inline_pg_store(request.getfixturevalue("pg_url"))
+
+
+def uncached(store: SQLStore) -> SQLStore:
+    """Another store on the same database without a history cache: it reads the database's truth."""
+    if isinstance(store, SQLiteStore):
+        return inline_store(store.path, cache_bytes=0)
+    return inline_pg_store(store.dsn, cache_bytes=0)  # type: ignore[attr-defined]
+
+
+def count_rows(store: SQLStore, table: str) -> int:
+    """How many rows ``table`` holds, read through the store's own connection."""
+
+    def select(txn: Any) -> int:
+        txn.execute(f"SELECT count(*) FROM {table}")
+        return int(txn.fetchone()[0])
+
+    return int(run(store._read(select)))
 
 
 def test_migrations_applied_once_and_recorded(tmp_path: Path) -> None:
@@ -63,7 +84,7 @@ def test_path_under_a_file_is_a_clear_error(tmp_path: Path) -> None:
         run(store.open())
 
 
-def test_sessions_are_isolated_per_user(store: SQLiteStore) -> None:
+def test_sessions_are_isolated_per_user(store: SQLStore) -> None:
     """Another user's session is invisible to get, rename, delete, messages and clear."""
     mine = run(store.create_session("1", "Mine"))
     assert run(store.get_session("1", mine.id)) == mine
@@ -76,7 +97,7 @@ def test_sessions_are_isolated_per_user(store: SQLiteStore) -> None:
     assert run(store.get_session("1", mine.id)) == mine
 
 
-def test_sessions_listed_most_recent_first_with_paging(store: SQLiteStore) -> None:
+def test_sessions_listed_most_recent_first_with_paging(store: SQLStore) -> None:
     """list_sessions orders by updated_at descending; a new message moves a session to the top."""
     a = run(store.create_session("1", "a"))
     b = run(store.create_session("1", "b"))
@@ -88,7 +109,7 @@ def test_sessions_listed_most_recent_first_with_paging(store: SQLiteStore) -> No
     assert b.id != c.id
 
 
-def test_rename_bumps_updated_at(store: SQLiteStore) -> None:
+def test_rename_bumps_updated_at(store: SQLStore) -> None:
     """Renaming changes the title and moves updated_at forward."""
     session = run(store.create_session("1", "old"))
     assert run(store.rename_session("1", session.id, "new")) is True
@@ -98,7 +119,7 @@ def test_rename_bumps_updated_at(store: SQLiteStore) -> None:
     assert renamed.updated_at >= session.updated_at
 
 
-def test_messages_round_trip_with_tools_and_attachments(store: SQLiteStore) -> None:
+def test_messages_round_trip_with_tools_and_attachments(store: SQLStore) -> None:
     """Tool calls, tool results with their call ids, timings and attachments come back as stored."""
     session = run(store.create_session("1", "t"))
     call = {"id": "call_1", "type": "function", "function": {"name": "everything__echo", "arguments": "{}"}}
@@ -117,7 +138,7 @@ def test_messages_round_trip_with_tools_and_attachments(store: SQLiteStore) -> N
     assert page == messages[1:3]
 
 
-def test_session_history_reads_both_for_the_owner_only(store: SQLiteStore) -> None:
+def test_session_history_reads_both_for_the_owner_only(store: SQLStore) -> None:
     """session_history returns the session and its messages in one read; nothing for another user."""
     session = run(store.create_session("1", "t"))
     message = Message(new_id("user"), session.id, "user", "hi")
@@ -128,25 +149,25 @@ def test_session_history_reads_both_for_the_owner_only(store: SQLiteStore) -> No
     assert run(store.session_history("2", session.id)) == (None, [])
 
 
-def test_message_for_missing_session_fails(store: SQLiteStore) -> None:
+def test_message_for_missing_session_fails(store: SQLStore) -> None:
     """A message cannot be added to a session that does not exist."""
     with pytest.raises(StoreError):
         run(store.add_message(Message(new_id("user"), "nope", "user", "x")))
 
 
-def test_delete_session_cascades(tmp_path: Path, store: SQLiteStore) -> None:
+def test_delete_session_cascades(store: SQLStore) -> None:
     """Deleting a session deletes its messages, attachments and approvals."""
     session = run(store.create_session("1", "t"))
     run(store.add_message(Message(new_id("user"), session.id, "user", "x",
                                   attachments=(Attachment(new_id(), "f", "", 1, "eA=="),))))
     run(store.create_approval(Approval(new_id("approval"), session.id, "1", [], "pending", utc_now(), utc_now())))
+    assert count_rows(store, "chat_attachments") == 1
     assert run(store.delete_session("1", session.id)) is True
-    connection = sqlite3.connect(tmp_path / "db" / "aichat.db")
     for table in ("chat_messages", "chat_attachments", "tool_approvals"):
-        assert connection.execute(f"SELECT count(*) FROM {table}").fetchone()[0] == 0
+        assert count_rows(store, table) == 0
 
 
-def test_clear_messages_keeps_session_and_expires_approvals(store: SQLiteStore) -> None:
+def test_clear_messages_keeps_session_and_expires_approvals(store: SQLStore) -> None:
     """Clearing deletes the history the model sees and cancels pending approvals."""
     session = run(store.create_session("1", "t"))
     run(store.add_message(Message(new_id("user"), session.id, "user", "x")))
@@ -160,7 +181,7 @@ def test_clear_messages_keeps_session_and_expires_approvals(store: SQLiteStore) 
     assert stored.status == "expired"
 
 
-def test_approval_resolves_once_and_is_user_bound(store: SQLiteStore) -> None:
+def test_approval_resolves_once_and_is_user_bound(store: SQLStore) -> None:
     """An approval belongs to its user and leaves 'pending' exactly once."""
     session = run(store.create_session("1", "t"))
     approval = Approval(new_id("approval"), session.id, "1", [{"id": "c"}], "pending", utc_now(), utc_now())
@@ -175,7 +196,7 @@ def test_approval_resolves_once_and_is_user_bound(store: SQLiteStore) -> None:
     assert resolved.resolved_at
 
 
-def test_ping(store: SQLiteStore) -> None:
+def test_ping(store: SQLStore) -> None:
     """ping is true on an open store and false after close."""
     assert run(store.ping()) is True
     run(store.close())
@@ -218,19 +239,17 @@ class GroupCommitTests(TestCase):
         assert transactions < 20, f"{transactions} transactions for 52 writes"
 
 
-def database_view(path: Path, user: str, session_id: str) -> tuple[Any, list[Message]]:
+def database_view(store: SQLStore, user: str, session_id: str) -> tuple[Any, list[Message]]:
     """What a store without a cache reads for the session: the database's truth."""
-    plain = inline_store(str(path), cache_bytes=0)
+    plain = uncached(store)
     try:
         return run(plain.session_history(user, session_id))
     finally:
         run(plain.close())
 
 
-def test_cached_history_matches_the_database_through_every_write(tmp_path: Path) -> None:
+def test_cached_history_matches_the_database_through_every_write(store: SQLStore) -> None:
     """After each kind of write, the history served from the cache equals what the database holds."""
-    path = tmp_path / "aichat.db"
-    store = inline_store(str(path))
     session = run(store.create_session("1", "first"))
     assert session.id in store.cache
     steps = [
@@ -247,8 +266,8 @@ def test_cached_history_matches_the_database_through_every_write(tmp_path: Path)
     for step in steps:
         run(step())
         assert session.id in store.cache
-        assert run(store.session_history("1", session.id)) == database_view(path, "1", session.id)
-    assert run(store.get_session("1", session.id)) == database_view(path, "1", session.id)[0]
+        assert run(store.session_history("1", session.id)) == database_view(store, "1", session.id)
+    assert run(store.get_session("1", session.id)) == database_view(store, "1", session.id)[0]
     assert run(store.session_history("2", session.id)) == (None, [])
     assert run(store.get_session("2", session.id)) is None
     run(store.delete_session("1", session.id))
@@ -256,26 +275,24 @@ def test_cached_history_matches_the_database_through_every_write(tmp_path: Path)
     assert run(store.session_history("1", session.id)) == (None, [])
 
 
-def test_read_overtaken_by_a_commit_is_not_cached(tmp_path: Path) -> None:
+def test_read_overtaken_by_a_commit_is_not_cached(store: SQLStore) -> None:
     """A history read that returns after a write to the same session committed must not be cached: it may
     predate the write. The next read goes to the database and sees the write."""
-    path = tmp_path / "aichat.db"
-    store = inline_store(str(path))
     session = run(store.create_session("1", "t"))
     run(store.add_message(Message(new_id("user"), session.id, "user", "one")))
     store.cache.clear()
     held: list[tuple[Deferred[Any], Any]] = []
-    real = store.readers.runInteraction
+    real = store._read
 
     def late(work: Any, *args: Any) -> Deferred[Any]:
         """Read the database now, but deliver what was read only when the test says so."""
         delayed: Deferred[Any] = Deferred()
-        real(work, *args).addCallback(lambda result: held.append((delayed, result)))
+        Deferred.fromCoroutine(real(work, *args)).addCallback(lambda result: held.append((delayed, result)))
         return delayed
 
-    store.readers.runInteraction = late  # type: ignore[method-assign]
+    store._read = late  # type: ignore[method-assign,assignment]
     reading = Deferred.fromCoroutine(store.session_history("1", session.id))
-    store.readers.runInteraction = real  # type: ignore[method-assign]
+    store._read = real  # type: ignore[method-assign]
     run(store.add_message(Message(new_id("user"), session.id, "user", "two")))
     [(pending, stale)] = held
     pending.callback(stale)
@@ -286,9 +303,8 @@ def test_read_overtaken_by_a_commit_is_not_cached(tmp_path: Path) -> None:
     assert session.id in store.cache
 
 
-def test_failed_write_drops_the_session_from_the_cache(tmp_path: Path) -> None:
+def test_failed_write_drops_the_session_from_the_cache(store: SQLStore) -> None:
     """A write that fails leaves the cache without the session, so the next read asks the database."""
-    store = inline_store(str(tmp_path / "aichat.db"))
     session = run(store.create_session("1", "t"))
     attachment = Attachment("dup", "a.txt", "text/plain", 1, "YQ==")
     run(store.add_message(Message(new_id("user"), session.id, "user", "one", attachments=(attachment,))))
@@ -296,3 +312,32 @@ def test_failed_write_drops_the_session_from_the_cache(tmp_path: Path) -> None:
         run(store.add_message(Message(new_id("user"), session.id, "user", "two", attachments=(attachment,))))
     assert session.id not in store.cache
     assert [m.content for m in run(store.history(session.id))] == ["one"]
+
+
+def test_many_attachments_across_a_page(store: SQLStore) -> None:
+    """Attachments of every message of a long history and of a page come back with their own messages."""
+    session = run(store.create_session("1", "t"))
+    messages = [
+        Message(new_id("user"), session.id, "user", str(i),
+                attachments=tuple(Attachment(new_id(), f"{i}-{j}.txt", "text/plain", 1, "YQ==") for j in range(i % 3)))
+        for i in range(40)
+    ]
+    for message in messages:
+        run(store.add_message(message))
+    assert run(uncached(store).history(session.id)) == messages
+    assert run(store.list_messages("1", session.id, 7, 11)) == messages[11:18]
+
+
+def test_schema_newer_than_the_code_is_refused(store: SQLStore) -> None:
+    """A database migrated by a newer version refuses to open, saying so."""
+    table = "schema_migrations" if isinstance(store, SQLiteStore) else "aichat_schema_migrations"
+
+    def record(txn: Any) -> None:
+        txn.execute(
+            f"INSERT INTO {table} (version, name, applied_at) VALUES (?, ?, ?)", (99, "9999_future.sql", utc_now())
+        )
+
+    run(store._write(record))
+    run(store.close())
+    with pytest.raises(StoreError, match="schema is at version 99, newer than this aichat-backend"):
+        uncached(store)

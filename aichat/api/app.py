@@ -28,7 +28,7 @@ from aichat.api.errors import APIError, BadRequest, UnsupportedMediaType
 from aichat.api.identity import Identity
 from aichat.config import Settings
 from aichat.jsonfmt import compact
-from aichat.store.base import Store
+from aichat.store.base import Store, StoreUnavailable
 
 log = Logger(namespace="aichat.api")
 
@@ -36,6 +36,10 @@ log = Logger(namespace="aichat.api")
 def rfc3339_now(clock: IReactorTime) -> str:
     """The clock's time as RFC 3339 UTC with whole seconds, as the health endpoint reports it."""
     return datetime.fromtimestamp(clock.seconds(), UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+#: The 503 body's message while the database cannot be reached.
+DATABASE_UNAVAILABLE = "Database unavailable; try again shortly"
 
 
 def json_response(request: IRequest, body: Any, status: int = 200) -> bytes:
@@ -188,6 +192,10 @@ class API:
         error = failure.value
         if isinstance(error, APIError):
             return json_response(request, {"error": error.message}, error.status)
+        if isinstance(error, StoreUnavailable):
+            log.warn("{method} {path}: {error}", method=request.method.decode("ascii", "replace"),
+                     path=request.path.decode("utf-8", "replace"), error=str(error))
+            return json_response(request, {"error": DATABASE_UNAVAILABLE}, 503)
         if isinstance(error, HTTPException):
             status = error.code or 500
             messages = {404: "Not found", 405: "Method not allowed"}

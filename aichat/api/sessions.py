@@ -6,19 +6,31 @@ from typing import Any
 
 from twisted.web.iweb import IRequest
 
-from aichat.api.app import API, json_response, page_args, query_arg, read_json, rfc3339_now, string_field
+from aichat.api.app import (
+    API,
+    DATABASE_UNAVAILABLE,
+    json_response,
+    page_args,
+    query_arg,
+    read_json,
+    rfc3339_now,
+    string_field,
+)
 from aichat.api.errors import BadRequest, NotFound
 
 SESSION_NOT_FOUND = "Session not found"
 
 
 def register_health(api: API) -> None:
-    """``GET /health`` and ``GET /v1/chat/health``: liveness, no authentication."""
+    """``GET /health`` and ``GET /v1/chat/health``: no authentication; 503 while the database is unreachable."""
 
     @api.route("/health", methods=["GET"])
     @api.route("/v1/chat/health", methods=["GET"])
-    def health(request: IRequest) -> bytes:
+    async def health(request: IRequest) -> bytes:
         body = {"status": "ok", "timestamp": rfc3339_now(api.clock), "version": api.version}
+        if not await api.store.ping():
+            body.update(status="unavailable", error=DATABASE_UNAVAILABLE)
+            return json_response(request, body, 503)
         return json_response(request, body)
 
 

@@ -25,7 +25,7 @@ from aichat.chat.streams import Event, Stream, StreamRegistry
 from aichat.chat.titles import clean_title, fallback_title, is_automatic, title_prompt
 from aichat.config import ChatSettings
 from aichat.llm.provider import LLMError, Provider
-from aichat.store.base import Approval, Attachment, Message, Session, Store, new_id
+from aichat.store.base import Approval, Attachment, Message, Session, Store, StoreUnavailable, new_id
 
 log = Logger(namespace="aichat.chat")
 
@@ -175,6 +175,10 @@ class ChatService:
         creating = Deferred.fromCoroutine(self.store.create_session(user_id, title, session_id))
 
         def failed(failure: Failure) -> None:
+            if failure.check(StoreUnavailable):
+                log.error("Creating session {session_id} failed: {error}", session_id=session_id,
+                          error=str(failure.value))
+                return
             log.failure("Creating session {session_id} failed", failure, session_id=session_id)
 
         creating.addErrback(failed)
@@ -303,6 +307,12 @@ class ChatService:
                 record.error_status = 503
             stream.emit(Event("error", record.session_id, error=record.error))
             raise
+        except StoreUnavailable as e:
+            await self._settle(record)
+            log.error("Turn failed in session {session_id}: {error}", session_id=record.session_id, error=str(e))
+            record.error = "Failed to process message: database unavailable"
+            record.error_status = 503
+            stream.emit(Event("error", record.session_id, error=record.error))
         except Exception as e:
             await self._settle(record)
             log.failure("Turn failed in session {session_id}", session_id=record.session_id)
@@ -329,6 +339,9 @@ class ChatService:
             write, record.pending_write = record.pending_write, None
             try:
                 await write
+            except StoreUnavailable as e:
+                log.error("Storing the user message failed in session {session_id}: {error}",
+                          session_id=record.session_id, error=str(e))
             except Exception:
                 log.failure("Storing the user message failed in session {session_id}", session_id=record.session_id)
 

@@ -1,4 +1,4 @@
-"""Persistence: the :class:`~aichat.store.base.Store` interface and its SQLite implementation."""
+"""Persistence: the :class:`~aichat.store.base.Store` interface; SQLite and PostgreSQL stores (see factory)."""
 
 from aichat.store.base import (
     Approval,
@@ -7,8 +7,19 @@ from aichat.store.base import (
     Session,
     Store,
     StoreError,
+    StoreUnavailable,
     new_id,
     utc_now,
 )
 
-__all__ = ["Approval", "Attachment", "Message", "Session", "Store", "StoreError", "new_id", "utc_now"]
+__all__ = [
+    "Approval",
+    "Attachment",
+    "Message",
+    "Session",
+    "Store",
+    "StoreError",
+    "StoreUnavailable",
+    "new_id",
+    "utc_now",
+]

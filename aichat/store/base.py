@@ -27,6 +27,10 @@ class StoreError(Exception):
     """The database failed; the message is safe to log but not meant for API clients."""
 
 
+class StoreUnavailable(StoreError):
+    """The database cannot be reached just now (the API answers 503); it may come back by itself."""
+
+
 @dataclass(frozen=True)
 class Session:
     """A conversation owned by one user."""
@@ -133,6 +137,9 @@ class Store(Protocol):
 
     Per-user isolation lives here: every lookup by session id also takes the user id, and a session of
     another user is indistinguishable from a missing one.
+
+    Failures raise :class:`StoreError`; :class:`StoreUnavailable` when the database cannot be reached just
+    now (the API answers 503 and the store recovers by itself when the database is back).
     """
 
     async def open(self) -> None:

@@ -1,21 +1,18 @@
 """The SQLite store: ``twisted.enterprise.adbapi``, WAL, foreign keys on; one writer, a few readers.
 
-Every write is committed with ``synchronous=FULL`` before the call returns, so a message the API has
+The queries are :class:`~aichat.store.sql.SQLStore`'s; this module holds what only SQLite needs. Every
+write is committed with ``synchronous=FULL`` before the call returns, so a message the API has
 acknowledged is on disk; concurrent writes share one transaction and one fsync (group commit).
 Migrations in ``aichat/store/migrations/NNNN_*.sql`` are applied in order at :meth:`SQLiteStore.open` and
-recorded in ``schema_migrations``. Recently used sessions and their histories are also kept in a
-:class:`~aichat.store.history_cache.HistoryCache` that the store's own commits keep current, so a turn reads
-its history without a database round trip; this assumes the daemon is the only writer of the file.
+recorded in ``schema_migrations``; a database migrated by a newer version is refused.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import sqlite3
 from collections.abc import Callable
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -25,27 +22,14 @@ from twisted.internet.interfaces import IReactorThreads
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from aichat.jsonfmt import compact
-from aichat.store.base import Approval, Attachment, Message, Session, StoreError, new_id, utc_now
-from aichat.store.history_cache import HistoryCache, Read
+from aichat.store.base import StoreError, utc_now
+from aichat.store.engines import SQLiteEngine, Txn
+from aichat.store.schema import migrations, statements
+from aichat.store.sql import CACHE_BYTES, SQLStore
 
 Cursor = Any  # adbapi's Transaction wrapper around a sqlite3 cursor
 
-SESSION_COLUMNS = "id, user_id, title, created_at, updated_at"
-MESSAGE_COLUMNS = (
-    "id, session_id, role, content, created_at, tool_calls, tool_call_id, tool_executions, approval_request"
-)
-
-
-def migrations() -> list[tuple[int, str, str]]:
-    """The packaged migrations as (version, name, SQL), in version order."""
-    folder = resources.files("aichat.store").joinpath("migrations")
-    found = []
-    for entry in folder.iterdir():
-        name = entry.name
-        if name.endswith(".sql") and name[:4].isdigit():
-            found.append((int(name[:4]), name, entry.read_text("utf-8")))
-    return sorted(found)
+__all__ = ["CACHE_BYTES", "SQLiteStore", "migrations"]
 
 
 def _connect_hook(connection: sqlite3.Connection) -> None:
@@ -53,22 +37,6 @@ def _connect_hook(connection: sqlite3.Connection) -> None:
     connection.execute("PRAGMA journal_mode = WAL")
     connection.execute("PRAGMA synchronous = FULL")
     connection.execute("PRAGMA busy_timeout = 5000")
-
-
-def _dump(value: Any) -> str | None:
-    return None if value is None else compact(value)
-
-
-def _load(value: str | None) -> Any:
-    return None if value is None else json.loads(value)
-
-
-def _session(row: tuple[Any, ...]) -> Session:
-    return Session(*row)
-
-
-#: Default budget of the history cache.
-CACHE_BYTES = 64 * 1024 * 1024
 
 
 @dataclass
@@ -83,7 +51,7 @@ class _QueuedWrite:
     effect: Callable[[Any], None] | None
 
 
-class SQLiteStore:
+class SQLiteStore(SQLStore):
     """:class:`~aichat.store.base.Store` on a SQLite file."""
 
     log = Logger()
@@ -93,6 +61,7 @@ class SQLiteStore:
     def __init__(
         self, reactor: IReactorThreads, path: str, *, pool_factory: Any = None, cache_bytes: int = CACHE_BYTES
     ) -> None:
+        super().__init__(SQLiteEngine(), cache_bytes)
         self._reactor = reactor
         self.path = path
         self._pool: adbapi.ConnectionPool | None = None
@@ -100,7 +69,6 @@ class SQLiteStore:
         self._pool_factory = pool_factory or adbapi.ConnectionPool
         self._queue: list[_QueuedWrite] = []
         self._flushing = False
-        self.cache = HistoryCache(cache_bytes)
 
     @property
     def pool(self) -> adbapi.ConnectionPool:
@@ -142,7 +110,7 @@ class SQLiteStore:
         self._pool = self._open_pool(1)
         try:
             applied = await self.pool.runInteraction(self._migrate)
-        except sqlite3.Error as e:
+        except (sqlite3.Error, StoreError) as e:
             await self.close()
             raise StoreError(f"cannot open database {self.path}: {e}") from None
         self._readers = self._open_pool(self.READERS)
@@ -157,13 +125,20 @@ class SQLiteStore:
         )
         txn.execute("SELECT version FROM schema_migrations")
         done = {row[0] for row in txn.fetchall()}
+        known = migrations()
+        newest = max((version for version, _, _ in known), default=0)
+        if done and max(done) > newest:
+            raise StoreError(
+                f"the database schema is at version {max(done)}, newer than this aichat-backend knows "
+                f"({newest}): run the newer aichat-backend, or restore a backup taken before the upgrade"
+            )
         applied = []
-        for version, name, sql in migrations():
+        for version, name, sql in known:
             if version in done:
                 continue
             txn.execute("BEGIN IMMEDIATE")
             try:
-                for statement in _statements(sql):
+                for statement in statements(sql):
                     txn.execute(statement)
                 txn.execute(
                     "INSERT INTO schema_migrations (version, name, applied_at) VALUES (?, ?, ?)",
@@ -217,15 +192,16 @@ class SQLiteStore:
         batch, self._queue = self._queue, []
         self._flushing = True
 
-        def transaction(txn: Cursor) -> list[tuple[bool, Any]]:
+        def transaction(cursor: Cursor) -> list[tuple[bool, Any]]:
             outcomes: list[tuple[bool, Any]] = []
+            txn = Txn(cursor, self.engine)
             txn.execute("BEGIN IMMEDIATE")
             try:
                 for write in batch:
                     txn.execute("SAVEPOINT write")
                     try:
                         outcomes.append((True, write.work(txn, *write.args)))
-                    except sqlite3.Error as e:
+                    except (sqlite3.Error, StoreError) as e:
                         txn.execute("ROLLBACK TO write")
                         outcomes.append((False, e))
                     txn.execute("RELEASE write")
@@ -237,17 +213,17 @@ class SQLiteStore:
 
         def committed(outcomes: list[tuple[bool, Any]]) -> None:
             for write, (ok, value) in zip(batch, outcomes, strict=True):
-                self._settle_cache(write, ok, value)
+                self._settle_cache(write.session_id, write.effect, ok, value)
             for write, (ok, value) in zip(batch, outcomes, strict=True):
                 if ok:
                     write.waiter.callback(value)
                 else:
-                    write.waiter.errback(StoreError(str(value)))
+                    write.waiter.errback(value if isinstance(value, StoreError) else StoreError(str(value)))
 
         def failed(failure: Failure) -> None:
             error = failure.value if isinstance(failure.value, StoreError) else StoreError(str(failure.value))
             for write in batch:
-                self._settle_cache(write, False, None)
+                self._settle_cache(write.session_id, write.effect, False, None)
             for write in batch:
                 write.waiter.errback(error)
 
@@ -262,267 +238,11 @@ class SQLiteStore:
             running = fail(e)
         running.addCallbacks(committed, failed).addBoth(next_batch)
 
-    def _settle_cache(self, write: _QueuedWrite, ok: bool, value: Any) -> None:
-        """Apply a finished write to the history cache: its effect if it committed, else forget the session."""
-        if write.session_id is None:
-            return
-        if ok and write.effect is not None:
-            write.effect(value)
-        elif not ok:
-            self.cache.drop(write.session_id)
-        self.cache.end_write(write.session_id)
+    async def _read(self, work: Callable[..., Any], *args: Any) -> Any:
+        def transaction(cursor: Cursor) -> Any:
+            return work(Txn(cursor, self.engine), *args)
 
-    async def _read(self, sql: str, params: tuple[Any, ...]) -> list[tuple[Any, ...]]:
         try:
-            rows: list[tuple[Any, ...]] = await self.readers.runQuery(sql, params)
+            return await self.readers.runInteraction(transaction)
         except sqlite3.Error as e:
             raise StoreError(str(e)) from e
-        return rows
-
-    async def create_session(self, user_id: str, title: str, session_id: str | None = None) -> Session:
-        now = utc_now()
-        session = Session(session_id or new_id(), user_id, title, now, now)
-
-        def insert(txn: Cursor) -> None:
-            txn.execute(
-                f"INSERT INTO chat_sessions ({SESSION_COLUMNS}) VALUES (?, ?, ?, ?, ?)",
-                (session.id, session.user_id, session.title, session.created_at, session.updated_at),
-            )
-
-        await self._write(insert, session_id=session.id, effect=lambda _: self.cache.created(session))
-        return session
-
-    async def list_sessions(self, user_id: str, limit: int, offset: int) -> list[Session]:
-        rows = await self._read(
-            f"SELECT {SESSION_COLUMNS} FROM chat_sessions WHERE user_id = ? "
-            "ORDER BY updated_at DESC, rowid DESC LIMIT ? OFFSET ?",
-            (user_id, limit, offset),
-        )
-        return [_session(row) for row in rows]
-
-    async def get_session(self, user_id: str, session_id: str) -> Session | None:
-        cached = self.cache.session(session_id)
-        if cached is not None:
-            return cached if cached.user_id == user_id else None
-        rows = await self._read(
-            f"SELECT {SESSION_COLUMNS} FROM chat_sessions WHERE id = ? AND user_id = ?", (session_id, user_id)
-        )
-        return _session(rows[0]) if rows else None
-
-    async def rename_session(self, user_id: str, session_id: str, title: str) -> bool:
-        now = utc_now()
-
-        def update(txn: Cursor) -> bool:
-            txn.execute(
-                "UPDATE chat_sessions SET title = ?, updated_at = ? WHERE id = ? AND user_id = ?",
-                (title, now, session_id, user_id),
-            )
-            return bool(txn.rowcount)
-
-        def effect(renamed: bool) -> None:
-            if renamed:
-                self.cache.renamed(session_id, title, now)
-
-        return bool(await self._write(update, session_id=session_id, effect=effect))
-
-    async def delete_session(self, user_id: str, session_id: str) -> bool:
-        def delete(txn: Cursor) -> bool:
-            txn.execute("DELETE FROM chat_sessions WHERE id = ? AND user_id = ?", (session_id, user_id))
-            return bool(txn.rowcount)
-
-        def effect(deleted: bool) -> None:
-            if deleted:
-                self.cache.drop(session_id)
-
-        return bool(await self._write(delete, session_id=session_id, effect=effect))
-
-    async def add_message(self, message: Message) -> None:
-        now = utc_now()
-
-        def insert(txn: Cursor) -> None:
-            txn.execute(
-                f"INSERT INTO chat_messages ({MESSAGE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    message.id,
-                    message.session_id,
-                    message.role,
-                    message.content,
-                    message.created_at,
-                    _dump(message.tool_calls or None),
-                    message.tool_call_id,
-                    _dump(message.tool_executions or None),
-                    _dump(message.approval_request),
-                ),
-            )
-            for attachment in message.attachments:
-                txn.execute(
-                    "INSERT INTO chat_attachments (id, message_id, filename, mime_type, size, content, created_at) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                    (
-                        attachment.id,
-                        message.id,
-                        attachment.filename,
-                        attachment.mime_type,
-                        attachment.size,
-                        attachment.content,
-                        message.created_at,
-                    ),
-                )
-            txn.execute("UPDATE chat_sessions SET updated_at = ? WHERE id = ?", (now, message.session_id))
-            if not txn.rowcount:
-                raise sqlite3.IntegrityError(f"session {message.session_id} does not exist")
-
-        await self._write(
-            insert, session_id=message.session_id, effect=lambda _: self.cache.appended(message, now)
-        )
-
-    async def session_history(self, user_id: str, session_id: str) -> tuple[Session | None, list[Message]]:
-        session, history = await self._session_history(session_id)
-        if session is None or session.user_id != user_id:
-            return None, []
-        return session, history
-
-    async def _session_history(self, session_id: str) -> tuple[Session | None, list[Message]]:
-        """Any user's session and its history, from the cache or else from the database (then cached)."""
-        cached = self.cache.history(session_id)
-        if cached is not None:
-            return cached
-
-        def select(txn: Cursor) -> tuple[Session | None, list[Message]]:
-            txn.execute(f"SELECT {SESSION_COLUMNS} FROM chat_sessions WHERE id = ?", (session_id,))
-            row = txn.fetchone()
-            if row is None:
-                return None, []
-            return _session(row), _select_messages(txn, "WHERE session_id = ? ORDER BY seq", (session_id,))
-
-        read: Read = self.cache.begin_read(session_id)
-        try:
-            session, history = await self.readers.runInteraction(select)
-        except BaseException as e:
-            self.cache.abandon(read)
-            if isinstance(e, sqlite3.Error):
-                raise StoreError(str(e)) from e
-            raise
-        if session is None:
-            self.cache.abandon(read)
-        else:
-            self.cache.fill(read, session, history)
-        return session, history
-
-    async def list_messages(self, user_id: str, session_id: str, limit: int, offset: int) -> list[Message] | None:
-        def select(txn: Cursor) -> list[Message] | None:
-            txn.execute("SELECT 1 FROM chat_sessions WHERE id = ? AND user_id = ?", (session_id, user_id))
-            if txn.fetchone() is None:
-                return None
-            page = "WHERE session_id = ? ORDER BY seq LIMIT ? OFFSET ?"
-            return _select_messages(txn, page, (session_id, limit, offset))
-
-        try:
-            found: list[Message] | None = await self.readers.runInteraction(select)
-        except sqlite3.Error as e:
-            raise StoreError(str(e)) from e
-        return found
-
-    async def history(self, session_id: str) -> list[Message]:
-        return (await self._session_history(session_id))[1]
-
-    async def clear_messages(self, user_id: str, session_id: str) -> bool:
-        now = utc_now()
-
-        def clear(txn: Cursor) -> bool:
-            txn.execute(
-                "UPDATE chat_sessions SET updated_at = ? WHERE id = ? AND user_id = ?",
-                (now, session_id, user_id),
-            )
-            if not txn.rowcount:
-                return False
-            txn.execute("DELETE FROM chat_messages WHERE session_id = ?", (session_id,))
-            txn.execute(
-                "UPDATE tool_approvals SET status = 'expired', resolved_at = ? "
-                "WHERE session_id = ? AND status = 'pending'",
-                (now, session_id),
-            )
-            return True
-
-        def effect(cleared: bool) -> None:
-            if cleared:
-                self.cache.cleared(session_id, now)
-
-        return bool(await self._write(clear, session_id=session_id, effect=effect))
-
-    async def create_approval(self, approval: Approval) -> None:
-        def insert(txn: Cursor) -> None:
-            txn.execute(
-                "INSERT INTO tool_approvals (id, session_id, user_id, tool_calls, status, created_at, expires_at) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (
-                    approval.id,
-                    approval.session_id,
-                    approval.user_id,
-                    _dump(approval.tool_calls),
-                    approval.status,
-                    approval.created_at,
-                    approval.expires_at,
-                ),
-            )
-
-        await self._write(insert)
-
-    async def get_approval(self, user_id: str, approval_id: str) -> Approval | None:
-        rows = await self._read(
-            "SELECT id, session_id, user_id, tool_calls, status, created_at, expires_at, resolved_at "
-            "FROM tool_approvals WHERE id = ? AND user_id = ?",
-            (approval_id, user_id),
-        )
-        if not rows:
-            return None
-        row = rows[0]
-        return Approval(row[0], row[1], row[2], json.loads(row[3]), row[4], row[5], row[6], row[7])
-
-    async def resolve_approval(self, approval_id: str, status: str) -> bool:
-        def update(txn: Cursor) -> bool:
-            txn.execute(
-                "UPDATE tool_approvals SET status = ?, resolved_at = ? WHERE id = ? AND status = 'pending'",
-                (status, utc_now(), approval_id),
-            )
-            return bool(txn.rowcount)
-
-        return bool(await self._write(update))
-
-
-def _select_messages(txn: Cursor, where: str, params: tuple[Any, ...]) -> list[Message]:
-    """Messages matching ``where`` with their attachments, inside a transaction."""
-    txn.execute(f"SELECT {MESSAGE_COLUMNS} FROM chat_messages {where}", params)
-    rows = txn.fetchall()
-    ids = [row[0] for row in rows]
-    attachments: dict[str, list[Attachment]] = {}
-    if ids:
-        marks = ",".join("?" * len(ids))
-        txn.execute(
-            "SELECT message_id, id, filename, mime_type, size, content FROM chat_attachments "
-            f"WHERE message_id IN ({marks}) ORDER BY rowid",
-            ids,
-        )
-        for message_id, *fields in txn.fetchall():
-            attachments.setdefault(message_id, []).append(Attachment(*fields))
-    return [
-        Message(
-            id=row[0],
-            session_id=row[1],
-            role=row[2],
-            content=row[3],
-            created_at=row[4],
-            tool_calls=_load(row[5]),
-            tool_call_id=row[6],
-            tool_executions=_load(row[7]),
-            approval_request=_load(row[8]),
-            attachments=tuple(attachments.get(row[0], ())),
-        )
-        for row in rows
-    ]
-
-
-def _statements(sql: str) -> list[str]:
-    """Split a migration into statements (ours hold no semicolons inside literals)."""
-    lines = [line for line in sql.splitlines() if not line.lstrip().startswith("--")]
-    return [part.strip() for part in "\n".join(lines).split(";") if part.strip()]

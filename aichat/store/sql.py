@@ -1,0 +1,388 @@
+"""The store's queries, written once for both engines, and the history cache they keep current.
+
+:class:`SQLStore` implements :class:`~aichat.store.base.Store` on top of two primitives each engine's
+store provides: ``_write`` (run a transaction function so that writes take effect in call order, then apply
+its effect on the cache) and ``_read`` (run a read-only transaction function). Transaction functions take a
+:class:`~aichat.store.engines.Txn` and may be run again whole, so they touch nothing outside the database.
+Recently used sessions and their histories are kept in a :class:`~aichat.store.history_cache.HistoryCache`
+updated by this store's own commits; it assumes this process is the only writer of the database.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from aichat.store.base import Approval, Attachment, Message, Session, StoreError, new_id, utc_now
+from aichat.store.engines import Engine, Txn, dump_json
+from aichat.store.history_cache import HistoryCache, Read
+
+#: Default budget of the history cache.
+CACHE_BYTES = 64 * 1024 * 1024
+
+SESSION_COLUMNS = "id, user_id, title, created_at, updated_at"
+MESSAGE_COLUMNS = (
+    "id, session_id, role, content, created_at, tool_calls, tool_call_id, tool_executions, approval_request"
+)
+INSERT_SESSION = f"INSERT INTO chat_sessions ({SESSION_COLUMNS}) VALUES (?, ?, ?, ?, ?)"
+INSERT_MESSAGE = f"INSERT INTO chat_messages ({MESSAGE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+INSERT_ATTACHMENT = (
+    "INSERT INTO chat_attachments (id, message_id, filename, mime_type, size, content, created_at) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?)"
+)
+APPROVAL_COLUMNS = "id, session_id, user_id, tool_calls, status, created_at, expires_at, resolved_at"
+INSERT_APPROVAL = f"INSERT INTO tool_approvals ({APPROVAL_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+
+
+class MissingSession(StoreError):
+    """A message was written to a session that does not exist."""
+
+
+def session_params(session: Session) -> tuple[Any, ...]:
+    """Parameters of :data:`INSERT_SESSION`."""
+    return (session.id, session.user_id, session.title, session.created_at, session.updated_at)
+
+
+def message_params(message: Message) -> tuple[Any, ...]:
+    """Parameters of :data:`INSERT_MESSAGE`."""
+    return (
+        message.id,
+        message.session_id,
+        message.role,
+        message.content,
+        message.created_at,
+        dump_json(message.tool_calls or None),
+        message.tool_call_id,
+        dump_json(message.tool_executions or None),
+        dump_json(message.approval_request),
+    )
+
+
+def attachment_params(message: Message, attachment: Attachment) -> tuple[Any, ...]:
+    """Parameters of :data:`INSERT_ATTACHMENT`."""
+    return (
+        attachment.id,
+        message.id,
+        attachment.filename,
+        attachment.mime_type,
+        attachment.size,
+        attachment.content,
+        message.created_at,
+    )
+
+
+def approval_params(approval: Approval) -> tuple[Any, ...]:
+    """Parameters of :data:`INSERT_APPROVAL`."""
+    return (
+        approval.id,
+        approval.session_id,
+        approval.user_id,
+        dump_json(approval.tool_calls),
+        approval.status,
+        approval.created_at,
+        approval.expires_at,
+        approval.resolved_at,
+    )
+
+
+def session_from_row(engine: Engine, row: Any) -> Session:
+    """A :class:`Session` from ``SELECT SESSION_COLUMNS``."""
+    return Session(row[0], row[1], row[2], engine.load_time(row[3]), engine.load_time(row[4]))
+
+
+def approval_from_row(engine: Engine, row: Any) -> Approval:
+    """An :class:`Approval` from ``SELECT APPROVAL_COLUMNS``."""
+    return Approval(
+        row[0],
+        row[1],
+        row[2],
+        engine.load_json(row[3]),
+        row[4],
+        engine.load_time(row[5]),
+        engine.load_time(row[6]),
+        None if row[7] is None else engine.load_time(row[7]),
+    )
+
+
+def select_messages(
+    engine: Engine, txn: Txn, session_id: str, limit: int | None = None, offset: int = 0
+) -> list[Message]:
+    """The session's messages in order (a page of them when ``limit`` is given), with their attachments.
+
+    Attachments come from one fixed statement joined on the page's ``seq`` range, so the statement text
+    does not grow with the number of messages.
+    """
+    page = "" if limit is None else " LIMIT ? OFFSET ?"
+    params: tuple[Any, ...] = (session_id,) if limit is None else (session_id, limit, offset)
+    txn.execute(f"SELECT seq, {MESSAGE_COLUMNS} FROM chat_messages WHERE session_id = ? ORDER BY seq{page}", params)
+    rows = txn.fetchall()
+    attachments: dict[str, list[Attachment]] = {}
+    if rows:
+        txn.execute(
+            "SELECT a.message_id, a.id, a.filename, a.mime_type, a.size, a.content FROM chat_attachments a "
+            "JOIN chat_messages m ON m.id = a.message_id WHERE m.session_id = ? AND m.seq BETWEEN ? AND ? "
+            f"ORDER BY m.seq, {engine.attachment_order}",
+            (session_id, rows[0][0], rows[-1][0]),
+        )
+        for message_id, *fields in txn.fetchall():
+            attachments.setdefault(message_id, []).append(Attachment(*fields))
+    load_json, load_time = engine.load_json, engine.load_time
+    return [
+        Message(
+            id=row[1],
+            session_id=row[2],
+            role=row[3],
+            content=row[4],
+            created_at=load_time(row[5]),
+            tool_calls=load_json(row[6]),
+            tool_call_id=row[7],
+            tool_executions=load_json(row[8]),
+            approval_request=load_json(row[9]),
+            attachments=tuple(attachments.get(row[1], ())),
+        )
+        for row in rows
+    ]
+
+
+def insert_message(txn: Txn, message: Message, now: str) -> None:
+    """Append ``message`` with its attachments and bump its session's ``updated_at``."""
+    txn.execute(INSERT_MESSAGE, message_params(message))
+    for attachment in message.attachments:
+        txn.execute(INSERT_ATTACHMENT, attachment_params(message, attachment))
+    txn.execute("UPDATE chat_sessions SET updated_at = ? WHERE id = ?", (now, message.session_id))
+    if not txn.rowcount:
+        raise MissingSession(f"session {message.session_id} does not exist")
+
+
+class SQLStore:
+    """:class:`~aichat.store.base.Store` over an engine's ``_write`` and ``_read``."""
+
+    engine: Engine
+
+    def __init__(self, engine: Engine, cache_bytes: int) -> None:
+        self.engine = engine
+        self.cache = HistoryCache(cache_bytes)
+
+    # -- the engine's primitives ----------------------------------------------------------------------
+
+    async def open(self) -> None:
+        """Create or adopt the database and apply pending migrations."""
+        raise NotImplementedError
+
+    async def close(self) -> None:
+        """Release connections and threads."""
+        raise NotImplementedError
+
+    async def ping(self) -> bool:
+        """Whether the database answers a trivial query."""
+        raise NotImplementedError
+
+    async def _write(
+        self,
+        work: Callable[..., Any],
+        *args: Any,
+        session_id: str | None = None,
+        effect: Callable[[Any], None] | None = None,
+    ) -> Any:
+        """Run ``work(txn, *args)`` atomically; return once committed (see the engines' stores)."""
+        raise NotImplementedError
+
+    async def _read(self, work: Callable[..., Any], *args: Any) -> Any:
+        """Run ``work(txn, *args)`` in a read transaction and return its result."""
+        raise NotImplementedError
+
+    def _settle_cache(self, session_id: str | None, effect: Callable[[Any], None] | None, ok: bool, value: Any) -> None:
+        """Apply a finished write to the history cache: its effect if it committed, else forget the session."""
+        if session_id is None:
+            return
+        if ok and effect is not None:
+            effect(value)
+        elif not ok:
+            self.cache.drop(session_id)
+        self.cache.end_write(session_id)
+
+    # -- sessions -------------------------------------------------------------------------------------
+
+    async def create_session(self, user_id: str, title: str, session_id: str | None = None) -> Session:
+        now = utc_now()
+        session = Session(session_id or new_id(), user_id, title, now, now)
+
+        def insert(txn: Txn) -> None:
+            txn.execute(INSERT_SESSION, session_params(session))
+
+        await self._write(insert, session_id=session.id, effect=lambda _: self.cache.created(session))
+        return session
+
+    async def list_sessions(self, user_id: str, limit: int, offset: int) -> list[Session]:
+        engine = self.engine
+        statement = (
+            f"SELECT {SESSION_COLUMNS} FROM chat_sessions WHERE user_id = ? "
+            f"ORDER BY updated_at DESC, {engine.session_tiebreak} LIMIT ? OFFSET ?"
+        )
+
+        def select(txn: Txn) -> list[Session]:
+            txn.execute(statement, (user_id, limit, offset))
+            return [session_from_row(engine, row) for row in txn.fetchall()]
+
+        found: list[Session] = await self._read(select)
+        return found
+
+    async def get_session(self, user_id: str, session_id: str) -> Session | None:
+        cached = self.cache.session(session_id)
+        if cached is not None:
+            return cached if cached.user_id == user_id else None
+        engine = self.engine
+
+        def select(txn: Txn) -> Session | None:
+            txn.execute(
+                f"SELECT {SESSION_COLUMNS} FROM chat_sessions WHERE id = ? AND user_id = ?", (session_id, user_id)
+            )
+            row = txn.fetchone()
+            return None if row is None else session_from_row(engine, row)
+
+        found: Session | None = await self._read(select)
+        return found
+
+    async def rename_session(self, user_id: str, session_id: str, title: str) -> bool:
+        now = utc_now()
+
+        def update(txn: Txn) -> bool:
+            txn.execute(
+                "UPDATE chat_sessions SET title = ?, updated_at = ? WHERE id = ? AND user_id = ?",
+                (title, now, session_id, user_id),
+            )
+            return bool(txn.rowcount)
+
+        def effect(renamed: bool) -> None:
+            if renamed:
+                self.cache.renamed(session_id, title, now)
+
+        return bool(await self._write(update, session_id=session_id, effect=effect))
+
+    async def delete_session(self, user_id: str, session_id: str) -> bool:
+        def delete(txn: Txn) -> bool:
+            txn.execute("DELETE FROM chat_sessions WHERE id = ? AND user_id = ?", (session_id, user_id))
+            return bool(txn.rowcount)
+
+        def effect(deleted: bool) -> None:
+            if deleted:
+                self.cache.drop(session_id)
+
+        return bool(await self._write(delete, session_id=session_id, effect=effect))
+
+    # -- messages -------------------------------------------------------------------------------------
+
+    async def add_message(self, message: Message) -> None:
+        now = utc_now()
+        await self._write(
+            insert_message,
+            message,
+            now,
+            session_id=message.session_id,
+            effect=lambda _: self.cache.appended(message, now),
+        )
+
+    async def session_history(self, user_id: str, session_id: str) -> tuple[Session | None, list[Message]]:
+        session, history = await self._session_history(session_id)
+        if session is None or session.user_id != user_id:
+            return None, []
+        return session, history
+
+    async def _session_history(self, session_id: str) -> tuple[Session | None, list[Message]]:
+        """Any user's session and its history, from the cache or else from the database (then cached)."""
+        cached = self.cache.history(session_id)
+        if cached is not None:
+            return cached
+        engine = self.engine
+
+        def select(txn: Txn) -> tuple[Session | None, list[Message]]:
+            txn.execute(f"SELECT {SESSION_COLUMNS} FROM chat_sessions WHERE id = ?", (session_id,))
+            row = txn.fetchone()
+            if row is None:
+                return None, []
+            return session_from_row(engine, row), select_messages(engine, txn, session_id)
+
+        read: Read = self.cache.begin_read(session_id)
+        try:
+            session, history = await self._read(select)
+        except BaseException:
+            self.cache.abandon(read)
+            raise
+        if session is None:
+            self.cache.abandon(read)
+        else:
+            self.cache.fill(read, session, history)
+        return session, history
+
+    async def list_messages(self, user_id: str, session_id: str, limit: int, offset: int) -> list[Message] | None:
+        engine = self.engine
+
+        def select(txn: Txn) -> list[Message] | None:
+            txn.execute("SELECT 1 FROM chat_sessions WHERE id = ? AND user_id = ?", (session_id, user_id))
+            if txn.fetchone() is None:
+                return None
+            return select_messages(engine, txn, session_id, limit, offset)
+
+        found: list[Message] | None = await self._read(select)
+        return found
+
+    async def history(self, session_id: str) -> list[Message]:
+        return (await self._session_history(session_id))[1]
+
+    async def clear_messages(self, user_id: str, session_id: str) -> bool:
+        now = utc_now()
+
+        def clear(txn: Txn) -> bool:
+            txn.execute(
+                "UPDATE chat_sessions SET updated_at = ? WHERE id = ? AND user_id = ?",
+                (now, session_id, user_id),
+            )
+            if not txn.rowcount:
+                return False
+            txn.execute("DELETE FROM chat_messages WHERE session_id = ?", (session_id,))
+            txn.execute(
+                "UPDATE tool_approvals SET status = 'expired', resolved_at = ? "
+                "WHERE session_id = ? AND status = 'pending'",
+                (now, session_id),
+            )
+            return True
+
+        def effect(cleared: bool) -> None:
+            if cleared:
+                self.cache.cleared(session_id, now)
+
+        return bool(await self._write(clear, session_id=session_id, effect=effect))
+
+    # -- approvals ------------------------------------------------------------------------------------
+
+    async def create_approval(self, approval: Approval) -> None:
+        def insert(txn: Txn) -> None:
+            txn.execute(INSERT_APPROVAL, approval_params(approval))
+
+        # Named by its session so that it is ordered after the session's creation.
+        await self._write(insert, session_id=approval.session_id)
+
+    async def get_approval(self, user_id: str, approval_id: str) -> Approval | None:
+        engine = self.engine
+
+        def select(txn: Txn) -> Approval | None:
+            txn.execute(
+                f"SELECT {APPROVAL_COLUMNS} FROM tool_approvals WHERE id = ? AND user_id = ?", (approval_id, user_id)
+            )
+            row = txn.fetchone()
+            return None if row is None else approval_from_row(engine, row)
+
+        found: Approval | None = await self._read(select)
+        return found
+
+    async def resolve_approval(self, approval_id: str, status: str) -> bool:
+        now = utc_now()
+
+        def update(txn: Txn) -> bool:
+            txn.execute(
+                "UPDATE tool_approvals SET status = ?, resolved_at = ? WHERE id = ? AND status = 'pending'",
+                (status, now, approval_id),
+            )
+            return bool(txn.rowcount)
+
+        return bool(await self._write(update))
