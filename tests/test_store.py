@@ -238,6 +238,49 @@ class GroupCommitTests(TestCase):
         assert [m.content for m in history] == [str(i) for i in range(51)]
         assert transactions < 20, f"{transactions} transactions for 52 writes"
 
+    async def test_one_users_odd_write_never_rolls_back_another_users_writes(self) -> None:
+        """400 writes of one user grouped with another user's unstorable titles and a write that raises
+        something no database error class covers: every valid write commits."""
+        from twisted.internet import reactor
+
+        store = SQLiteStore(cast(IReactorThreads, reactor), self.mktemp() + ".db")
+        await store.open()
+        self.addCleanup(lambda: Deferred.fromCoroutine(store.close()))
+        mine = await store.create_session("1", "mine")
+
+        def explode(txn: Any) -> None:
+            "\ud800".encode()  # what sqlite3 raises binding a lone surrogate: no sqlite3.Error
+
+        writes = []
+        for i in range(400):
+            writes.append(Deferred.fromCoroutine(store.add_message(Message(new_id("user"), mine.id, "user", str(i)))))
+            if i % 40 == 0:
+                writes.append(Deferred.fromCoroutine(store.create_session("2", "bad \ud800 title")))
+                writes.append(Deferred.fromCoroutine(store._write(explode)))
+        results = await DeferredList(writes, consumeErrors=True)
+        exploded = [failure for ok, failure in results if not ok]
+        assert len(exploded) == 10 and all(f.check(StoreError) for f in exploded)
+        self.flushLoggedErrors(UnicodeEncodeError)
+        history = await store.history(mine.id)
+        assert [m.content for m in history] == [str(i) for i in range(400)]
+        titles = {s.title for s in await store.list_sessions("2", 100, 0)}
+        assert titles == {"bad \ufffd title"}
+
+
+def test_text_no_engine_can_hold_is_stored_replaced(store: SQLStore) -> None:
+    """NUL and lone surrogates from a model or a tool (a title, a result) are stored as U+FFFD on both
+    engines, and the cache holds what the database holds."""
+    session = run(store.create_session("1", "nul \x00 and \udc00"))
+    assert session.title == "nul \ufffd and \ufffd"
+    executions = [{"id": "c1", "tool_name": "t", "result": "a\x00b", "arguments": {"k\x00": "\ud800"}}]
+    run(store.add_message(Message(new_id("tool"), session.id, "tool", "out \x00", tool_call_id="c1",
+                                  tool_executions=executions)))
+    stored = run(store.history(session.id))[0]
+    assert stored.content == "out \ufffd"
+    assert stored.tool_executions == [{"id": "c1", "tool_name": "t", "result": "a\ufffdb",
+                                       "arguments": {"k\ufffd": "\ufffd"}}]
+    assert database_view(store, "1", session.id)[1] == [stored]
+
 
 def database_view(store: SQLStore, user: str, session_id: str) -> tuple[Any, list[Message]]:
     """What a store without a cache reads for the session: the database's truth."""

@@ -29,6 +29,7 @@ from aichat.api.identity import Identity
 from aichat.config import Settings
 from aichat.jsonfmt import compact
 from aichat.store.base import Store, StoreUnavailable
+from aichat.store.text import unstorable
 
 log = Logger(namespace="aichat.api")
 
@@ -67,16 +68,19 @@ def _is_json(media: str) -> bool:
     return media == "application/json" or (media.startswith("application/") and media.endswith("+json"))
 
 
-#: ``\ud800``-``\udfff`` escapes: JSON may spell lone surrogates, which no UTF-8 text (or database) can hold.
-_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
+#: ``\u0000`` and ``\ud800``-``\udfff`` escapes: JSON may spell NUL and lone surrogates, which no database
+#: (PostgreSQL refuses NUL) or UTF-8 text can hold.
+_SUSPECT_ESCAPE = re.compile(rb"\\u(?:0000|[dD][89a-fA-F][0-9a-fA-F]{2})")
 
 
 def _storable(value: Any) -> bool:
-    """Whether every string in ``value`` is valid Unicode text (no lone surrogates)."""
-    try:
-        compact(value).encode("utf-8")
-    except UnicodeEncodeError:
-        return False
+    """Whether every string in ``value`` can be stored (no NUL, no lone surrogate)."""
+    if isinstance(value, str):
+        return not unstorable(value)
+    if isinstance(value, list):
+        return all(_storable(item) for item in value)
+    if isinstance(value, dict):
+        return all(_storable(key) and _storable(item) for key, item in value.items())
     return True
 
 
@@ -85,7 +89,7 @@ def read_json(request: IRequest, *, required: bool = True) -> dict[str, Any]:
 
     400 when empty (if ``required``) or malformed, 415 when the body is not declared ``application/json``
     (so a cross-site form post, which cannot declare it without a CORS preflight, is never taken as JSON),
-    400 for text that is not valid Unicode (lone surrogates), numbers past Python's digit limit, or nesting
+    400 for text that cannot be stored (NUL, lone surrogates), numbers past Python's digit limit, or nesting
     past the parser's depth.
     """
     raw = request.content.read() if request.content is not None else b""
@@ -105,9 +109,9 @@ def read_json(request: IRequest, *, required: bool = True) -> dict[str, Any]:
         raise BadRequest(f"Invalid request format: malformed JSON ({e})") from None
     if not isinstance(body, dict):
         raise BadRequest("Invalid request format: the body must be a JSON object")
-    if _SURROGATE_ESCAPE.search(raw) and not _storable(body):
-        raise BadRequest("Invalid request format: the text contains a lone surrogate (\\ud800-\\udfff), "
-                         "which is not valid Unicode")
+    if _SUSPECT_ESCAPE.search(raw) and not _storable(body):
+        raise BadRequest("Invalid request format: the text contains a NUL character or a lone surrogate "
+                         "(\\ud800-\\udfff), which cannot be stored")
     return body
 
 

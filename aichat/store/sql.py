@@ -16,6 +16,7 @@ from typing import Any
 from aichat.store.base import Approval, Attachment, Message, Session, StoreError, new_id, utc_now
 from aichat.store.engines import Engine, Txn, dump_json
 from aichat.store.history_cache import HistoryCache, Read
+from aichat.store.text import storable, storable_approval, storable_message
 
 #: Default budget of the history cache.
 CACHE_BYTES = 64 * 1024 * 1024
@@ -205,7 +206,7 @@ class SQLStore:
 
     async def create_session(self, user_id: str, title: str, session_id: str | None = None) -> Session:
         now = utc_now()
-        session = Session(session_id or new_id(), user_id, title, now, now)
+        session = Session(session_id or new_id(), user_id, storable(title), now, now)
 
         def insert(txn: Txn) -> None:
             txn.execute(INSERT_SESSION, session_params(session))
@@ -245,6 +246,7 @@ class SQLStore:
 
     async def rename_session(self, user_id: str, session_id: str, title: str) -> bool:
         now = utc_now()
+        title = storable(title)
 
         def update(txn: Txn) -> bool:
             txn.execute(
@@ -274,6 +276,7 @@ class SQLStore:
 
     async def add_message(self, message: Message) -> None:
         now = utc_now()
+        message = storable_message(message)
         await self._write(
             insert_message,
             message,
@@ -356,6 +359,8 @@ class SQLStore:
     # -- approvals ------------------------------------------------------------------------------------
 
     async def create_approval(self, approval: Approval) -> None:
+        approval = storable_approval(approval)
+
         def insert(txn: Txn) -> None:
             txn.execute(INSERT_APPROVAL, approval_params(approval))
 

@@ -201,9 +201,9 @@ class SQLiteStore(SQLStore):
                     txn.execute("SAVEPOINT write")
                     try:
                         outcomes.append((True, write.work(txn, *write.args)))
-                    except (sqlite3.Error, StoreError) as e:
+                    except Exception as e:  # whatever one write raises is that write's failure alone
                         txn.execute("ROLLBACK TO write")
-                        outcomes.append((False, e))
+                        outcomes.append((False, e if isinstance(e, sqlite3.Error | StoreError) else Failure()))
                     txn.execute("RELEASE write")
                 txn.execute("COMMIT")
             except BaseException:
@@ -217,6 +217,9 @@ class SQLiteStore(SQLStore):
             for write, (ok, value) in zip(batch, outcomes, strict=True):
                 if ok:
                     write.waiter.callback(value)
+                elif isinstance(value, Failure):
+                    self.log.failure("A database write failed", value)
+                    write.waiter.errback(StoreError(f"the write failed: {value.getErrorMessage()}"))
                 else:
                     write.waiter.errback(value if isinstance(value, StoreError) else StoreError(str(value)))
 
