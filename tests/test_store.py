@@ -251,15 +251,15 @@ class GroupCommitTests(TestCase):
         def explode(txn: Any) -> None:
             "\ud800".encode()  # what sqlite3 raises binding a lone surrogate: no sqlite3.Error
 
-        writes = []
+        writes: list[Deferred[Any]] = []
         for i in range(400):
             writes.append(Deferred.fromCoroutine(store.add_message(Message(new_id("user"), mine.id, "user", str(i)))))
             if i % 40 == 0:
-                writes.append(Deferred.fromCoroutine(store.create_session("2", "bad \ud800 title")))
+                writes.append(Deferred.fromCoroutine(cast(Any, store.create_session("2", "bad \ud800 title"))))
                 writes.append(Deferred.fromCoroutine(store._write(explode)))
         results = await DeferredList(writes, consumeErrors=True)
         exploded = [failure for ok, failure in results if not ok]
-        assert len(exploded) == 10 and all(f.check(StoreError) for f in exploded)
+        assert len(exploded) == 10 and all(isinstance(f, Failure) and f.check(StoreError) for f in exploded)
         self.flushLoggedErrors(UnicodeEncodeError)
         history = await store.history(mine.id)
         assert [m.content for m in history] == [str(i) for i in range(400)]
