@@ -40,7 +40,7 @@ def rfc3339_now(clock: IReactorTime) -> str:
 
 
 #: The 503 body's message while the database cannot be reached.
-DATABASE_UNAVAILABLE = "Database unavailable; try again shortly"
+DATABASE_UNAVAILABLE = StoreUnavailable.public
 
 
 def json_response(request: IRequest, body: Any, status: int = 200) -> bytes:
@@ -199,7 +199,7 @@ class API:
         if isinstance(error, StoreUnavailable):
             log.warn("{method} {path}: {error}", method=request.method.decode("ascii", "replace"),
                      path=request.path.decode("utf-8", "replace"), error=str(error))
-            return json_response(request, {"error": DATABASE_UNAVAILABLE}, 503)
+            return json_response(request, {"error": error.public}, error.status)
         if isinstance(error, HTTPException):
             status = error.code or 500
             messages = {404: "Not found", 405: "Method not allowed"}

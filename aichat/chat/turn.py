@@ -25,7 +25,16 @@ from aichat.chat.streams import Event, Stream, StreamRegistry
 from aichat.chat.titles import clean_title, fallback_title, is_automatic, title_prompt
 from aichat.config import ChatSettings
 from aichat.llm.provider import LLMError, Provider
-from aichat.store.base import Approval, Attachment, Message, Session, Store, StoreUnavailable, new_id
+from aichat.store.base import (
+    Approval,
+    Attachment,
+    Message,
+    Session,
+    Store,
+    StoreError,
+    StoreUnavailable,
+    new_id,
+)
 
 log = Logger(namespace="aichat.chat")
 
@@ -159,6 +168,7 @@ class ChatService:
         self._running: dict[str, Deferred[None]] = {}
         self._background: set[Deferred[Any]] = set()
         self._stopping = False
+        self._creation_errors: dict[str, StoreError] = {}
 
     # -- sessions -----------------------------------------------------------------------------------
 
@@ -175,6 +185,9 @@ class ChatService:
         creating = Deferred.fromCoroutine(self.store.create_session(user_id, title, session_id))
 
         def failed(failure: Failure) -> None:
+            if isinstance(failure.value, StoreError):
+                # The turn's first message then fails as "no such session"; it reports this cause instead.
+                self._creation_errors[session_id] = failure.value
             if failure.check(StoreUnavailable):
                 log.error("Creating session {session_id} failed: {error}", session_id=session_id,
                           error=str(failure.value))
@@ -277,6 +290,7 @@ class ChatService:
             if deadline.active():
                 deadline.cancel()
             self._running.pop(session_id, None)
+            self._creation_errors.pop(session_id, None)
             return result
 
         turn.addBoth(finished)
@@ -310,8 +324,8 @@ class ChatService:
         except StoreUnavailable as e:
             await self._settle(record)
             log.error("Turn failed in session {session_id}: {error}", session_id=record.session_id, error=str(e))
-            record.error = "Failed to process message: database unavailable"
-            record.error_status = 503
+            record.error = f"Failed to process message: {e.public}"
+            record.error_status = e.status
             stream.emit(Event("error", record.session_id, error=record.error))
         except Exception as e:
             await self._settle(record)
@@ -350,7 +364,13 @@ class ChatService:
         self._save_user_message(record)
         if record.pending_write is not None:
             write, record.pending_write = record.pending_write, None
-            await write
+            try:
+                await write
+            except StoreError:
+                cause = self._creation_errors.pop(record.session_id, None)
+                if cause is not None:
+                    raise cause from None
+                raise
 
     async def _loop(self, record: TurnRecord, user_id: str) -> tuple[list[Message], str] | None:
         """Ask the model and run its tools until it answers, asks for approval or reaches the round cap.

@@ -28,7 +28,20 @@ class StoreError(Exception):
 
 
 class StoreUnavailable(StoreError):
-    """The database cannot be reached just now (the API answers 503); it may come back by itself."""
+    """The database cannot be reached just now; it may come back by itself.
+
+    ``status`` and ``public`` are what an API client is told; the exception's own text is for the log.
+    """
+
+    status = 503
+    public = "Database unavailable; try again shortly"
+
+
+class StoreFull(StoreUnavailable):
+    """The database's disk is full: writes fail until space is freed; reads go on."""
+
+    status = 507
+    public = "The database's disk is full: nothing can be stored until the operator frees space"
 
 
 @dataclass(frozen=True)

@@ -40,6 +40,9 @@ class Engine(Protocol):
     def is_unavailable(self, error: BaseException) -> bool:
         """Whether ``error`` means the database cannot be reached (rather than a bad statement)."""
 
+    def is_full(self, error: BaseException) -> bool:
+        """Whether ``error`` means the database's disk (or quota) is full."""
+
 
 def dump_json(value: Any) -> str | None:
     """A JSON column's parameter: compact text, or ``None`` for SQL NULL (both engines accept text)."""
@@ -67,6 +70,9 @@ class SQLiteEngine:
 
     def is_unavailable(self, error: BaseException) -> bool:
         return False
+
+    def is_full(self, error: BaseException) -> bool:
+        return isinstance(error, sqlite3.Error) and getattr(error, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL
 
 
 def _utc_text(value: datetime) -> str:
@@ -111,6 +117,10 @@ class PostgresEngine:
             # 57P01..57P03: the server is shutting down or starting.
             return sqlstate is None or sqlstate.startswith("08") or sqlstate in ("57P01", "57P02", "57P03")
         return isinstance(error, psycopg.InterfaceError)
+
+    def is_full(self, error: BaseException) -> bool:
+        # disk_full, out_of_memory's sibling insufficient_resources class 53.
+        return getattr(error, "sqlstate", None) == "53100"
 
 
 class Txn:

@@ -34,7 +34,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
-from aichat.store.base import StoreError, StoreUnavailable
+from aichat.store.base import StoreError, StoreFull, StoreUnavailable
 from aichat.store.dsn import mask_password
 from aichat.store.engines import PostgresEngine, Txn
 from aichat.store.schema import migrations, statements
@@ -246,6 +246,8 @@ class PostgresStore(SQLStore):
                     continue
                 if engine.is_unavailable(e):
                     raise StoreUnavailable(f"database unavailable: {reason(e, self._password)}") from None
+                if engine.is_full(e):
+                    raise StoreFull(reason(e, self._password)) from None
                 raise StoreError(reason(e, self._password)) from None
             except UnicodeEncodeError as e:
                 raise StoreError(f"text that cannot be stored: {e.reason}") from None
@@ -274,6 +276,10 @@ class PostgresStore(SQLStore):
 
         def finished(result: Any) -> None:
             ok = not isinstance(result, Failure)
+            if ok:
+                self._wrote()
+            elif isinstance(result.value, StoreError):
+                result = Failure(self._classified(result.value, str(result.value)))
             self._settle_cache(session_id, effect, ok, result if ok else None)
             if session_id is not None and self._tails.get(session_id) is turn:
                 del self._tails[session_id]

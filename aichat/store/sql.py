@@ -13,10 +13,14 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from aichat.store.base import Approval, Attachment, Message, Session, StoreError, new_id, utc_now
+from twisted.logger import Logger
+
+from aichat.store.base import Approval, Attachment, Message, Session, StoreError, StoreFull, new_id, utc_now
 from aichat.store.engines import Engine, Txn, dump_json
 from aichat.store.history_cache import HistoryCache, Read
 from aichat.store.text import storable, storable_approval, storable_message
+
+log = Logger(namespace="aichat.store")
 
 #: Default budget of the history cache.
 CACHE_BYTES = 64 * 1024 * 1024
@@ -163,6 +167,23 @@ class SQLStore:
     def __init__(self, engine: Engine, cache_bytes: int) -> None:
         self.engine = engine
         self.cache = HistoryCache(cache_bytes)
+        self._full = False
+
+    def _classified(self, error: BaseException, detail: str) -> StoreError:
+        """The store error ``error`` stands for; a full disk is logged once per episode."""
+        if isinstance(error, StoreFull) or self.engine.is_full(error):
+            if not self._full:
+                self._full = True
+                log.error("Database disk full: writes fail until space is freed ({detail}); reads go on",
+                          detail=detail)
+            return error if isinstance(error, StoreFull) else StoreFull(detail)
+        return error if isinstance(error, StoreError) else StoreError(detail)
+
+    def _wrote(self) -> None:
+        """A write committed: a disk-full episode, if any, is over."""
+        if self._full:
+            self._full = False
+            log.info("Database writes succeed again")
 
     # -- the engine's primitives ----------------------------------------------------------------------
 

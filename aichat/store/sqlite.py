@@ -202,16 +202,20 @@ class SQLiteStore(SQLStore):
                     try:
                         outcomes.append((True, write.work(txn, *write.args)))
                     except Exception as e:  # whatever one write raises is that write's failure alone
+                        if self.engine.is_full(e):
+                            raise  # SQLite may have rolled the whole transaction back already
                         txn.execute("ROLLBACK TO write")
                         outcomes.append((False, e if isinstance(e, sqlite3.Error | StoreError) else Failure()))
                     txn.execute("RELEASE write")
                 txn.execute("COMMIT")
             except BaseException:
-                txn.execute("ROLLBACK")
+                if cursor.connection.in_transaction:
+                    txn.execute("ROLLBACK")
                 raise
             return outcomes
 
         def committed(outcomes: list[tuple[bool, Any]]) -> None:
+            self._wrote()
             for write, (ok, value) in zip(batch, outcomes, strict=True):
                 self._settle_cache(write.session_id, write.effect, ok, value)
             for write, (ok, value) in zip(batch, outcomes, strict=True):
@@ -221,10 +225,11 @@ class SQLiteStore(SQLStore):
                     self.log.failure("A database write failed", value)
                     write.waiter.errback(StoreError(f"the write failed: {value.getErrorMessage()}"))
                 else:
-                    write.waiter.errback(value if isinstance(value, StoreError) else StoreError(str(value)))
+                    write.waiter.errback(self._classified(value, str(value)))
 
         def failed(failure: Failure) -> None:
-            error = failure.value if isinstance(failure.value, StoreError) else StoreError(str(failure.value))
+            assert failure.value is not None
+            error = self._classified(failure.value, str(failure.value))
             for write in batch:
                 self._settle_cache(write.session_id, write.effect, False, None)
             for write in batch:
