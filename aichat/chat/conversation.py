@@ -45,14 +45,22 @@ class Conversation(Protocol):
 
 
 class StoredConversation:
-    """A session in the store; the first history may be given as the caller just read it."""
+    """A session in the store; the first history may be given as the caller just read it, and
+    ``instructions`` replace the daemon's system prompt for this turn."""
 
     stored = True
 
-    def __init__(self, store: Store, session_id: str, first_history: list[Message] | None = None) -> None:
+    def __init__(
+        self,
+        store: Store,
+        session_id: str,
+        first_history: list[Message] | None = None,
+        instructions: str | None = None,
+    ) -> None:
         self._store = store
         self._session_id = session_id
         self._first = first_history
+        self._instructions = instructions
 
     @property
     def session_id(self) -> str:
@@ -67,7 +75,8 @@ class StoredConversation:
     def messages(
         self, history: Sequence[Message], system_prompt: str, budget: int, now: datetime
     ) -> list[dict[str, Any]]:
-        return build_messages(system_prompt, history, budget, now)
+        prompt = self._instructions if self._instructions is not None else system_prompt
+        return build_messages(prompt, history, budget, now)
 
     async def add(self, *messages: Message) -> None:
         if len(messages) == 1:

@@ -570,12 +570,14 @@ class ChatService:
         *,
         scope: ToolScope | None = None,
         listener: events.Listener | None = None,
+        instructions: str | None = None,
     ) -> Turn:
         """Begin a turn for a new user message; ``history``, if given, is the session's as just read.
 
-        Without a ``listener`` the turn reports to a new reference stream (``turn.stream``)."""
+        Without a ``listener`` the turn reports to a new reference stream (``turn.stream``); ``instructions``
+        replace the system prompt for this turn."""
         message = Message(new_id("user"), session.id, "user", text, attachments=tuple(attachments))
-        conversation = StoredConversation(self.store, session.id, history)
+        conversation = StoredConversation(self.store, session.id, history, instructions)
         return self._start(user_id, conversation, scope, listener, message, _nothing)
 
     def start_stateless(
@@ -593,6 +595,7 @@ class ChatService:
         *,
         scope: ToolScope | None = None,
         listener: events.Listener | None = None,
+        instructions: str | None = None,
     ) -> Turn:
         """Resolve a pending approval (all calls, or only ``tool_call_ids``) and continue its turn."""
         approval = await self.store.get_approval(user_id, approval_id)
@@ -632,7 +635,7 @@ class ChatService:
                 await turn._run_tools(run)
             turn.emit(events.Continuing(denied=not run))
 
-        conversation = StoredConversation(self.store, approval.session_id)
+        conversation = StoredConversation(self.store, approval.session_id, instructions=instructions)
         return self._start(user_id, conversation, scope, listener, None, first)
 
     def _start(
