@@ -38,7 +38,7 @@ from aichat.api.openai_wire import (
     turn_error,
 )
 from aichat.chat import events
-from aichat.chat.turn import ChatError, ChatService, ToolInfo, ToolScope, TurnResult
+from aichat.chat.turn import ChatError, ChatService, ToolInfo, ToolScope, Turn, TurnResult
 
 APPROVAL_ITEM = "mcpr_"
 RESPONSE = "resp_"
@@ -509,8 +509,10 @@ def register_responses(api: API) -> None:
             builder = ResponseBuilder(chat, short_id("resp"), created, model, body, None, False)
             builder.list_tools(servers)
             turn = chat.start_stateless(user, messages, scope, builder)
-            return await _answer(api, request, builder, turn_done(turn), stream, chat, turn)
+            return await _answer(api, request, chat, builder, turn, stream)
 
+        if given.decisions and previous is None:
+            raise invalid("mcp_approval_response items continue a response: send its previous_response_id", "input")
         try:
             if previous is not None:
                 session, history = await chat.resume(user, _session_of(previous))
@@ -574,10 +576,10 @@ def register_responses(api: API) -> None:
                 )
             except ChatError as e:
                 raise OpenAIError(e.message, e.status) from None
-        return await _answer(api, request, builder, turn_done(turn), stream, chat, turn)
+        return await _answer(api, request, chat, builder, turn, stream)
 
 
-def turn_done(turn: Any) -> Deferred[None]:
+def _settled(turn: Turn) -> Deferred[None]:
     """A Deferred that fires when ``turn`` ends; cancelling it leaves the turn running."""
     settled: Deferred[None] = Deferred()
 
@@ -592,14 +594,9 @@ def turn_done(turn: Any) -> Deferred[None]:
 
 
 async def _answer(
-    api: API,
-    request: IRequest,
-    builder: ResponseBuilder,
-    settled: Deferred[None],
-    stream: bool,
-    chat: ChatService,
-    turn: Any,
+    api: API, request: IRequest, chat: ChatService, builder: ResponseBuilder, turn: Turn, stream: bool
 ) -> bytes:
+    """The response object once the turn ends; streamed, every change as it happens."""
     if not stream:
         result = await chat.wait(turn)
         if result.error is not None:
@@ -608,8 +605,9 @@ async def _answer(
     out = EventStream(request, api.clock, api.settings.chat.keepalive_seconds)
     builder.attach(out)
     try:
-        # A client that goes away stops reading; a stored turn goes on and is stored.
-        await settled
+        # A client that goes away stops reading: a stored turn goes on and is stored, one kept in memory
+        # is cancelled (nobody could see its outcome).
+        await (_settled(turn) if turn.conversation.stored else chat.wait(turn))
         result = turn.result
         if result.error is not None:
             builder.fail(result, turn_error(result))

@@ -326,7 +326,7 @@ class Turn:
                 return history, assistant.content
             calls = assistant.tool_calls
             if rounds >= settings.max_tool_rounds:
-                await self._store_refusals(calls, ROUND_LIMIT)
+                await self.store_refusals(calls, ROUND_LIMIT)
                 notice = (
                     f"\n\nStopped after {settings.max_tool_rounds} tool rounds (chat.max_tool_rounds): "
                     f"the last {len(calls)} tool call(s) were not executed."
@@ -348,7 +348,7 @@ class Turn:
             now_run = [c for c in calls if c not in ask]
             if now_run:
                 offered = {t.function_name for t in available}
-                await self._run_tools(now_run, refuse={n for n in by_name if n not in offered})
+                await self.run_tools(now_run, refuse={n for n in by_name if n not in offered})
             if ask:
                 if not conversation.stored:
                     raise RuntimeError("a turn kept in memory cannot wait for an approval")
@@ -418,14 +418,14 @@ class Turn:
         self.state = TurnState.AWAITING_APPROVAL
         self.emit(events.ApprovalRequested(approval))
 
-    async def _store_refusals(
+    async def store_refusals(
         self, calls: list[dict[str, Any]], text: str = "Tool execution was denied by the user."
     ) -> None:
         await self.conversation.add(
             *(Message(new_id("tool"), self.session_id, "tool", text, tool_call_id=call["id"]) for call in calls)
         )
 
-    async def _run_tools(self, calls: list[dict[str, Any]], refuse: set[str] | None = None) -> None:
+    async def run_tools(self, calls: list[dict[str, Any]], refuse: set[str] | None = None) -> None:
         """Run ``calls`` (at most ``chat.tool_concurrency`` at once) and store their results; a call to a
         tool in ``refuse`` (known, but not offered to this turn) is answered with an error, never run."""
         semaphore = DeferredSemaphore(self._chat.settings.tool_concurrency)
@@ -447,6 +447,16 @@ class Turn:
             )
         )
         self.result.executions.extend(executions)
+        if not self.conversation.stored:
+            # Nothing else keeps a record of what ran for a turn kept in memory.
+            for execution in executions:
+                log.info(
+                    "Tool {tool_name} ran for user {user_id} ({outcome}, {duration_ms} ms)",
+                    tool_name=execution["tool_name"],
+                    user_id=self.user_id,
+                    outcome="error" if "error" in execution else "ok",
+                    duration_ms=execution["duration_ms"],
+                )
         self.emit(events.ToolsFinished(calls, executions))
 
     async def _run_tool(self, call: dict[str, Any], refuse: set[str]) -> dict[str, Any]:
@@ -630,9 +640,9 @@ class ChatService:
 
         async def first(turn: Turn) -> None:
             if refused:
-                await turn._store_refusals(refused)
+                await turn.store_refusals(refused)
             if run:
-                await turn._run_tools(run)
+                await turn.run_tools(run)
             turn.emit(events.Continuing(denied=not run))
 
         conversation = StoredConversation(self.store, approval.session_id, instructions=instructions)
