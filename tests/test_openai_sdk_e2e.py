@@ -11,6 +11,7 @@ lines of the last user message and summarises tool results (see :mod:`aichat.llm
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -26,8 +27,10 @@ pytestmark = pytest.mark.slow
 ALICE = "sk-alice-0123456789abcdef"
 BOB = "sk-bob-0123456789abcdef0"
 MODEL = "mock-model"
+EXPIRE_SECONDS = 3
 FACE_YAML = (
-    "chat:\n  title_generation: false\n  approval:\n    policy: auto\n    auto_approve: [\"everything/*\"]\n"
+    "chat:\n  title_generation: false\n  max_tool_rounds: 3\n"
+    f'  approval:\n    policy: auto\n    auto_approve: ["everything/*"]\n    expire_seconds: {EXPIRE_SECONDS}\n'
     f"auth:\n  tokens:\n    - {{token: {ALICE}, user_id: 41}}\n    - {{token: {BOB}, user_id: 42}}\n"
 )
 
@@ -82,8 +85,14 @@ def test_sdk_raises_its_typed_errors(face: Chat) -> None:
         client(face).responses.create(
             model=MODEL,
             input="hi",
-            tools=[{"type": "mcp", "server_label": "github", "server_url": "https://example.invalid/mcp",
-                    "require_approval": "never"}],
+            tools=[
+                {
+                    "type": "mcp",
+                    "server_label": "github",
+                    "server_url": "https://example.invalid/mcp",
+                    "require_approval": "never",
+                }
+            ],
         )
     assert unconfigured.value.param == "tools[0].server_label"
     assert "operator configured" in unconfigured.value.message
@@ -109,7 +118,9 @@ def test_streamed_chat_completion_with_usage(face: Chat) -> None:
     chunk with no choices."""
     chunks = list(
         client(face).chat.completions.create(
-            model=MODEL, messages=[{"role": "user", "content": ECHO}], stream=True,
+            model=MODEL,
+            messages=[{"role": "user", "content": ECHO}],
+            stream=True,
             stream_options={"include_usage": True},
         )
     )
@@ -122,11 +133,19 @@ def test_streamed_chat_completion_with_usage(face: Chat) -> None:
     assert len({c.id for c in chunks}) == 1
 
 
+def test_chat_completion_keeps_the_round_cap(face: Chat) -> None:
+    """A model that calls a server-side tool for ever is stopped by chat.max_tool_rounds, as a chat turn is."""
+    answer = client(face).chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": 'loop everything__echo {"message": "again"}'}]
+    )
+    content = answer.choices[0].message.content or ""
+    assert "Stopped after 3 tool rounds (chat.max_tool_rounds)" in content
+    assert answer.choices[0].finish_reason == "stop"
+
+
 def test_tools_needing_approval_are_not_offered_on_chat_completions(face: Chat, notes: Path) -> None:
     """server-filesystem needs a person under the policy: the model is not offered it, so nothing runs."""
-    answer = client(face).chat.completions.create(
-        model=MODEL, messages=[{"role": "user", "content": read_call(notes)}]
-    )
+    answer = client(face).chat.completions.create(model=MODEL, messages=[{"role": "user", "content": read_call(notes)}])
     content = answer.choices[0].message.content or ""
     assert content.startswith("Mock cannot call 'filesystem__read_text_file': no such tool")
     assert "marmalade" not in content
@@ -217,7 +236,9 @@ def test_denied_approval_runs_nothing_and_the_model_answers(face: Chat, notes: P
     first = sdk.responses.create(model=MODEL, input=read_call(notes), tools=tools)
     request = next(item for item in first.output if item.type == "mcp_approval_request")
     denied = sdk.responses.create(
-        model=MODEL, previous_response_id=first.id, tools=tools,
+        model=MODEL,
+        previous_response_id=first.id,
+        tools=tools,
         input=[{"type": "mcp_approval_response", "approval_request_id": request.id, "approve": False}],
     )
     assert [item.type for item in denied.output] == ["message"]
@@ -232,7 +253,8 @@ def test_previous_response_id_continues_the_session_and_store_false_keeps_nothin
     session_id = second.id.removeprefix("resp_").rpartition("_")[0]
     stored = face.messages(session_id, "42")
     assert [(m["role"], m["content"]) for m in stored if m["role"] == "user"] == [
-        ("user", "remember apricot"), ("user", "and plum")
+        ("user", "remember apricot"),
+        ("user", "and plum"),
     ]
     before = face.ok(face.request("GET", "/v1/chat/sessions", "42"))["sessions"]
     loose = sdk.responses.create(model=MODEL, input="forget me", store=False)
@@ -249,9 +271,15 @@ def test_streamed_response_events_are_the_sdk_types(face: Chat) -> None:
     kinds = [e.type for e in events]
     assert kinds[:2] == ["response.created", "response.in_progress"]
     assert kinds[-1] == "response.completed"
-    for expected in ("response.mcp_list_tools.completed", "response.mcp_call.in_progress",
-                     "response.mcp_call.completed", "response.output_text.delta", "response.output_text.done",
-                     "response.output_item.added", "response.output_item.done"):
+    for expected in (
+        "response.mcp_list_tools.completed",
+        "response.mcp_call.in_progress",
+        "response.mcp_call.completed",
+        "response.output_text.delta",
+        "response.output_text.done",
+        "response.output_item.added",
+        "response.output_item.done",
+    ):
         assert expected in kinds
     assert kinds.index("response.mcp_call.completed") < kinds.index("response.output_text.delta")
     assert [e.sequence_number for e in events] == list(range(len(events)))
@@ -259,3 +287,26 @@ def test_streamed_response_events_are_the_sdk_types(face: Chat) -> None:
     assert done.type == "response.completed"
     assert done.response.output_text == f"Mock summary of 1 tool result(s): {ECHO_RESULT}"
     assert type(events[0]).__name__ == "ResponseCreatedEvent"
+
+
+def test_streamed_approval_request_and_expiry(face: Chat, notes: Path) -> None:
+    """Streamed, the approval request is an output item like the others; once ``expire_seconds`` pass, the
+    approval can no longer be granted (ConflictError) and nothing runs."""
+    sdk = client(face)
+    tools = [mcp("filesystem", {"never": {"tool_names": ["read_text_file"]}})]
+    events = list(sdk.responses.create(model=MODEL, input=read_call(notes), tools=tools, stream=True))
+    added = [e.item for e in events if e.type == "response.output_item.added"]
+    assert [item.type for item in added] == ["mcp_list_tools", "mcp_approval_request"]
+    final = events[-1]
+    assert final.type == "response.completed"
+    request = final.response.output[-1]
+    assert request.type == "mcp_approval_request"
+    time.sleep(EXPIRE_SECONDS + 0.5)
+    with pytest.raises(openai.ConflictError) as expired:
+        sdk.responses.create(
+            model=MODEL,
+            previous_response_id=final.response.id,
+            tools=tools,
+            input=[{"type": "mcp_approval_response", "approval_request_id": request.id, "approve": True}],
+        )
+    assert "expired" in expired.value.message
