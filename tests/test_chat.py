@@ -18,7 +18,7 @@ from aichat.chat.approvals import ApprovalPolicy, parse_command
 from aichat.chat.context import NOT_EXECUTED, build_messages, user_content
 from aichat.chat.streams import Event, StreamError, StreamRegistry
 from aichat.chat.titles import clean_title, fallback_title
-from aichat.chat.turn import ChatError, ChatService, TurnRecord
+from aichat.chat.turn import ChatError, ChatService, Turn
 from aichat.config import ApprovalSettings, ChatSettings
 from aichat.llm.provider import Completion, LLMError, ToolCall
 from aichat.store import Attachment, Message, Session
@@ -127,10 +127,10 @@ class Harness:
     def session(self, user: str = "1") -> Session:
         return self.service.new_session(user)
 
-    def send(self, session: Session, text: str, user: str = "1", history: list[Message] | None = None) -> TurnRecord:
+    def send(self, session: Session, text: str, user: str = "1", history: list[Message] | None = None) -> Turn:
         return self.service.start_message(user, session, text, history=history)
 
-    def resolve(self, approval_id: str, approve: bool, ids: list[str] | None = None, user: str = "1") -> TurnRecord:
+    def resolve(self, approval_id: str, approve: bool, ids: list[str] | None = None, user: str = "1") -> Turn:
         return done(self.service.start_resolution(user, approval_id, approve, ids))
 
     def history(self, session: Session) -> list[Message]:
@@ -160,7 +160,7 @@ def make(tmp_path: Path, *scripts: Script, **chat: Any) -> Harness:
     return Harness(service, store, clock, model, tools)
 
 
-def kinds(record: TurnRecord) -> list[str]:
+def kinds(record: Turn) -> list[str]:
     """The event types of a turn's stream."""
     return [e.type for e in record.stream.events]
 
@@ -307,8 +307,8 @@ def test_plain_turn_streams_and_stores(tmp_path: Path) -> None:
     session = h.session()
     record = h.send(session, "hi")
     assert kinds(record) == ["message", "message", "done"]
-    assert record.response()["message"]["content"] == "Hello"
-    assert record.response()["session_id"] == session.id
+    assert record.result.response()["message"]["content"] == "Hello"
+    assert record.result.response()["session_id"] == session.id
     assert [(m.role, m.content) for m in h.history(session)] == [("user", "hi"), ("assistant", "Hello")]
     sent, tools = h.model.requests[0]
     assert sent[-1] == {"role": "user", "content": "hi"}
@@ -375,7 +375,7 @@ def test_message_that_cannot_be_stored_fails_the_turn(tmp_path: Path) -> None:
     done(h.store.delete_session("1", session.id))
     record = h.send(session, "hello")
     assert kinds(record) == ["message", "error"]
-    assert record.error_status == 500
+    assert record.result.error_status == 500
     assert h.history(session) == []
 
 
@@ -396,14 +396,14 @@ def test_tool_call_waits_for_approval_then_runs(tmp_path: Path) -> None:
     session = h.session()
     record = h.send(session, "echo please")
     assert kinds(record)[-2:] == ["tool_approval_request", "done"]
-    assert record.approval is not None
-    request_id = record.approval["request_id"]
+    assert record.result.approval is not None
+    request_id = record.result.approval.id
     assert h.tools.calls == []
     resumed = h.resolve(request_id, True)
     assert h.tools.calls == [("everything__echo", {"m": 1})]
     assert kinds(resumed) == ["tool_execution", "message", "message", "done"]
-    assert resumed.response()["message"]["content"] == "Done."
-    assert resumed.executions[0]["result"] == 'echo {"m": 1}'
+    assert resumed.result.response()["message"]["content"] == "Done."
+    assert resumed.result.executions[0]["result"] == 'echo {"m": 1}'
     follow_up = h.model.requests[1][0]
     assert follow_up[-2]["tool_calls"][0]["id"] == "c1"
     assert follow_up[-1] == {"role": "tool", "tool_call_id": "c1", "content": 'echo {"m": 1}'}
@@ -416,10 +416,10 @@ def test_denial_is_fed_back_to_the_model(tmp_path: Path) -> None:
     """Denying stores a refusal for each call and lets the model answer."""
     h = make(tmp_path, Script([], [call("c1", "everything__echo")]), Script(["Understood."]))
     session = h.session()
-    request_id = h.send(session, "x").approval["request_id"]  # type: ignore[index]
+    request_id = h.send(session, "x").result.approval.id  # type: ignore[union-attr]
     resumed = h.resolve(request_id, False)
     assert h.tools.calls == []
-    assert resumed.response()["message"]["content"] == "Understood."
+    assert resumed.result.response()["message"]["content"] == "Understood."
     assert h.model.requests[1][0][-1] == {
         "role": "tool", "tool_call_id": "c1", "content": "Tool execution was denied by the user."}
     assert "❌ Tool execution was denied by user." in [e.content for e in resumed.stream.events]
@@ -430,7 +430,7 @@ def test_selective_approval_runs_only_the_chosen_calls(tmp_path: Path) -> None:
     calls = [call("a", "everything__echo", '{"n": 1}'), call("b", "everything__echo", '{"n": 2}')]
     h = make(tmp_path, Script([], calls), Script(["ok"]))
     session = h.session()
-    request_id = h.send(session, "x").approval["request_id"]  # type: ignore[index]
+    request_id = h.send(session, "x").result.approval.id  # type: ignore[union-attr]
     with pytest.raises(ChatError) as bad:
         h.resolve(request_id, True, ["zzz"])
     assert bad.value.status == 400
@@ -449,8 +449,8 @@ def test_auto_approval_runs_matching_tools_at_once(tmp_path: Path) -> None:
     )
     record = h.send(h.session(), "x")
     assert h.tools.calls == [("everything__echo", {})]
-    assert record.approval is not None
-    assert [c["id"] for c in record.approval["tool_calls"]] == ["b"]
+    assert record.result.approval is not None
+    assert [c["id"] for c in record.result.approval.tool_calls] == ["b"]
 
 
 def test_tool_errors_go_back_to_the_model(tmp_path: Path) -> None:
@@ -459,7 +459,7 @@ def test_tool_errors_go_back_to_the_model(tmp_path: Path) -> None:
     h = make(tmp_path, Script([], calls), Script(["noted"]), approval=ApprovalSettings(policy="never"))
     record = h.send(h.session(), "x")
     assert kinds(record)[-1] == "done"
-    errors = [e["error"] for e in record.executions]
+    errors = [e["error"] for e in record.result.executions]
     assert errors[0] == "Tool returned an error: it broke"
     assert errors[1].startswith("Error executing tool:") and "nope__tool" in errors[1]
     assert errors[2].startswith("Error executing tool: failed to parse tool arguments")
@@ -476,7 +476,7 @@ def test_round_cap_stops_the_loop_with_a_clear_message(tmp_path: Path) -> None:
     record = h.send(session, "loop")
     assert len(h.tools.calls) == 2
     assert kinds(record)[-1] == "done"
-    assert "Stopped after 2 tool rounds" in record.response()["message"]["content"]
+    assert "Stopped after 2 tool rounds" in record.result.response()["message"]["content"]
     unanswered = [m for m in h.history(session) if m.role == "tool" and m.tool_call_id == "c2"]
     assert unanswered[0].content == "Tool call was not executed: the tool round limit was reached."
 
@@ -504,8 +504,8 @@ def test_empty_answer_is_an_error_and_never_poisons_the_session(tmp_path: Path) 
     session = h.session()
     first = h.send(session, "hello")
     assert kinds(first) == ["error"]
-    assert first.error == "Failed to process message: the model returned an empty answer (finish reason: stop)"
-    assert first.error_status == 502
+    assert first.result.error == "Failed to process message: the model returned an empty answer (finish reason: stop)"
+    assert first.result.error_status == 502
     assert [(m.role, m.content) for m in h.history(session)] == [("user", "hello")]
     assert kinds(h.send(session, "hello?"))[-1] == "error"
     third = h.send(session, "still there?")
@@ -520,7 +520,7 @@ def test_empty_answer_cut_short_says_so(tmp_path: Path) -> None:
     ``[DONE]``) tells the user the server cut it short."""
     h = make(tmp_path, Script([], finish_reason=None), title_generation=False)
     record = h.send(h.session(), "hello")
-    assert record.error == (
+    assert record.result.error == (
         "Failed to process message: the model returned an empty answer (no finish reason: the server cut the "
         "stream short)"
     )
@@ -545,14 +545,14 @@ def test_upstream_failure_mid_stream_keeps_what_was_said(tmp_path: Path) -> None
     record = h.send(session, "x")
     assert kinds(record) == ["message", "error"]
     assert record.stream.events[-1].error == "Failed to process message: upstream reset"
-    assert record.error_status == 502
+    assert record.result.error_status == 502
     assert [(m.role, m.content) for m in h.history(session)] == [("user", "x"), ("assistant", "partial ")]
 
 
 def test_approvals_are_user_bound_and_expire(tmp_path: Path) -> None:
     """Another user's approval is 404; an expired one is 409 and is marked expired."""
     h = make(tmp_path, Script([], [call("a", "everything__echo")]), approval=ApprovalSettings(expire_seconds=60))
-    request_id = h.send(h.session(), "x").approval["request_id"]  # type: ignore[index]
+    request_id = h.send(h.session(), "x").result.approval.id  # type: ignore[union-attr]
     with pytest.raises(ChatError) as other:
         h.resolve(request_id, True, user="2")
     assert other.value.status == 404
@@ -622,7 +622,7 @@ def test_first_turn_ending_at_the_round_cap_gets_a_title(tmp_path: Path) -> None
              approval=ApprovalSettings(policy="never"))
     session = h.session()
     record = h.send(session, "echo until stopped")
-    assert "Stopped after 1 tool rounds" in record.response()["message"]["content"]
+    assert "Stopped after 1 tool rounds" in record.result.response()["message"]["content"]
     assert done(h.store.get_session("1", session.id)).title == "Echo Loop Check"
     title_request, tools = h.model.requests[-1]
     assert tools is None
@@ -643,7 +643,7 @@ def test_turn_deadline_cancels_and_reports(tmp_path: Path) -> None:
     assert kinds(record) == []
     h.clock.advance(5)
     assert kinds(record) == ["error"]
-    assert record.error == "The turn was cancelled"
+    assert record.result.error == "The turn was cancelled"
     assert session.id not in h.service._running
 
 
@@ -651,7 +651,7 @@ def test_session_is_held_while_an_approval_is_being_resolved(tmp_path: Path) -> 
     """A message sent while an approval's decision is being stored is 409, and the approval still runs."""
     h = make(tmp_path, Script([], [call("a", "everything__echo")]), Script(["ran"]), Script(["late"]))
     session = h.session()
-    request_id = h.send(session, "x").approval["request_id"]  # type: ignore[index]
+    request_id = h.send(session, "x").result.approval.id  # type: ignore[union-attr]
     stored: Deferred[bool] = Deferred()
     real = h.store.resolve_approval
 
@@ -670,7 +670,7 @@ def test_session_is_held_while_an_approval_is_being_resolved(tmp_path: Path) -> 
     assert h.tools.calls == [("everything__echo", {})]
 
 
-async def resolving_result(resolving: Deferred[TurnRecord]) -> TurnRecord:
+async def resolving_result(resolving: Deferred[Turn]) -> Turn:
     """Await a Deferred inside a coroutine, for :func:`done`."""
     return await resolving
 

@@ -14,7 +14,7 @@ from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
 
 from aichat.chat.streams import StreamRegistry
-from aichat.chat.turn import ChatService, TurnRecord
+from aichat.chat.turn import ChatService, Turn
 from aichat.config import ApprovalSettings, ChatSettings
 from aichat.llm.openai import OpenAIProvider
 from aichat.store import Message
@@ -55,13 +55,14 @@ class LlamaShapedTests(TestCase):
         self.addCleanup(lambda: Deferred.fromCoroutine(service.stop()))
         return service
 
-    async def turn(self, service: ChatService, session_id: str, text: str) -> TurnRecord:
+    async def turn(self, service: ChatService, session_id: str, text: str) -> Turn:
         """One turn to its end, then any title work it started."""
         session, history = await service.resume("1", session_id)
-        record = await service.wait(service.start_message("1", session, text, history=history))
+        turn = service.start_message("1", session, text, history=history)
+        await service.wait(turn)
         while service._background:
             await gatherResults(list(service._background), consumeErrors=True)
-        return record
+        return turn
 
     async def history(self, session_id: str) -> list[tuple[str, str]]:
         return [(m.role, m.content) for m in await self.store.history(session_id)]
@@ -74,11 +75,11 @@ class LlamaShapedTests(TestCase):
         self.upstream.push(Script([SendHeaders()]))
         first = await self.turn(service, session_id, "hello")
         self.assertEqual([e.type for e in first.stream.events], ["error"])
-        self.assertIn("the model returned an empty answer", first.error or "")
+        self.assertIn("the model returned an empty answer", first.result.error or "")
         self.assertEqual(await self.history(session_id), [("user", "hello")])
         second = await self.turn(service, session_id, "hello again")
         self.assertEqual([e.type for e in second.stream.events][-1], "done")
-        self.assertEqual("".join(second.text), "Echo: hello again")
+        self.assertEqual("".join(second.result.text), "Echo: hello again")
 
     async def test_session_poisoned_by_a_stored_empty_answer_works_again(self) -> None:
         """A session that an older version left holding ``""`` as an answer is not stuck on a strict server."""
@@ -87,8 +88,8 @@ class LlamaShapedTests(TestCase):
         await self.store.add_message(Message("u1", session_id, "user", "hello"))
         await self.store.add_message(Message("a1", session_id, "assistant", ""))
         record = await self.turn(service, session_id, "anyone?")
-        self.assertIsNone(record.error)
-        self.assertEqual("".join(record.text), "Echo: anyone?")
+        self.assertIsNone(record.result.error)
+        self.assertEqual("".join(record.result.text), "Echo: anyone?")
 
     async def test_tool_rounds_after_the_first_are_accepted(self) -> None:
         """Tool calls streamed llama.cpp's way (id and name in every delta), run, and the follow-up request
@@ -98,8 +99,8 @@ class LlamaShapedTests(TestCase):
         self.upstream.push(tool_stream([("call_0", "everything__echo", '{"message": "hi"}')],
                                        repeat_id_and_name=True))
         record = await self.turn(service, session_id, "echo hi")
-        self.assertIsNone(record.error, record.error)
-        self.assertEqual([e["result"] for e in record.executions], ['echo {"message": "hi"}'])
+        self.assertIsNone(record.result.error, record.result.error)
+        self.assertEqual([e["result"] for e in record.result.executions], ['echo {"message": "hi"}'])
         follow_up = self.upstream.requests[1].body["messages"]
         self.assertEqual([m["role"] for m in follow_up[-3:]], ["user", "assistant", "tool"])
         self.assertEqual(follow_up[-2]["content"], "")
@@ -128,7 +129,7 @@ class LlamaShapedTests(TestCase):
             {"id": "c", "type": "function", "function": {"name": "everything__echo", "arguments": "{}"}}]))
         self.upstream.rejects = lambda body: strict_server({"messages": [{"role": "assistant", "content": None}]})
         record = await self.turn(service, session_id, "x")
-        error = record.error or ""
+        error = record.result.error or ""
         self.assertTrue(error.startswith("Failed to process message: the model's server answered HTTP 500: "), error)
         self.assertNotIn("site-packages", error)
         self.assertNotIn("File ", error)
@@ -143,7 +144,7 @@ class LlamaShapedTests(TestCase):
         records = await gatherResults(
             [Deferred.fromCoroutine(self.turn(service, s, f"turn {n}")) for n, s in enumerate(sessions)]
         )
-        self.assertEqual([r.error for r in records], [None] * 10)
-        self.assertEqual({"".join(r.text) for r in records}, {"Fine thanks"})
+        self.assertEqual([r.result.error for r in records], [None] * 10)
+        self.assertEqual({"".join(r.result.text) for r in records}, {"Fine thanks"})
         await deferLater(reactor, 0.05)
         self.assertEqual(len(self.upstream.requests), 20)  # ten turns and ten titles, no retries

@@ -19,7 +19,7 @@ from aichat.api.errors import APIError, BadRequest, NotFound, ServiceUnavailable
 from aichat.api.stream_reader import ReaderSlots, StreamReader
 from aichat.chat.approvals import parse_command
 from aichat.chat.streams import Stream, StreamError
-from aichat.chat.turn import ChatError, ChatService, TurnRecord
+from aichat.chat.turn import ChatError, ChatService, Turn
 from aichat.store.base import Attachment, new_id
 
 
@@ -32,7 +32,7 @@ def _chat(api: API) -> ChatService:
 
 async def _begin(
     api: API, user: str, message: str, session_id: str, attachments: list[Attachment] | None = None
-) -> TurnRecord:
+) -> Turn:
     """Start the turn a chat message asks for: an approval command, or a message to the model."""
     chat = _chat(api)
     try:
@@ -45,16 +45,16 @@ async def _begin(
         raise APIError(e.message, e.status) from None
 
 
-async def _respond(api: API, request: IRequest, record: TurnRecord) -> bytes:
+async def _respond(api: API, request: IRequest, turn: Turn) -> bytes:
     """``?streaming=true``: the stream handle at once; otherwise wait and answer the final message."""
     if query_arg(request, "streaming") == "true":
-        stream = record.stream
-        body = {"stream_id": stream.id, "session_id": record.session_id, "stream_url": f"/v1/chat/stream/{stream.id}"}
+        stream = turn.stream
+        body = {"stream_id": stream.id, "session_id": turn.session_id, "stream_url": f"/v1/chat/stream/{stream.id}"}
         return json_response(request, body)
-    await _chat(api).wait(record)
-    if record.error is not None:
-        raise APIError(record.error, record.error_status)
-    return json_response(request, record.response())
+    result = await _chat(api).wait(turn)
+    if result.error is not None:
+        raise APIError(result.error, result.error_status)
+    return json_response(request, result.response())
 
 
 def _multipart(api: API, request: IRequest) -> tuple[str, str, list[Attachment]]:
@@ -116,8 +116,8 @@ def register_chat(api: API) -> None:
         user = api.user(request)
         body = read_json(request)
         message = string_field(body, "message", required=True)
-        record = await _begin(api, user, message, string_field(body, "session_id"))
-        return await _respond(api, request, record)
+        turn = await _begin(api, user, message, string_field(body, "session_id"))
+        return await _respond(api, request, turn)
 
     @api.route("/v1/chat/send-with-files", methods=["POST"])
     async def send_with_files(request: IRequest) -> bytes:
@@ -125,8 +125,8 @@ def register_chat(api: API) -> None:
         message, session_id, attachments = _multipart(api, request)
         if not message:
             raise BadRequest("message field is required")
-        record = await _begin(api, user, message, session_id, attachments)
-        return await _respond(api, request, record)
+        turn = await _begin(api, user, message, session_id, attachments)
+        return await _respond(api, request, turn)
 
     @api.route("/v1/chat/approvals/<string:approval_id>", methods=["POST"])
     async def approve(request: IRequest, approval_id: str) -> bytes:
@@ -139,10 +139,10 @@ def register_chat(api: API) -> None:
         if ids is not None and (not isinstance(ids, list) or not all(isinstance(i, str) for i in ids)):
             raise BadRequest("Invalid request format: field 'tool_call_ids' must be a list of strings")
         try:
-            record = await _chat(api).start_resolution(user, approval_id, decision, ids)
+            turn = await _chat(api).start_resolution(user, approval_id, decision, ids)
         except ChatError as e:
             raise APIError(e.message, e.status) from None
-        return await _respond(api, request, record)
+        return await _respond(api, request, turn)
 
     @api.route("/v1/chat/stream/<string:stream_id>", methods=["GET"])
     async def attach(request: IRequest, stream_id: str) -> bytes:
@@ -166,7 +166,7 @@ def register_chat(api: API) -> None:
         if not message:
             raise BadRequest("message parameter is required")
         user = api.user(request)
-        record = await _begin(api, user, message, query_arg(request, "session_id") or "")
-        await read_stream(request, record.stream)
+        turn = await _begin(api, user, message, query_arg(request, "session_id") or "")
+        await read_stream(request, turn.stream)
         return b""
 

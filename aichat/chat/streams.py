@@ -3,6 +3,9 @@
 A turn writes its events to a :class:`Stream` whether or not anyone listens, so a stream nobody reads never
 blocks or leaks the turn. A subscriber that connects late, or reconnects, first gets every event so far.
 Once the turn ends the stream stays for ``keep_seconds`` and is then removed from the registry.
+
+:class:`ReferencePresenter` is the reference API's presentation of a turn: its ``StreamMessage`` kinds and
+its wording of progress notices.
 """
 
 from __future__ import annotations
@@ -12,6 +15,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
+
+from aichat.chat import events as turn
 
 Subscriber = Callable[["Event"], None]
 
@@ -135,3 +140,58 @@ class StreamRegistry:
                 timer.cancel()
         self._timers.clear()
         self._streams.clear()
+
+
+PROCESSING = "\n🤖 Processing results...\n\n"
+UNDERSTANDING = "\n🤖 Understanding your decision...\n\n"
+DENIED = "❌ Tool execution was denied by user."
+
+
+class ReferencePresenter:
+    """Writes a turn's events to a :class:`Stream` as the reference's ``StreamMessage`` events."""
+
+    def __init__(self, stream: Stream) -> None:
+        self.stream = stream
+
+    def __call__(self, event: turn.TurnEvent) -> None:
+        stream = self.stream
+        session_id = stream.session_id
+        if isinstance(event, turn.TextDelta):
+            stream.emit(Event("message", session_id, content=event.text))
+        elif isinstance(event, turn.ToolsFinished):
+            executions = event.executions
+            failed = sum(1 for e in executions if "error" in e)
+            outcome = "successful" if not failed else "failed" if failed == len(executions) else "partially failed"
+            stream.emit(
+                Event(
+                    "tool_execution",
+                    session_id,
+                    content=f"Executed {len(executions)} tool(s) ({outcome})",
+                    tool_executions=executions,
+                    synthetic=True,
+                )
+            )
+        elif isinstance(event, turn.Continuing):
+            if event.denied:
+                stream.emit(Event("message", session_id, content=DENIED, synthetic=True))
+                stream.emit(Event("message", session_id, content=UNDERSTANDING, synthetic=True))
+            else:
+                stream.emit(Event("message", session_id, content=PROCESSING, synthetic=True))
+        elif isinstance(event, turn.RoundLimit):
+            stream.emit(Event("message", session_id, content=event.notice))
+        elif isinstance(event, turn.ApprovalRequested):
+            calls = event.approval.tool_calls
+            stream.emit(
+                Event(
+                    "tool_approval_request",
+                    session_id,
+                    content=f"🔧 The assistant wants to execute {len(calls)} tool(s). Do you approve?",
+                    tool_calls=calls,
+                    request_id=event.approval.id,
+                    synthetic=True,
+                )
+            )
+        elif isinstance(event, turn.Finished):
+            stream.emit(Event("done", session_id))
+        elif isinstance(event, turn.Failed):
+            stream.emit(Event("error", session_id, error=event.result.error or ""))

@@ -1,17 +1,21 @@
-"""Chat turns: store the user's message, stream the model, run approved tools, loop, store every step.
+"""Chat turns: one :class:`Turn` object per live turn, driven by every face through :class:`ChatService`.
 
-A turn runs in the background and writes :class:`~aichat.chat.streams.Event` objects to its stream; the
-HTTP layer either returns a stream handle at once or waits for the :class:`TurnRecord`. Tool calls go
-through the approval policy; a pending approval is stored with its user and session, so it survives a
-restart, and resolving it starts a new turn that continues where the model left off.
+A turn asks the model, runs the calls its tool scope lets run at once, asks a person for the others (a
+durable approval with its user, session and expiry), and loops until the model answers, the round cap
+stops it, or calls are handed to the client. It owns its state (the user's message and its write, its
+lifecycle, its :class:`TurnResult`) and reports what happens as :mod:`aichat.chat.events` to its face's
+listener; the reference API's listener writes a :class:`~aichat.chat.streams.Stream`. Where its context
+comes from and where its steps go is its :class:`~aichat.chat.conversation.Conversation`: a stored
+session, or (``/v1/chat/completions``) memory only.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from enum import Enum
 from typing import Any, Protocol
 
 from twisted.internet.defer import CancelledError, Deferred, DeferredSemaphore, gatherResults
@@ -19,29 +23,18 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from aichat.chat import events
 from aichat.chat.approvals import ApprovalPolicy
-from aichat.chat.context import build_messages
-from aichat.chat.streams import Event, Stream, StreamRegistry
+from aichat.chat.conversation import Conversation, MemoryConversation, StoredConversation
+from aichat.chat.streams import ReferencePresenter, Stream, StreamRegistry
 from aichat.chat.titles import clean_title, fallback_title, is_automatic, title_prompt
 from aichat.config import ChatSettings
-from aichat.llm.provider import LLMError, Provider
-from aichat.store.base import (
-    Approval,
-    Attachment,
-    Message,
-    Session,
-    Store,
-    StoreError,
-    StoreUnavailable,
-    new_id,
-)
+from aichat.llm.provider import LLMError, Provider, Usage
+from aichat.store.base import Approval, Attachment, Message, Session, Store, StoreError, StoreUnavailable, new_id
 
 log = Logger(namespace="aichat.chat")
 
 TITLE_TIMEOUT = 10.0
-PROCESSING = "\n🤖 Processing results...\n\n"
-UNDERSTANDING = "\n🤖 Understanding your decision...\n\n"
-DENIED = "❌ Tool execution was denied by user."
 ROUND_LIMIT = "Tool call was not executed: the tool round limit was reached."
 
 
@@ -90,24 +83,78 @@ class ChatError(Exception):
         self.status = status
 
 
+class ToolScope:
+    """Which MCP tools a turn offers the model, which of their calls wait for a person, and the client's
+    own function tools (whose calls end the turn, handed to the client).
+
+    The operator's policy is the floor: ``ask`` can only add approvals to it, never remove one.
+    """
+
+    def __init__(
+        self,
+        policy: ApprovalPolicy,
+        offers: Callable[[ToolInfo], bool] = lambda tool: True,
+        ask: Callable[[ToolInfo], bool] = lambda tool: False,
+        client_tools: Sequence[dict[str, Any]] = (),
+    ) -> None:
+        self.policy = policy
+        self._offers = offers
+        self._ask = ask
+        self.client_tools = list(client_tools)
+        self.client_names = frozenset(
+            t["function"]["name"] for t in self.client_tools if isinstance(t.get("function"), dict)
+        )
+
+    def offers(self, tool: ToolInfo) -> bool:
+        return self._offers(tool)
+
+    def needs_approval(self, function_name: str, tool: ToolInfo | None) -> bool:
+        server, name = (tool.server, tool.name) if tool is not None else (None, None)
+        if self.policy.needs_approval(function_name, server, name):
+            return True
+        return tool is not None and self._ask(tool)
+
+
+class TurnState(Enum):
+    """A turn's lifecycle: it runs, then ends in exactly one of the other states."""
+
+    RUNNING = "running"
+    ANSWERED = "answered"
+    AWAITING_APPROVAL = "awaiting_approval"
+    CLIENT_TOOLS = "client_tools"
+    FAILED = "failed"
+
+
 @dataclass
-class TurnRecord:
-    """What a turn produced, for non-streaming responses."""
+class TurnResult:
+    """What a turn produced, for HTTP: the text, the tool executions, a pending approval, the calls handed
+    to the client, usage, or the error and the status it maps to."""
 
     session_id: str
-    stream: Stream
     text: list[str] = field(default_factory=list)
     executions: list[dict[str, Any]] = field(default_factory=list)
-    approval: dict[str, Any] | None = None
+    approval: Approval | None = None
+    client_calls: list[dict[str, Any]] = field(default_factory=list)
+    usage: Usage | None = None
+    finish_reason: str | None = None
     error: str | None = None
     error_status: int = 502
+    #: The upstream's failure as it came (``error`` is the reference's wording of it).
+    upstream_error: LLMError | None = None
     assistant_id: str = ""
     timestamp: str = ""
-    turn: Deferred[None] | None = None
-    pending: Message | None = None
-    unsaved: Message | None = None
-    pending_write: Deferred[None] | None = None
-    history: list[Message] | None = None
+
+    def add_usage(self, usage: Usage | None) -> None:
+        if usage is None:
+            return
+        if self.usage is None:
+            self.usage = usage
+        else:
+            self.usage = Usage(
+                self.usage.prompt_tokens + usage.prompt_tokens,
+                self.usage.completion_tokens + usage.completion_tokens,
+                self.usage.total_tokens + usage.total_tokens,
+            )
 
     def response(self) -> dict[str, Any]:
         """The reference's ``ChatResponse``, with the real session id and a pending approval's id."""
@@ -121,7 +168,12 @@ class TurnRecord:
             message["tool_executions"] = self.executions
         body: dict[str, Any] = {"message": message, "session_id": self.session_id}
         if self.approval is not None:
-            body["approval_request"] = self.approval
+            body["approval_request"] = {
+                "request_id": self.approval.id,
+                "tool_calls": self.approval.tool_calls,
+                "processed": False,
+                "expires_at": self.approval.expires_at,
+            }
         return body
 
 
@@ -142,8 +194,325 @@ def _iso(seconds: float) -> str:
     return datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
+First = Callable[["Turn"], Awaitable[None]]
+
+
+class Turn:
+    """One live turn: its conversation, tool scope and listener, its user's message and that message's
+    write, its lifecycle state and its result. Created and started by :class:`ChatService`."""
+
+    def __init__(
+        self,
+        chat: ChatService,
+        user_id: str,
+        conversation: Conversation,
+        scope: ToolScope,
+        listener: events.Listener,
+        stream: Stream | None = None,
+        message: Message | None = None,
+    ) -> None:
+        self.id = new_id("turn")
+        self.user_id = user_id
+        self.conversation = conversation
+        self.scope = scope
+        self.result = TurnResult(conversation.session_id)
+        self.state = TurnState.RUNNING
+        self._chat = chat
+        self._listener = listener
+        self._stream = stream
+        #: The user's message: sent to the model in the first round, stored while the model is asked.
+        self.message = message
+        self._write: Deferred[None] | None = None
+        self._written = message is None
+        self.done: Deferred[None] | None = None
+
+    @property
+    def session_id(self) -> str:
+        return self.conversation.session_id
+
+    @property
+    def stream(self) -> Stream:
+        """The reference event stream (turns started without a listener of their own)."""
+        if self._stream is None:
+            raise RuntimeError("this turn reports to its own listener, not to a reference stream")
+        return self._stream
+
+    def emit(self, event: events.TurnEvent) -> None:
+        self._listener(event)
+
+    # -- the user's message -------------------------------------------------------------------------
+
+    def _save_message(self) -> None:
+        """Start storing the user's message, if it is not stored or being stored yet."""
+        if not self._written and self.message is not None:
+            self._written = True
+            self._write = Deferred.fromCoroutine(self.conversation.add(self.message))
+
+    async def _committed(self) -> None:
+        """Raise if the user's message could not be stored."""
+        self._save_message()
+        if self._write is not None:
+            write, self._write = self._write, None
+            try:
+                await write
+            except StoreError:
+                # In a session whose creation failed the message fails as "no such session": report why.
+                cause = self._chat.creation_errors.pop(self.session_id, None)
+                if cause is not None:
+                    raise cause from None
+                raise
+
+    async def _settle(self) -> None:
+        """Wait for the user's message to be committed (a failure is logged; the turn already failed)."""
+        try:
+            await self._committed()
+        except StoreUnavailable as e:
+            log.error("Storing the user message failed in session {session_id}: {error}",
+                      session_id=self.session_id, error=str(e))
+        except Exception:
+            log.failure("Storing the user message failed in session {session_id}", session_id=self.session_id)
+
+    # -- the run ------------------------------------------------------------------------------------
+
+    async def run(self, first: First) -> None:
+        """Run ``first`` (resolving an approval, say), then the loop; report how it ended."""
+        result = self.result
+        chat = self._chat
+        try:
+            await first(self)
+            finished = await self._loop()
+        except LLMError as e:
+            result.error = f"Failed to process message: {e.message}"
+            result.error_status = 504 if e.code == "timeout" else 502
+            result.upstream_error = e
+            self._fail()
+        except CancelledError:
+            result.error = SHUTTING_DOWN if chat.stopping else "The turn was cancelled"
+            if chat.stopping:
+                result.error_status = 503
+            self._fail()
+            raise
+        except StoreUnavailable as e:
+            await self._settle()
+            log.error("Turn failed in session {session_id}: {error}", session_id=self.session_id, error=str(e))
+            result.error = f"Failed to process message: {e.public}"
+            result.error_status = e.status
+            self._fail()
+        except Exception as e:
+            await self._settle()
+            log.failure("Turn failed in session {session_id}", session_id=self.session_id)
+            result.error = f"Failed to process message: internal error ({type(e).__name__})"
+            result.error_status = 500
+            self._fail()
+        else:
+            self.emit(events.Finished(result))
+            if finished is not None and self.conversation.stored:
+                # Only now, with the turn's stream done: a model server that serves one request at a time
+                # (llama.cpp) would otherwise be asked for the title while the user waits for the turn.
+                history, answer = finished
+                chat.maybe_title(self.user_id, self.session_id, history, answer)
+
+    def _fail(self) -> None:
+        self.state = TurnState.FAILED
+        self.emit(events.Failed(self.result))
+
+    async def _loop(self) -> tuple[list[Message], str] | None:
+        """Ask the model and run its tools until it answers, asks for approval, hands calls to the client or
+        reaches the round cap.
+
+        Returns the history of the last round and the model's last text, from which a title is made, or
+        ``None`` when the turn waits for an approval or the client."""
+        chat = self._chat
+        settings = chat.settings
+        conversation = self.conversation
+        first_round = True
+        while True:
+            history = await conversation.history()
+            if first_round and self.message is not None and all(m.id != self.message.id for m in history):
+                history.append(self.message)
+            first_round = False
+            rounds = _rounds_since_last_user(history)
+            every = list(chat.tools.tools()) if chat.tools is not None else []
+            available = [t for t in every if self.scope.offers(t)]
+            specs = [tool_spec(t) for t in available] + self.scope.client_tools or None
+            messages = conversation.messages(history, chat.system_prompt, settings.history_budget_chars, chat.now())
+            assistant = await self._complete(messages, specs)
+            if not assistant.tool_calls:
+                self.state = TurnState.ANSWERED
+                return history, assistant.content
+            calls = assistant.tool_calls
+            if rounds >= settings.max_tool_rounds:
+                await self.store_refusals(calls, ROUND_LIMIT)
+                notice = (
+                    f"\n\nStopped after {settings.max_tool_rounds} tool rounds (chat.max_tool_rounds): "
+                    f"the last {len(calls)} tool call(s) were not executed."
+                )
+                await conversation.add(Message(new_id("assistant"), self.session_id, "assistant", notice.strip()))
+                self.result.text.append(notice)
+                self.emit(events.RoundLimit(notice))
+                self.state = TurnState.ANSWERED
+                return history, assistant.content
+            client = [c for c in calls if c["function"]["name"] in self.scope.client_names]
+            if client:
+                # The client runs these; server-side calls of the same round are left to a later round.
+                self.result.client_calls = client
+                self.result.finish_reason = "tool_calls"
+                self.state = TurnState.CLIENT_TOOLS
+                return None
+            by_name = {t.function_name: t for t in every}
+            ask = [c for c in calls if self._needs_approval(c, by_name)]
+            now_run = [c for c in calls if c not in ask]
+            if now_run:
+                offered = {t.function_name for t in available}
+                await self.run_tools(now_run, refuse={n for n in by_name if n not in offered})
+            if ask:
+                if not conversation.stored:
+                    raise RuntimeError("a turn kept in memory cannot wait for an approval")
+                await self._request_approval(ask)
+                return None
+            self.emit(events.Continuing())
+
+    def _needs_approval(self, call: dict[str, Any], by_name: dict[str, ToolInfo]) -> bool:
+        name = call["function"]["name"]
+        return self.scope.needs_approval(name, by_name.get(name))
+
+    async def _complete(self, messages: list[dict[str, Any]], specs: list[dict[str, Any]] | None) -> Message:
+        chat = self._chat
+        session_id = self.session_id
+        said: list[str] = []
+
+        def on_text(delta: str) -> None:
+            said.append(delta)
+            self.result.text.append(delta)
+            self.emit(events.TextDelta(delta))
+
+        # The request goes out first: the message's commit (a thread hop and an fsync) overlaps the
+        # model's time to first token instead of delaying it.
+        asked = Deferred.fromCoroutine(chat.provider.complete(messages, specs, on_text=on_text))
+        self._save_message()
+        try:
+            completion = await asked
+            if not completion.text.strip() and not completion.tool_calls:
+                # Stored, it would be sent back as a message servers reject; it is a failure of the model.
+                reason = (
+                    f"finish reason: {completion.finish_reason}"
+                    if completion.finish_reason
+                    else "no finish reason: the server cut the stream short"
+                )
+                raise LLMError(f"the model returned an empty answer ({reason})", code="empty")
+        except (LLMError, CancelledError):
+            await self._committed()
+            if said:
+                partial = Message(new_id("assistant"), session_id, "assistant", "".join(said))
+                await self.conversation.add(partial)
+            raise
+        await self._committed()
+        self.result.add_usage(completion.usage)
+        self.result.finish_reason = completion.finish_reason
+        calls = [call.to_openai() for call in completion.tool_calls]
+        assistant = Message(new_id("assistant"), session_id, "assistant", completion.text, tool_calls=calls or None)
+        await self.conversation.add(assistant)
+        self.result.assistant_id = assistant.id
+        self.result.timestamp = assistant.created_at
+        self.emit(events.RoundAnswered(completion.text, calls))
+        return assistant
+
+    async def _request_approval(self, calls: list[dict[str, Any]]) -> None:
+        chat = self._chat
+        now = chat.clock.seconds()
+        approval = Approval(
+            id=new_id("approval"),
+            session_id=self.session_id,
+            user_id=self.user_id,
+            tool_calls=calls,
+            status="pending",
+            created_at=_iso(now),
+            expires_at=_iso(now + chat.settings.approval.expire_seconds),
+        )
+        await chat.store.create_approval(approval)
+        self.result.approval = approval
+        self.state = TurnState.AWAITING_APPROVAL
+        self.emit(events.ApprovalRequested(approval))
+
+    async def store_refusals(
+        self, calls: list[dict[str, Any]], text: str = "Tool execution was denied by the user."
+    ) -> None:
+        await self.conversation.add(
+            *(Message(new_id("tool"), self.session_id, "tool", text, tool_call_id=call["id"]) for call in calls)
+        )
+
+    async def run_tools(self, calls: list[dict[str, Any]], refuse: set[str] | None = None) -> None:
+        """Run ``calls`` (at most ``chat.tool_concurrency`` at once) and store their results; a call to a
+        tool in ``refuse`` (known, but not offered to this turn) is answered with an error, never run."""
+        semaphore = DeferredSemaphore(self._chat.settings.tool_concurrency)
+        for call in calls:
+            self.emit(events.ToolStarted(call))
+        runs = [semaphore.run(self._run_tool, call, refuse or set()) for call in calls]
+        executions: list[dict[str, Any]] = await gatherResults(runs, consumeErrors=True)
+        await self.conversation.add(
+            *(
+                Message(
+                    new_id("tool"),
+                    self.session_id,
+                    "tool",
+                    execution["result"] if "error" not in execution else execution["error"],
+                    tool_call_id=call["id"],
+                    tool_executions=[execution],
+                )
+                for call, execution in zip(calls, executions, strict=True)
+            )
+        )
+        self.result.executions.extend(executions)
+        if not self.conversation.stored:
+            # Nothing else keeps a record of what ran for a turn kept in memory.
+            for execution in executions:
+                log.info(
+                    "Tool {tool_name} ran for user {user_id} ({outcome}, {duration_ms} ms)",
+                    tool_name=execution["tool_name"],
+                    user_id=self.user_id,
+                    outcome="error" if "error" in execution else "ok",
+                    duration_ms=execution["duration_ms"],
+                )
+        self.emit(events.ToolsFinished(calls, executions))
+
+    async def _run_tool(self, call: dict[str, Any], refuse: set[str]) -> dict[str, Any]:
+        chat = self._chat
+        name = call["function"]["name"]
+        raw = call["function"].get("arguments") or "{}"
+        started = chat.clock.seconds()
+        execution: dict[str, Any] = {"id": call["id"], "tool_name": name, "arguments": raw, "result": ""}
+        try:
+            arguments = json.loads(raw)
+            if not isinstance(arguments, dict):
+                raise ValueError("arguments must be a JSON object")
+        except ValueError as e:
+            execution["error"] = f"Error executing tool: failed to parse tool arguments: {e}"
+        else:
+            if chat.tools is None:
+                execution["error"] = f"Error executing tool: tool not found: {name}"
+            elif name in refuse:
+                execution["error"] = f"Error executing tool: tool not offered to this request: {name}"
+            else:
+                try:
+                    result = await chat.tools.call_tool(name, arguments)
+                except CancelledError:
+                    raise
+                except Exception as e:
+                    execution["error"] = f"Error executing tool: {e}"
+                else:
+                    if result.is_error:
+                        execution["error"] = f"Tool returned an error: {result.text}"
+                    else:
+                        execution["result"] = result.text
+        ended = chat.clock.seconds()
+        execution["start_time"] = _iso(started)
+        execution["end_time"] = _iso(ended)
+        execution["duration_ms"] = round((ended - started) * 1000)
+        return execution
+
+
 class ChatService:
-    """Runs turns and resolves approvals; one turn at a time per session."""
+    """Starts turns (one at a time per session) and resolves approvals; owns the live turns."""
 
     def __init__(
         self,
@@ -165,10 +534,26 @@ class ChatService:
         self.streams = streams
         self.policy = ApprovalPolicy(settings.approval.policy, settings.approval.auto_approve)
         self._now = now or (lambda: datetime.fromtimestamp(clock.seconds(), UTC))
+        #: Turns in stored sessions, by session id (one per session), and turns kept in memory.
         self._running: dict[str, Deferred[None]] = {}
+        self._stateless: set[Deferred[None]] = set()
         self._background: set[Deferred[Any]] = set()
-        self._stopping = False
-        self._creation_errors: dict[str, StoreError] = {}
+        self.stopping = False
+        #: Why a session's creation failed, for the turn whose first message then fails (popped by it).
+        self.creation_errors: dict[str, StoreError] = {}
+
+    def now(self) -> datetime:
+        return self._now()
+
+    def reference_scope(self) -> ToolScope:
+        """Every MCP tool, under the operator's approval policy: the reference API's scope."""
+        return ToolScope(self.policy)
+
+    def tool(self, function_name: str) -> ToolInfo | None:
+        """The MCP tool the model knows as ``function_name``, if the host offers it now."""
+        if self.tools is None:
+            return None
+        return next((t for t in self.tools.tools() if t.function_name == function_name), None)
 
     # -- sessions -----------------------------------------------------------------------------------
 
@@ -186,8 +571,7 @@ class ChatService:
 
         def failed(failure: Failure) -> None:
             if isinstance(failure.value, StoreError):
-                # The turn's first message then fails as "no such session"; it reports this cause instead.
-                self._creation_errors[session_id] = failure.value
+                self.creation_errors[session_id] = failure.value
             if failure.check(StoreUnavailable):
                 log.error("Creating session {session_id} failed: {error}", session_id=session_id,
                           error=str(failure.value))
@@ -217,22 +601,36 @@ class ChatService:
         text: str,
         attachments: Sequence[Attachment] = (),
         history: list[Message] | None = None,
-    ) -> TurnRecord:
-        """Begin a turn for a new user message; ``history``, if given, is the session's as just read."""
+        *,
+        scope: ToolScope | None = None,
+        listener: events.Listener | None = None,
+        instructions: str | None = None,
+    ) -> Turn:
+        """Begin a turn for a new user message; ``history``, if given, is the session's as just read.
+
+        Without a ``listener`` the turn reports to a new reference stream (``turn.stream``); ``instructions``
+        replace the system prompt for this turn."""
         message = Message(new_id("user"), session.id, "user", text, attachments=tuple(attachments))
+        conversation = StoredConversation(self.store, session.id, history, instructions)
+        return self._start(user_id, conversation, scope, listener, message, _nothing)
 
-        async def first(record: TurnRecord) -> None:
-            # Stored once the model has been asked (see _complete); nothing the model says is stored, and
-            # the turn does not finish, before the message is on disk.
-            record.pending = message
-            record.unsaved = message
-            record.history = history
-
-        return self._start(user_id, session.id, first)
+    def start_stateless(
+        self, user_id: str, messages: Sequence[dict[str, Any]], scope: ToolScope, listener: events.Listener
+    ) -> Turn:
+        """Begin a turn whose context is ``messages`` (Chat Completions shape) and that stores nothing."""
+        return self._start(user_id, MemoryConversation(messages), scope, listener, None, _nothing)
 
     async def start_resolution(
-        self, user_id: str, approval_id: str, approve: bool, tool_call_ids: Sequence[str] | None = None
-    ) -> TurnRecord:
+        self,
+        user_id: str,
+        approval_id: str,
+        approve: bool,
+        tool_call_ids: Sequence[str] | None = None,
+        *,
+        scope: ToolScope | None = None,
+        listener: events.Listener | None = None,
+        instructions: str | None = None,
+    ) -> Turn:
         """Resolve a pending approval (all calls, or only ``tool_call_ids``) and continue its turn."""
         approval = await self.store.get_approval(user_id, approval_id)
         if approval is None:
@@ -264,304 +662,65 @@ class ChatService:
         run = [call for call in approval.tool_calls if call["id"] in chosen]
         refused = [call for call in approval.tool_calls if call["id"] not in chosen]
 
-        async def first(record: TurnRecord) -> None:
+        async def first(turn: Turn) -> None:
             if refused:
-                await self._store_refusals(approval.session_id, refused)
+                await turn.store_refusals(refused)
             if run:
-                await self._run_tools(record, run)
-            if not run:
-                record.stream.emit(Event("message", approval.session_id, content=DENIED, synthetic=True))
-                record.stream.emit(Event("message", approval.session_id, content=UNDERSTANDING, synthetic=True))
-            else:
-                record.stream.emit(Event("message", approval.session_id, content=PROCESSING, synthetic=True))
+                await turn.run_tools(run)
+            turn.emit(events.Continuing(denied=not run))
 
-        return self._start(user_id, approval.session_id, first)
+        conversation = StoredConversation(self.store, approval.session_id, instructions=instructions)
+        return self._start(user_id, conversation, scope, listener, None, first)
 
-    def _start(self, user_id: str, session_id: str, first: Callable[[TurnRecord], Awaitable[None]]) -> TurnRecord:
-        if session_id in self._running:
+    def _start(
+        self,
+        user_id: str,
+        conversation: Conversation,
+        scope: ToolScope | None,
+        listener: events.Listener | None,
+        message: Message | None,
+        first: First,
+    ) -> Turn:
+        session_id = conversation.session_id
+        if conversation.stored and session_id in self._running:
             raise ChatError("A turn is already running in this session", 409)
-        stream = self.streams.create(f"stream_{user_id}_{new_id()}", user_id, session_id)
-        record = TurnRecord(session_id, stream)
-        turn = Deferred.fromCoroutine(self._run(record, user_id, first))
-        self._running[session_id] = turn
-        deadline = self.clock.callLater(self.settings.stream_max_seconds, turn.cancel)
+        stream = None
+        if listener is None:
+            stream = self.streams.create(f"stream_{user_id}_{new_id()}", user_id, session_id)
+            listener = ReferencePresenter(stream)
+        turn = Turn(self, user_id, conversation, scope or self.reference_scope(), listener, stream, message)
+        done = Deferred.fromCoroutine(turn.run(first))
+        if conversation.stored:
+            self._running[session_id] = done
+        else:
+            self._stateless.add(done)
+        deadline = self.clock.callLater(self.settings.stream_max_seconds, done.cancel)
 
         def finished(result: Any) -> Any:
             if deadline.active():
                 deadline.cancel()
-            self._running.pop(session_id, None)
-            self._creation_errors.pop(session_id, None)
+            self.creation_errors.pop(session_id, None)
+            if conversation.stored:
+                if self._running.get(session_id) is done:
+                    del self._running[session_id]
+            else:
+                self._stateless.discard(done)
             return result
 
-        turn.addBoth(finished)
-        turn.addErrback(lambda failure: failure.trap(CancelledError))
-        record.turn = turn
-        return record
+        done.addBoth(finished)
+        done.addErrback(lambda failure: failure.trap(CancelledError))
+        turn.done = done
+        return turn
 
-    async def wait(self, record: TurnRecord) -> TurnRecord:
+    async def wait(self, turn: Turn) -> TurnResult:
         """Wait for the turn to finish (one waiter per turn); cancelling the wait cancels the turn."""
-        if record.turn is not None:
-            await record.turn
-        return record
-
-    # -- the turn -----------------------------------------------------------------------------------
-
-    async def _run(self, record: TurnRecord, user_id: str, first: Callable[[TurnRecord], Awaitable[None]]) -> None:
-        stream = record.stream
-        try:
-            await first(record)
-            finished = await self._loop(record, user_id)
-        except LLMError as e:
-            record.error = f"Failed to process message: {e.message}"
-            record.error_status = 504 if e.code == "timeout" else 502
-            stream.emit(Event("error", record.session_id, error=record.error))
-        except CancelledError:
-            record.error = SHUTTING_DOWN if self._stopping else "The turn was cancelled"
-            if self._stopping:
-                record.error_status = 503
-            stream.emit(Event("error", record.session_id, error=record.error))
-            raise
-        except StoreUnavailable as e:
-            await self._settle(record)
-            log.error("Turn failed in session {session_id}: {error}", session_id=record.session_id, error=str(e))
-            record.error = f"Failed to process message: {e.public}"
-            record.error_status = e.status
-            stream.emit(Event("error", record.session_id, error=record.error))
-        except Exception as e:
-            await self._settle(record)
-            log.failure("Turn failed in session {session_id}", session_id=record.session_id)
-            record.error = f"Failed to process message: internal error ({type(e).__name__})"
-            record.error_status = 500
-            stream.emit(Event("error", record.session_id, error=record.error))
-        else:
-            if finished is not None:
-                # Only now, with the turn's stream done: a model server that serves one request at a time
-                # (llama.cpp) would otherwise be asked for the title while the user waits for the turn.
-                history, answer = finished
-                self._maybe_title(user_id, record.session_id, history, answer)
-
-    def _save_user_message(self, record: TurnRecord) -> None:
-        """Start storing the turn's user message, if it is not stored or being stored yet."""
-        if record.unsaved is not None:
-            message, record.unsaved = record.unsaved, None
-            record.pending_write = Deferred.fromCoroutine(self.store.add_message(message))
-
-    async def _settle(self, record: TurnRecord) -> None:
-        """Wait for the user's message to be committed (a failure is logged; the turn already failed)."""
-        self._save_user_message(record)
-        if record.pending_write is not None:
-            write, record.pending_write = record.pending_write, None
-            try:
-                await write
-            except StoreUnavailable as e:
-                log.error("Storing the user message failed in session {session_id}: {error}",
-                          session_id=record.session_id, error=str(e))
-            except Exception:
-                log.failure("Storing the user message failed in session {session_id}", session_id=record.session_id)
-
-    async def _committed(self, record: TurnRecord) -> None:
-        """Raise if the user's message could not be stored."""
-        self._save_user_message(record)
-        if record.pending_write is not None:
-            write, record.pending_write = record.pending_write, None
-            try:
-                await write
-            except StoreError:
-                cause = self._creation_errors.pop(record.session_id, None)
-                if cause is not None:
-                    raise cause from None
-                raise
-
-    async def _loop(self, record: TurnRecord, user_id: str) -> tuple[list[Message], str] | None:
-        """Ask the model and run its tools until it answers, asks for approval or reaches the round cap.
-
-        Returns the history of the last round and the model's last text, from which a title is made, or
-        ``None`` when the turn waits for an approval."""
-        session_id = record.session_id
-        while True:
-            if record.history is not None:
-                history, record.history = record.history, None
-            else:
-                history = await self.store.history(session_id)
-            if record.pending is not None:
-                if all(m.id != record.pending.id for m in history):
-                    history.append(record.pending)
-                record.pending = None
-            rounds = _rounds_since_last_user(history)
-            available = list(self.tools.tools()) if self.tools is not None else []
-            specs = [tool_spec(t) for t in available] or None
-            messages = build_messages(self.system_prompt, history, self.settings.history_budget_chars, self._now())
-            assistant = await self._complete(record, messages, specs)
-            if not assistant.tool_calls:
-                record.stream.emit(Event("done", session_id))
-                return history, assistant.content
-            calls = assistant.tool_calls
-            if rounds >= self.settings.max_tool_rounds:
-                await self._store_refusals(session_id, calls, ROUND_LIMIT)
-                notice = (
-                    f"\n\nStopped after {self.settings.max_tool_rounds} tool rounds (chat.max_tool_rounds): "
-                    f"the last {len(calls)} tool call(s) were not executed."
-                )
-                await self.store.add_message(Message(new_id("assistant"), session_id, "assistant", notice.strip()))
-                record.text.append(notice)
-                record.stream.emit(Event("message", session_id, content=notice))
-                record.stream.emit(Event("done", session_id))
-                return history, assistant.content
-            by_name = {t.function_name: t for t in available}
-            ask = [c for c in calls if self._needs_approval(c, by_name)]
-            now_run = [c for c in calls if c not in ask]
-            if now_run:
-                await self._run_tools(record, now_run)
-            if ask:
-                await self._request_approval(record, user_id, ask)
-                return None
-            record.stream.emit(Event("message", session_id, content=PROCESSING, synthetic=True))
-
-    def _needs_approval(self, call: dict[str, Any], by_name: dict[str, ToolInfo]) -> bool:
-        name = call["function"]["name"]
-        tool = by_name.get(name)
-        return self.policy.needs_approval(name, tool.server if tool else None, tool.name if tool else None)
-
-    async def _complete(
-        self, record: TurnRecord, messages: list[dict[str, Any]], specs: list[dict[str, Any]] | None
-    ) -> Message:
-        session_id = record.session_id
-        said: list[str] = []
-
-        def on_text(delta: str) -> None:
-            said.append(delta)
-            record.text.append(delta)
-            record.stream.emit(Event("message", session_id, content=delta))
-
-        # The request goes out first: the message's commit (a thread hop and an fsync) overlaps the
-        # model's time to first token instead of delaying it.
-        asked = Deferred.fromCoroutine(self.provider.complete(messages, specs, on_text=on_text))
-        self._save_user_message(record)
-        try:
-            completion = await asked
-            if not completion.text.strip() and not completion.tool_calls:
-                # Stored, it would be sent back as a message servers reject; it is a failure of the model.
-                reason = (
-                    f"finish reason: {completion.finish_reason}"
-                    if completion.finish_reason
-                    else "no finish reason: the server cut the stream short"
-                )
-                raise LLMError(f"the model returned an empty answer ({reason})", code="empty")
-        except (LLMError, CancelledError):
-            await self._committed(record)
-            if said:
-                partial = Message(new_id("assistant"), session_id, "assistant", "".join(said))
-                await self.store.add_message(partial)
-            raise
-        await self._committed(record)
-        calls = [call.to_openai() for call in completion.tool_calls]
-        assistant = Message(new_id("assistant"), session_id, "assistant", completion.text, tool_calls=calls or None)
-        await self.store.add_message(assistant)
-        record.assistant_id = assistant.id
-        record.timestamp = assistant.created_at
-        return assistant
-
-    async def _request_approval(self, record: TurnRecord, user_id: str, calls: list[dict[str, Any]]) -> None:
-        now = self.clock.seconds()
-        approval = Approval(
-            id=new_id("approval"),
-            session_id=record.session_id,
-            user_id=user_id,
-            tool_calls=calls,
-            status="pending",
-            created_at=_iso(now),
-            expires_at=_iso(now + self.settings.approval.expire_seconds),
-        )
-        await self.store.create_approval(approval)
-        record.approval = {"request_id": approval.id, "tool_calls": calls, "processed": False,
-                           "expires_at": approval.expires_at}
-        record.stream.emit(
-            Event(
-                "tool_approval_request",
-                record.session_id,
-                content=f"🔧 The assistant wants to execute {len(calls)} tool(s). Do you approve?",
-                tool_calls=calls,
-                request_id=approval.id,
-                synthetic=True,
-            )
-        )
-        record.stream.emit(Event("done", record.session_id))
-
-    async def _store_refusals(
-        self, session_id: str, calls: list[dict[str, Any]], text: str = "Tool execution was denied by the user."
-    ) -> None:
-        await self._store_all(
-            Message(new_id("tool"), session_id, "tool", text, tool_call_id=call["id"]) for call in calls
-        )
-
-    async def _store_all(self, messages: Iterable[Message]) -> None:
-        """Store messages in order, committed together (the store groups concurrent writes)."""
-        writes = [Deferred.fromCoroutine(self.store.add_message(m)) for m in messages]
-        await gatherResults(writes, consumeErrors=True)
-
-    async def _run_tools(self, record: TurnRecord, calls: list[dict[str, Any]]) -> None:
-        semaphore = DeferredSemaphore(self.settings.tool_concurrency)
-        runs = [semaphore.run(self._run_tool, call) for call in calls]
-        executions: list[dict[str, Any]] = await gatherResults(runs, consumeErrors=True)
-        await self._store_all(
-            Message(
-                new_id("tool"),
-                record.session_id,
-                "tool",
-                execution["result"] if "error" not in execution else execution["error"],
-                tool_call_id=call["id"],
-                tool_executions=[execution],
-            )
-            for call, execution in zip(calls, executions, strict=True)
-        )
-        record.executions.extend(executions)
-        failed = sum(1 for e in executions if "error" in e)
-        outcome = "successful" if not failed else "failed" if failed == len(executions) else "partially failed"
-        record.stream.emit(
-            Event(
-                "tool_execution",
-                record.session_id,
-                content=f"Executed {len(executions)} tool(s) ({outcome})",
-                tool_executions=executions,
-                synthetic=True,
-            )
-        )
-
-    async def _run_tool(self, call: dict[str, Any]) -> dict[str, Any]:
-        name = call["function"]["name"]
-        raw = call["function"].get("arguments") or "{}"
-        started = self.clock.seconds()
-        execution: dict[str, Any] = {"id": call["id"], "tool_name": name, "arguments": raw, "result": ""}
-        try:
-            arguments = json.loads(raw)
-            if not isinstance(arguments, dict):
-                raise ValueError("arguments must be a JSON object")
-        except ValueError as e:
-            execution["error"] = f"Error executing tool: failed to parse tool arguments: {e}"
-        else:
-            if self.tools is None:
-                execution["error"] = f"Error executing tool: tool not found: {name}"
-            else:
-                try:
-                    result = await self.tools.call_tool(name, arguments)
-                except CancelledError:
-                    raise
-                except Exception as e:
-                    execution["error"] = f"Error executing tool: {e}"
-                else:
-                    if result.is_error:
-                        execution["error"] = f"Tool returned an error: {result.text}"
-                    else:
-                        execution["result"] = result.text
-        ended = self.clock.seconds()
-        execution["start_time"] = _iso(started)
-        execution["end_time"] = _iso(ended)
-        execution["duration_ms"] = round((ended - started) * 1000)
-        return execution
+        if turn.done is not None:
+            await turn.done
+        return turn.result
 
     # -- titles -------------------------------------------------------------------------------------
 
-    def _maybe_title(self, user_id: str, session_id: str, history: list[Message], answer: str) -> None:
+    def maybe_title(self, user_id: str, session_id: str, history: list[Message], answer: str) -> None:
         """Title the session after its first turn (however that turn ended), in the background."""
         users = [m for m in history if m.role == "user"]
         if not self.settings.title_generation or len(users) != 1:
@@ -605,9 +764,9 @@ class ChatService:
         Each turn's stream ends with an ``error`` event saying the server is shutting down, and what the
         model had said so far is stored before this returns (so the store may be closed after it).
         """
-        self._stopping = True
+        self.stopping = True
         settled: list[Deferred[None]] = []
-        for turn in list(self._running.values()) + list(self._background):
+        for turn in list(self._running.values()) + list(self._stateless) + list(self._background):
             done: Deferred[None] = Deferred()
 
             def settle(result: object, done: Deferred[None] = done) -> object:
@@ -619,6 +778,10 @@ class ChatService:
             turn.cancel()
         await gatherResults(settled)
         self.streams.close()
+
+
+async def _nothing(turn: Turn) -> None:
+    """A turn that starts with the model."""
 
 
 def _rounds_since_last_user(history: Sequence[Message]) -> int:

@@ -1,0 +1,220 @@
+"""What the OpenAI-compatible routes share: OpenAI's error shape, the model check, SSE framing, ``/v1/models``.
+
+Errors on these routes are ``{"error": {"message", "type", "param", "code"}}`` with OpenAI's statuses, so
+the ``openai`` SDK raises its typed errors (``BadRequestError``, ``AuthenticationError``, ``NotFoundError``,
+``RateLimitError``, ``InternalServerError``...). Identity is the daemon's: a bearer token from
+``auth.tokens`` (what the SDK sends as its ``api_key``) or ``X-User-ID`` from a trusted proxy.
+"""
+
+from __future__ import annotations
+
+import functools
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any, cast
+
+from twisted.internet.defer import CancelledError
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+from twisted.web.iweb import IRequest
+from twisted.web.server import Request
+
+from aichat.api.app import API, json_response
+from aichat.api.errors import APIError, ServiceUnavailable
+from aichat.chat.turn import ChatService, TurnResult
+from aichat.jsonfmt import compact
+from aichat.sse import encode_comment
+
+log = Logger(namespace="aichat.api")
+
+#: OpenAI's error ``type`` for each status we answer.
+_TYPES = {
+    400: "invalid_request_error",
+    401: "invalid_request_error",
+    403: "invalid_request_error",
+    404: "invalid_request_error",
+    409: "invalid_request_error",
+    413: "invalid_request_error",
+    415: "invalid_request_error",
+    429: "rate_limit_error",
+    500: "server_error",
+    502: "server_error",
+    503: "server_error",
+    504: "server_error",
+}
+_CODES = {401: "invalid_api_key", 409: "conflict", 429: "rate_limit_exceeded", 504: "timeout"}
+
+
+class OpenAIError(APIError):
+    """An error in OpenAI's shape: ``param`` names the offending field, ``code`` is OpenAI's code."""
+
+    def __init__(
+        self,
+        message: str,
+        status: int = 400,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        retry_after: float | None = None,
+    ) -> None:
+        super().__init__(message, status)
+        self.param = param
+        self.code = code
+        self.retry_after = retry_after
+
+    def body(self) -> dict[str, Any]:
+        return {
+            "error": {
+                "message": self.message,
+                "type": _TYPES.get(self.status, "invalid_request_error" if self.status < 500 else "server_error"),
+                "param": self.param,
+                "code": self.code if self.code is not None else _CODES.get(self.status),
+            }
+        }
+
+
+def invalid(message: str, param: str) -> OpenAIError:
+    """A 400 naming ``param``."""
+    return OpenAIError(message, 400, param=param)
+
+
+def as_openai(error: APIError) -> OpenAIError:
+    if isinstance(error, OpenAIError):
+        return error
+    return OpenAIError(error.message, error.status)
+
+
+def turn_error(result: TurnResult) -> OpenAIError:
+    """A failed turn as an OpenAI error: the upstream's 429 passes through, a timeout is 504, else 502."""
+    upstream = result.upstream_error
+    if upstream is not None:
+        if upstream.status == 429:
+            return OpenAIError(upstream.message, 429, code="rate_limit_exceeded", retry_after=upstream.retry_after)
+        if upstream.code == "timeout":
+            return OpenAIError(f"The model server timed out: {upstream.message}", 504)
+        return OpenAIError(f"The model server failed: {upstream.message}", 502, code="upstream_error")
+    return OpenAIError(result.error or "The turn failed", result.error_status)
+
+
+def error_response(request: IRequest, error: OpenAIError) -> bytes:
+    if error.retry_after is not None:
+        request.setHeader(b"Retry-After", str(max(0, round(error.retry_after))).encode())
+    return json_response(request, error.body(), error.status)
+
+
+Handler = Callable[..., Awaitable[bytes]]
+
+
+def openai_errors(handler: Handler) -> Handler:
+    """Answer every error of ``handler`` in OpenAI's shape (a bug is a logged 500 with a generic message)."""
+
+    @functools.wraps(handler)
+    async def wrapped(request: IRequest, *args: Any, **kwargs: Any) -> bytes:
+        try:
+            return await handler(request, *args, **kwargs)
+        except CancelledError:
+            raise
+        except APIError as e:
+            return error_response(request, as_openai(e))
+        except Exception:
+            log.failure(
+                "Unhandled error in {method} {path}",
+                method=request.method.decode("ascii", "replace"),
+                path=request.path.decode("utf-8", "replace"),
+            )
+            return error_response(request, OpenAIError("Internal server error", 500))
+
+    return wrapped
+
+
+def chat_service(api: API) -> ChatService:
+    service: ChatService | None = api.services.get("chat")
+    if service is None:
+        raise ServiceUnavailable("Chat is not running")
+    return service
+
+
+def check_model(chat: ChatService, body: dict[str, Any]) -> str:
+    """The request's ``model``: required, and the configured one (404 ``model_not_found`` otherwise)."""
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise invalid("you must provide a model parameter", "model")
+    if model != chat.provider.model:
+        raise OpenAIError(
+            f"The model '{model}' does not exist; this server offers '{chat.provider.model}'",
+            404,
+            param="model",
+            code="model_not_found",
+        )
+    return model
+
+
+def flag(body: dict[str, Any], name: str, default: bool) -> bool:
+    value = body.get(name, default)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise invalid(f"'{name}' must be a boolean", name)
+    return value
+
+
+def short_id(prefix: str) -> str:
+    return f"{prefix}_{uuid.uuid4().hex}"
+
+
+class EventStream:
+    """An SSE response of the OpenAI routes: ``data:`` frames (with ``event:`` when named), ``: ping``
+    keep-alives, and nothing written once the client has gone."""
+
+    def __init__(self, request: IRequest, clock: IReactorTime, keepalive_seconds: float) -> None:
+        self._request = request
+        self.gone = False
+        request.setResponseCode(200)
+        request.setHeader(b"Content-Type", b"text/event-stream; charset=utf-8")
+        request.setHeader(b"Cache-Control", b"no-cache")
+        request.setHeader(b"X-Accel-Buffering", b"no")
+
+        def lost(_: object) -> None:
+            self.gone = True
+
+        cast(Request, request).notifyFinish().addBoth(lost)
+        self._ping = LoopingCall(self._write, encode_comment("ping"))
+        self._ping.clock = clock
+        self._ping.start(keepalive_seconds, now=False)
+
+    def _write(self, data: bytes) -> None:
+        if not self.gone:
+            self._request.write(data)
+
+    def send(self, data: Any, event: str | None = None) -> None:
+        text = data if isinstance(data, str) else compact(data)
+        head = f"event: {event}\n" if event else ""
+        self._write(f"{head}data: {text}\n\n".encode())
+
+    def close(self) -> None:
+        if self._ping.running:
+            self._ping.stop()
+
+
+def register_models(api: API) -> None:
+    """``GET /v1/models`` and ``GET /v1/models/<id>``: the configured model."""
+
+    def model_json(chat: ChatService) -> dict[str, Any]:
+        return {"id": chat.provider.model, "object": "model", "created": 0, "owned_by": chat.provider.name}
+
+    @api.route("/v1/models", methods=["GET"])
+    @openai_errors
+    async def models(request: IRequest) -> bytes:
+        api.user(request)
+        chat = chat_service(api)
+        return json_response(request, {"object": "list", "data": [model_json(chat)]})
+
+    @api.route("/v1/models/<path:model>", methods=["GET"])
+    @openai_errors
+    async def model(request: IRequest, model: str) -> bytes:
+        api.user(request)
+        chat = chat_service(api)
+        if model != chat.provider.model:
+            raise OpenAIError(f"The model '{model}' does not exist", 404, param="model", code="model_not_found")
+        return json_response(request, model_json(chat))
