@@ -295,7 +295,7 @@ class ChatService:
             finished = await self._loop(record, user_id)
         except LLMError as e:
             record.error = f"Failed to process message: {e.message}"
-            record.error_status = 504 if e.code == "timeout" else 502
+            record.error_status = e.http_status
             stream.emit(Event("error", record.session_id, error=record.error))
         except CancelledError:
             record.error = SHUTTING_DOWN if self._stopping else "The turn was cancelled"
