@@ -61,10 +61,10 @@ class Options(usage.Options):
         ["log-file", None, None, "Log file, reopened on SIGHUP (logging.file); '' for stdout."],
         ["database-path", None, None, "SQLite database file (database.path)."],
         ["database-url", None, None, "sqlite:PATH (database.dsn); PostgreSQL is not supported yet."],
-        ["llm-provider", None, None, "openai, ollama or mock (llm.provider)."],
+        ["llm-provider", None, None, "openai, claude, gemini, ollama or mock (llm.provider)."],
         ["llm-model", None, None, "Model name (llm.model)."],
-        ["api-key", None, None, "LLM API key (llm.api_key); prefer $OPENAI_API_KEY."],
-        ["base-url", None, None, "OpenAI-compatible base URL (llm.base_url)."],
+        ["api-key", None, None, "LLM API key (llm.api_key); prefer $AICHAT_API_KEY or the provider's own variable."],
+        ["base-url", None, None, "The model server's base URL (llm.base_url); empty: the provider's own."],
         ["system-prompt", None, None, "System prompt (llm.system_prompt)."],
         ["mcp-servers-file", None, None, "MCP servers JSON file (mcp.servers_file)."],
     ]

@@ -157,9 +157,12 @@ class ChunkStream:
 
 
 def wire_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The history as Chat Completions messages: tool calls carry only ``id``, ``type`` and ``function``."""
+    """The history as Chat Completions messages: tool calls carry only ``id``, ``type`` and ``function``,
+    tool results no ``is_error`` (what the other codecs use of the neutral history)."""
     out = []
     for message in messages:
+        if "is_error" in message:
+            message = {key: value for key, value in message.items() if key != "is_error"}
         calls = message.get("tool_calls")
         if calls and any(isinstance(call, dict) and "extra_content" in call for call in calls):
             message = {
