@@ -18,9 +18,9 @@ from twisted.web.client import ResponseFailed, ResponseNeverReceived
 from twisted.web.http_headers import Headers
 
 from aichat.llm import openai
-from aichat.transport import exchange
 from aichat.llm.openai import OpenAIProvider, _retry_after
 from aichat.llm.provider import Completion, LLMError, ToolCall, ToolCallAssembler, Usage
+from aichat.transport import exchange
 from tests.llm.fakes import HANG, FakeHTTP, FakeResponse, Hang, sse, text_events
 from tests.upstream import chunk
 

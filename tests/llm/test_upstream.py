@@ -19,10 +19,9 @@ from twisted.logger import ILogObserver, Logger, formatEvent
 from twisted.trial.unittest import TestCase
 from twisted.web.client import HTTPConnectionPool
 
-from aichat.llm import openai
-from aichat.transport import exchange
 from aichat.llm.openai import OpenAIProvider, make_http_client
 from aichat.llm.provider import Completion, LLMError, ToolCall, Usage
+from aichat.transport import exchange
 from tests.upstream import (
     LLAMA_NULL_CONTENT,
     Drop,

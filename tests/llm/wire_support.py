@@ -8,6 +8,7 @@ from typing import Any
 
 from twisted.internet import reactor as global_reactor
 from twisted.internet.defer import Deferred
+from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
 
 from aichat.llm.factory import build_provider
@@ -107,5 +108,13 @@ class WireTestCase(TestCase):
             await self.complete(messages, **kwargs)
         except LLMError as error:
             self.assertNotIn(KEY, error.message + error.detail)
+            await self.settled()
             return error
         raise AssertionError("the completion did not fail")
+
+    async def settled(self) -> None:
+        """Wait until the upstream has seen every request end and the client has had a turn to put a
+        connection whose response was whole back in its pool (so cleanup closes it)."""
+        for request in self.upstream.requests:
+            await request.closed
+        await deferLater(reactor, 0)
