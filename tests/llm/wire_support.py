@@ -17,7 +17,7 @@ from tests.upstream import Event, Raw, Script, Send, Upstream, Wire
 
 KEY = "sk-wire-SECRET-31415926"
 reactor: Any = global_reactor
-TOOLS = [
+TOOLS: list[dict[str, Any]] = [
     {
         "type": "function",
         "function": {
