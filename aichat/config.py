@@ -1,8 +1,10 @@
 """Load ``config.yaml``: expand ``${VAR}``, validate against the schema, apply env and flags, build settings.
 
 Precedence, highest first: command-line flag, ``AICHAT_*`` environment variable, YAML file, default.
-``OPENAI_API_KEY`` is a fallback for ``llm.api_key``. Relative paths in the file are resolved against
-the file's own folder. Every problem found is reported at once (see :mod:`aichat.validation`).
+The provider's own key variables (``OPENAI_API_KEY``; ``ANTHROPIC_API_KEY`` for Claude;
+``GEMINI_API_KEY`` then ``GOOGLE_API_KEY`` for Gemini) are fallbacks for ``llm.api_key``. Relative paths
+in the file are resolved against the file's own folder. Every problem found is reported at once (see
+:mod:`aichat.validation`).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from typing import Any
 
 import yaml
 
+from aichat.llm.catalog import DEFAULT_MODELS, lookup, mask_url, resolve
 from aichat.store.dsn import DSNError, mask_password, parse_dsn
 from aichat.validation import SECRET_KEYS, ConfigError, Problem, validate
 
@@ -32,7 +35,6 @@ DEFAULT_SYSTEM_PROMPT = (
     "performance optimization."
 )
 
-DEFAULT_MODELS = {"openai": "gpt-4o-mini", "ollama": "llama3.1:8b", "mock": "mock-model"}
 
 @dataclass(frozen=True)
 class ServerSettings:
@@ -84,6 +86,8 @@ class LLMSettings:
     max_response_bytes: int = 8 * 1024 * 1024
     max_retries: int = 3
     max_idle_connections: int = 256
+    #: Claude's required ``max_tokens`` when ``options`` gives none.
+    max_tokens: int = 4096
     options: Mapping[str, Any] = field(default_factory=dict)
 
 
@@ -356,11 +360,18 @@ def load_settings(
         problems.extend(validate(document, "config", str(config_path)))
     merged: dict[str, Any] = {k: (dict(v) if isinstance(v, dict) else v) for k, v in document.items()}
     env_values = _environment_overrides(environ, problems)
-    fallback_key = environ.get("OPENAI_API_KEY")
     for dotted, value in {**env_values, **_flag_overrides(flags)}.items():
         _set(merged, dotted, value)
-    if fallback_key and not (merged.get("llm") or {}).get("api_key"):
-        _set(merged, "llm.api_key", fallback_key)
+    llm_doc: dict[str, Any] = merged["llm"] if isinstance(merged.get("llm"), dict) else {}
+    asked = llm_doc.get("provider", "openai")
+    notes: list[str] = []
+    if isinstance(asked, str):
+        if not llm_doc.get("api_key"):
+            fallback = next((environ[v] for v in resolve(asked).key_variables if environ.get(v)), None)
+            if fallback:
+                _set(merged, "llm.api_key", fallback)
+        if lookup(asked) is None:
+            notes.append(f"llm.provider {asked!r} is not a known provider: using the OpenAI-compatible client")
     if not problems:
         problems.extend(
             validate(merged, "config", "environment and flags")
@@ -372,7 +383,7 @@ def load_settings(
     if problems:
         raise ConfigError(problems)
     warnings = tuple(f"${{{name}}} is not set; using an empty string" for name in sorted(unset))
-    return replace(settings, warnings=warnings)
+    return replace(settings, warnings=(*warnings, *notes))
 
 
 def _dsn_source(flags: Overrides, environ: Mapping[str, str], shown_path: str | None) -> tuple[str, str]:
@@ -442,7 +453,7 @@ def _build(
     database = _database(section("database"), base, problems, dsn_source)
     llm_doc = dict(section("llm"))
     provider = llm_doc.get("provider", "openai")
-    llm_doc.setdefault("model", DEFAULT_MODELS[provider])
+    llm_doc.setdefault("model", DEFAULT_MODELS.get(provider.lower(), DEFAULT_MODELS["openai"]))
     llm = LLMSettings(**llm_doc)
     mcp_doc = dict(section("mcp"))
     mcp = MCPSettings(**{**mcp_doc, "servers_file": _resolve(base, mcp_doc.get("servers_file", "mcp-servers.json"))})
@@ -503,7 +514,8 @@ def summary(settings: Settings) -> list[str]:
         f"listen:         {settings.server.host or '0.0.0.0'}:{settings.server.port}",
         f"database:       {_database_line(settings.database)}",
         f"llm:            provider={llm.provider} model={llm.model} "
-        f"base_url={llm.base_url or '(default)'} api_key={'set' if llm.api_key else 'not set'}",
+        f"base_url={mask_url(llm.base_url) if llm.base_url else _default_url(llm.provider)} "
+        f"api_key={'set' if llm.api_key else 'not set'}",
         f"mcp servers:    {settings.mcp.servers_file}",
         f"logging:        {settings.logging.file or 'stdout'} level={settings.logging.level} "
         f"format={settings.logging.format}",
@@ -511,3 +523,8 @@ def summary(settings: Settings) -> list[str]:
         f"{len(settings.auth.token_digests)} bearer token(s)",
         f"approvals:      policy={settings.chat.approval.policy} max_tool_rounds={settings.chat.max_tool_rounds}",
     ]
+
+
+def _default_url(provider: str) -> str:
+    kind = resolve(provider)
+    return f"{kind.default_base_url} (default)" if kind.default_base_url else "(none)"

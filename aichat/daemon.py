@@ -17,13 +17,11 @@ import signal
 from types import FrameType
 from typing import Any
 
-from treq.client import HTTPClient
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IListeningPort
 from twisted.logger import ILogObserver, Logger
-from twisted.web.client import Agent, HTTPConnectionPool
 
 from aichat import __version__, sdnotify
 from aichat.api import API, build_resource
@@ -37,6 +35,7 @@ from aichat.llm.unconfigured import UnconfiguredProvider
 from aichat.logs import ReopenableFile, make_observer
 from aichat.mcp import MCPHost, ServerConfig, load_servers_file_if_present
 from aichat.store.factory import build_store
+from aichat.transport import make_http_client, make_pool
 from aichat.validation import ConfigError
 
 log = Logger(namespace="aichat")
@@ -46,6 +45,9 @@ log = Logger(namespace="aichat")
 #: grew large enough to pause every stream for about 190 ms at 1000 streams, against about 35 ms with 1,000.
 GC_THRESHOLDS = (1000, 20, 100)
 
+
+#: Seconds to connect to a remote MCP server.
+MCP_CONNECT_TIMEOUT = 10.0
 
 #: Seconds the responses of turns ended by a stop have to reach their clients before connections are aborted.
 FLUSH_SECONDS = 2.0
@@ -73,11 +75,12 @@ class AichatService(Service):
             settings.logging.file, settings.logging.level, settings.logging.format
         )
         self.store = build_store(settings.database, reactor)
-        self._mcp_pool = HTTPConnectionPool(reactor, persistent=True)
+        # One connection pool for every outbound HTTP request: the model's and the remote MCP servers'.
+        self._pool = make_pool(reactor, settings.llm.max_idle_connections)
         self.mcp = MCPHost(
             reactor,
             self._servers() or [],
-            http_client=HTTPClient(Agent(reactor, connectTimeout=10, pool=self._mcp_pool)),
+            http_client=make_http_client(reactor, connect_timeout=MCP_CONNECT_TIMEOUT, pool=self._pool),
             max_line_bytes=settings.mcp.max_line_bytes,
         )
         self.provider = self._provider()
@@ -117,7 +120,10 @@ class AichatService(Service):
 
     def _provider(self) -> Provider:
         try:
-            return build_provider(self.settings.llm, self.reactor)
+            http = make_http_client(
+                self.reactor, connect_timeout=self.settings.llm.connect_timeout_seconds, pool=self._pool
+            )
+            return build_provider(self.settings.llm, self.reactor, http=http)
         except ValueError as e:
             log.error("LLM provider not usable: {error}; chat turns will fail until it is configured", error=str(e))
             return UnconfiguredProvider(self.settings.llm.provider, self.settings.llm.model, str(e))
@@ -204,8 +210,8 @@ class AichatService(Service):
             log.warn("Stopping: aborted {count} connections that did not take their last bytes", count=aborted)
         if self.mcp.running:
             await self.mcp.stopService()
-        await self._mcp_pool.closeCachedConnections()
         await self.provider.close()
+        await self._pool.closeCachedConnections()
         await self.store.close()
         if getattr(self.reactor, "_exitSignal", None) in (signal.SIGTERM, signal.SIGINT):
             # twistd re-raises the stop signal after shutdown, so the process would die "by SIGTERM";

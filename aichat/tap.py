@@ -67,10 +67,10 @@ class Options(usage.Options):
             "postgres://USER@HOST:PORT/DB?sslmode=... or sqlite:PATH (database.dsn, $AICHAT_DATABASE_URL); "
             "the password may come from $PGPASSWORD or ~/.pgpass.",
         ],
-        ["llm-provider", None, None, "openai, ollama or mock (llm.provider)."],
+        ["llm-provider", None, None, "openai, claude, gemini, ollama or mock (llm.provider)."],
         ["llm-model", None, None, "Model name (llm.model)."],
-        ["api-key", None, None, "LLM API key (llm.api_key); prefer $OPENAI_API_KEY."],
-        ["base-url", None, None, "OpenAI-compatible base URL (llm.base_url)."],
+        ["api-key", None, None, "LLM API key (llm.api_key); prefer $AICHAT_API_KEY or the provider's own variable."],
+        ["base-url", None, None, "The model server's base URL (llm.base_url); empty: the provider's own."],
         ["system-prompt", None, None, "System prompt (llm.system_prompt)."],
         ["mcp-servers-file", None, None, "MCP servers JSON file (mcp.servers_file)."],
     ]

@@ -13,6 +13,7 @@ from aichat.chat.streams import StreamRegistry
 from aichat.chat.turn import ChatService
 from aichat.config import ChatSettings
 from aichat.llm.provider import LLMError, ToolCall
+from aichat.llm.unconfigured import UnconfiguredProvider
 from tests.support import build_api, inline_store, make_settings
 from tests.test_api import USER, Client
 from tests.test_chat import FakeTools, Script, ScriptedModel
@@ -23,14 +24,15 @@ OTHER = {"X-User-ID": "8"}
 class Fixture:
     """An API with a chat service over a scripted model and fake tools."""
 
-    def __init__(self, tmp_path: Path, *scripts: Script, yaml_text: str = "") -> None:
+    def __init__(self, tmp_path: Path, *scripts: Script, yaml_text: str = "", model: Any = None) -> None:
         settings = make_settings(tmp_path, yaml_text)
         self.clock = Clock()
         self.clock.advance(1_800_000_000)
         store = inline_store(settings.database.path)
         self.model = ScriptedModel(*scripts)
         self.streams = StreamRegistry(self.clock, 60)
-        chat = ChatService(self.clock, store, self.model, FakeTools(), settings.chat, "sys", self.streams)
+        provider = model if model is not None else self.model
+        chat = ChatService(self.clock, store, provider, FakeTools(), settings.chat, "sys", self.streams)
         api, resource = build_api(settings, store, self.clock)
         api.services["chat"] = chat
         self.client = Client(resource)
@@ -86,6 +88,22 @@ def test_upstream_failure_is_a_non_200_error(tmp_path: Path) -> None:
     assert (status, body) == (502, {"error": "Failed to process message: rate limited"})
     status, body, _ = f.client.call("POST", "/v1/chat/send", {"message": "hi"}, USER)
     assert status == 504
+
+
+def test_unconfigured_model_is_503_with_the_reason(tmp_path: Path) -> None:
+    """A daemon started without a usable model (no API key) answers a turn 503 with the configuration
+    problem, and a streaming turn's error event says the same; the user's message is kept."""
+    reason = "OpenAI API key is required (set OPENAI_API_KEY or AICHAT_API_KEY environment variable)"
+    f = Fixture(tmp_path, model=UnconfiguredProvider("openai", "gpt-4o-mini", reason))
+    status, body, _ = f.client.call("POST", "/v1/chat/send", {"message": "hi"}, USER)
+    assert (status, body) == (503, {"error": f"Failed to process message: {reason}"})
+    status, handle, _ = f.client.call("POST", "/v1/chat/send?streaming=true", {"message": "again"}, USER)
+    assert status == 200
+    status, raw, _ = f.raw("GET", handle["stream_url"], USER)
+    assert sse_events(raw)[-1] == {**sse_events(raw)[-1], "type": "error"}
+    assert reason in sse_events(raw)[-1]["error"]
+    status, listing, _ = f.client.call("GET", f"/v1/chat/sessions/{handle['session_id']}/messages", headers=USER)
+    assert [m["content"] for m in listing["messages"]] == ["again"]
 
 
 def test_streaming_send_then_sse_replays_everything(tmp_path: Path) -> None:

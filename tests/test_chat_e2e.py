@@ -711,3 +711,81 @@ def test_clear_removes_the_history_the_model_sees(openai: Chat, upstream: Thread
     assert [m["role"] for m in after["messages"]] == ["system", "user"]
     assert after["messages"][1]["content"] == "and now?"
     assert roles(openai.messages(session)) == ["user", "assistant"]
+
+
+# -- Claude and Gemini, each against its scripted upstream ----------------------------------------------
+
+
+class WireUpstream(ThreadedUpstream):
+    """A scripted upstream of another wire format on a private reactor in a thread."""
+
+    def __init__(self, wire: Any) -> None:
+        self.reactor = EPollReactor()
+        self.upstream = Upstream(self.reactor, wire=wire, api_key="sk-wire-e2e")
+        self.upstream.listen()
+        self.thread = threading.Thread(
+            target=self.reactor.run, kwargs={"installSignalHandlers": False}, name="upstream", daemon=True
+        )
+        self.thread.start()
+
+
+@pytest.mark.parametrize("provider", ["claude", "gemini"])
+def test_native_provider_tool_turn_with_approval(tmp_path_factory: pytest.TempPathFactory, provider: str) -> None:
+    """Claude and Gemini through the real daemon with server-everything: the model's parallel tool calls
+    wait for approval, run on the MCP server once approved, their results go back in the provider's own
+    format (tool_result blocks / functionResponse parts), and the final answer is stored."""
+    from tests.upstream_claude import ClaudeWire, ToolUse, claude_stream
+    from tests.upstream_gemini import Call, GeminiWire, gemini_stream
+
+    if provider == "claude":
+        upstream = WireUpstream(ClaudeWire())
+        first = claude_stream(
+            "Checking. ",
+            ToolUse("toolu_1", "everything__echo", '{"message": "native"}'),
+            ToolUse("toolu_2", "everything__get-sum", '{"a": 40, "b": 2}'),
+        )
+        final = claude_stream("The answer is 42.")
+    else:
+        upstream = WireUpstream(GeminiWire())
+        first = gemini_stream(
+            ["Checking. "],
+            [Call("everything__echo", {"message": "native"}, id="fc-1", signature="c2ln"),
+             Call("everything__get-sum", {"a": 40, "b": 2}, id="fc-2")],
+            calls_per_event=2,
+        )
+        final = gemini_stream(["The answer is 42."])
+    try:
+        chat = launch(
+            tmp_path_factory.mktemp(provider),
+            "chat:\n  title_generation: false\n  approval:\n    policy: always\n",
+            f"llm:\n  provider: {provider}\n  base_url: {upstream.upstream.root_url}\n  api_key: sk-wire-e2e\n"
+            "  model: test-model\n  max_retries: 0\n  timeout_seconds: 5\n",
+        )
+        try:
+            upstream.push(first, final)
+            user = user_id()
+            asked = chat.ok(chat.send("use the tools", user=user))
+            request = asked["approval_request"]
+            assert [c["function"]["name"] for c in request["tool_calls"]] == ["everything__echo", "everything__get-sum"]
+            done = chat.ok(
+                chat.request("POST", f"/v1/chat/approvals/{request['request_id']}", user, {"approve": True})
+            )
+            assert done["message"]["content"] == "The answer is 42."
+            follow_up = upstream.requests()[-1].body
+            if provider == "claude":
+                results = follow_up["messages"][-1]["content"]
+                assert [(r["tool_use_id"], r["content"]) for r in results] == [
+                    ("toolu_1", "Echo: native"), ("toolu_2", "The sum of 40 and 2 is 42.")
+                ]
+            else:
+                parts = follow_up["contents"][-1]["parts"]
+                assert [(p["functionResponse"]["name"], p["functionResponse"]["response"]) for p in parts] == [
+                    ("everything__echo", {"result": "Echo: native"}),
+                    ("everything__get-sum", {"result": "The sum of 40 and 2 is 42."}),
+                ]
+                assert follow_up["contents"][-2]["parts"][1]["thoughtSignature"] == "c2ln"
+            assert roles(chat.messages(done["session_id"], user))[-1] == "assistant"
+        finally:
+            chat.close()
+    finally:
+        upstream.stop()

@@ -41,6 +41,42 @@ def test_validate_valid_config_prints_summary_without_secrets(tmp_path: Path) ->
     assert len(result.stdout.splitlines()) <= 24
 
 
+@pytest.mark.parametrize(
+    ("env", "expected"),
+    [
+        (
+            {"AICHAT_LLM_PROVIDER": "claude", "ANTHROPIC_API_KEY": "sk-ant-secret"},
+            "provider=claude model=claude-3-5-haiku-20241022 base_url=https://api.anthropic.com (default) "
+            "api_key=set",
+        ),
+        (
+            {"AICHAT_LLM_PROVIDER": "google"},
+            "provider=google model=gemini-2.5-flash base_url=https://generativelanguage.googleapis.com (default) "
+            "api_key=not set",
+        ),
+        (
+            {"AICHAT_LLM_PROVIDER": "ollama", "AICHAT_LLM_BASE_URL": "http://bob:pa55word@gpu:11434/v1"},
+            "provider=ollama model=llama3.1:8b base_url=http://***@gpu:11434/v1 api_key=not set",
+        ),
+    ],
+)
+def test_validate_shows_the_provider(tmp_path: Path, env: dict[str, str], expected: str) -> None:
+    """-env-only -validate with AICHAT_LLM_PROVIDER set as PMM sets it: provider, default model, base URL
+    (userinfo masked) and whether a key is set; no secret printed."""
+    result = run_cli("-env-only", "-validate", env=daemon_env(**env), cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert expected in result.stdout
+    for secret in ("sk-ant-secret", "pa55word", "bob"):
+        assert secret not in result.stdout + result.stderr
+
+
+def test_validate_warns_about_an_unknown_provider(tmp_path: Path) -> None:
+    """An unknown provider is valid (the OpenAI client is used) but -validate warns about it."""
+    result = run_cli("-env-only", "-validate", env=daemon_env(AICHAT_LLM_PROVIDER="vllm"), cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "warning: llm.provider 'vllm' is not a known provider: using the OpenAI-compatible client" in result.stdout
+
+
 def test_validate_reports_every_problem_and_exits_1(tmp_path: Path) -> None:
     """-validate lists each problem with file, JSON path and a did-you-mean, and exits 1."""
     config = tmp_path / "config.yaml"

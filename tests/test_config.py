@@ -55,7 +55,7 @@ def test_every_problem_is_reported_at_once(tmp_path: Path) -> None:
     """Type, range and enum errors are all listed, each at its JSON path."""
     path = write_config(
         tmp_path,
-        "server:\n  port: 70000\nllm:\n  provider: gemini\n  temperature: hot\nlogging:\n  level: loud\n",
+        "server:\n  port: 70000\nllm:\n  provider: [gemini]\n  temperature: hot\nlogging:\n  level: loud\n",
     )
     problems = problems_of(path, environ={})
     paths = sorted(p.split(": ")[1] for p in problems)
@@ -123,6 +123,39 @@ def test_openai_api_key_is_a_fallback(tmp_path: Path) -> None:
     assert load_settings(str(path), environ=both).llm.api_key == "sk-aichat"
     with_file = write_config(tmp_path, "llm:\n  api_key: sk-file\n", "other.yaml")
     assert load_settings(str(with_file), environ={"OPENAI_API_KEY": "sk-env"}).llm.api_key == "sk-file"
+
+
+@pytest.mark.parametrize(
+    ("provider", "model", "variables"),
+    [
+        ("claude", "claude-3-5-haiku-20241022", ["ANTHROPIC_API_KEY"]),
+        ("anthropic", "claude-3-5-haiku-20241022", ["ANTHROPIC_API_KEY"]),
+        ("gemini", "gemini-2.5-flash", ["GEMINI_API_KEY", "GOOGLE_API_KEY"]),
+        ("google", "gemini-2.5-flash", ["GEMINI_API_KEY", "GOOGLE_API_KEY"]),
+    ],
+)
+def test_claude_and_gemini_are_providers_with_their_own_keys(
+    tmp_path: Path, provider: str, model: str, variables: list[str]
+) -> None:
+    """AICHAT_LLM_PROVIDER=claude|anthropic|gemini|google is accepted (the reference's names), with the
+    provider's default model; the key falls back to the provider's variables in order, never to another
+    provider's."""
+    environ = {"AICHAT_LLM_PROVIDER": provider, "OPENAI_API_KEY": "sk-openai"}
+    settings = load_settings(env_only=True, environ=environ)
+    assert (settings.llm.provider, settings.llm.model, settings.llm.api_key) == (provider, model, "")
+    assert settings.warnings == ()
+    for n, variable in enumerate(variables):
+        found = {**environ, **{v: f"key-{v}" for v in variables[n:]}}
+        assert load_settings(env_only=True, environ=found).llm.api_key == f"key-{variable}"
+    found = {**environ, "AICHAT_API_KEY": "key-aichat", **{v: "other" for v in variables}}
+    assert load_settings(env_only=True, environ=found).llm.api_key == "key-aichat"
+
+
+def test_unknown_provider_is_accepted_with_a_warning(tmp_path: Path) -> None:
+    """An unknown provider keeps the reference's fallback to the OpenAI client, and says so."""
+    settings = load_settings(env_only=True, environ={"AICHAT_LLM_PROVIDER": "vllm"})
+    assert (settings.llm.provider, settings.llm.model) == ("vllm", "gpt-4o-mini")
+    assert any("'vllm' is not a known provider" in w and "OpenAI-compatible" in w for w in settings.warnings)
 
 
 def test_env_only_ignores_the_file(tmp_path: Path) -> None:

@@ -23,6 +23,7 @@ Each request takes the next :class:`Script` from the queue (``push``); when the 
 A Script is a list of steps run in order, then its ``body`` if any, then the end of the response:
 
 - :class:`Send` ``(data)``: one event, ``data: <compact JSON or the string>`` and a blank line;
+- :class:`Event` ``(name, data)``: one named event, ``event: <name>`` then ``data: <compact JSON>``;
 - :class:`Raw` ``(bytes)``: bytes written as they are (garbage lines, comments, half events);
 - :class:`Sleep` ``(seconds)``: a pause on the reactor (before the first write, headers wait too);
 - :class:`SendHeaders`: send the status and headers now;
@@ -65,7 +66,7 @@ import sys
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, Protocol
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall
@@ -80,6 +81,14 @@ MODEL = "test-model"
 class Send:
     """One event: ``data: <data>`` then a blank line; a dict or list is sent as compact JSON."""
 
+    data: Any
+
+
+@dataclass(frozen=True)
+class Event:
+    """One named event: ``event: <name>``, ``data: <compact JSON>``, a blank line (Anthropic's framing)."""
+
+    name: str
     data: Any
 
 
@@ -117,7 +126,7 @@ class Stall:
     """Send nothing more; keep the connection open until the client goes away."""
 
 
-Step = Send | Raw | Sleep | SendHeaders | Reset | Drop | Stall
+Step = Send | Event | Raw | Sleep | SendHeaders | Reset | Drop | Stall
 
 
 @dataclass(frozen=True)
@@ -429,6 +438,9 @@ class _Run:
                 self._request.write(b"")
             elif isinstance(step, Raw):
                 self._request.write(step.data)
+            elif isinstance(step, Event):
+                text = json.dumps(step.data, separators=(",", ":"))
+                self._request.write(f"event: {step.name}\ndata: {text}\n\n".encode())
             elif isinstance(step, Send):
                 data = step.data
                 if isinstance(data, dict) and "usage" in data and not self._include_usage:
@@ -487,6 +499,12 @@ class _Root(Resource):
         if self._upstream.record:
             self._upstream.requests.append(record)
         upstream = self._upstream
+        if upstream.wire is not None:
+            script = upstream.wire.route(upstream, method, request.uri.decode("latin-1"), headers, body)
+            run = _Run(upstream, request, script, record)
+            upstream._running.add(run)
+            run.run()
+            return NOT_DONE_YET
         if upstream.api_key is not None and headers.get("authorization") != f"Bearer {upstream.api_key}":
             script = error_reply(
                 401, "Incorrect API key provided.", type="invalid_request_error", code="invalid_api_key"
@@ -514,8 +532,18 @@ class _Root(Resource):
         return NOT_DONE_YET
 
 
+class Wire(Protocol):
+    """Another wire format than OpenAI's (see :mod:`tests.upstream_claude`, :mod:`tests.upstream_gemini`):
+    checks a request's path, key and body as that API does and picks its script (queued, or its own
+    default answer)."""
+
+    def route(self, upstream: Upstream, method: str, uri: str, headers: dict[str, str], body: Any) -> Script:
+        """The script answering one request."""
+        ...
+
+
 class Upstream:
-    """The scripted server; see the module docstring."""
+    """The scripted server; see the module docstring. With ``wire`` it speaks that format instead."""
 
     def __init__(
         self,
@@ -526,8 +554,10 @@ class Upstream:
         model: str = MODEL,
         record: bool = True,
         rejects: Callable[[Any], Script | None] | None = None,
+        wire: Wire | None = None,
     ) -> None:
         self.reactor = reactor
+        self.wire = wire
         self.record = record
         self.rejects = rejects
         self.responder = responder or echo(model=model)
@@ -559,6 +589,12 @@ class Upstream:
         """The listening port."""
         assert self._port is not None
         return int(self._port.getHost().port)
+
+    @property
+    def root_url(self) -> str:
+        """``http://127.0.0.1:<port>``: the base URL of the Anthropic and Gemini clients and SDKs."""
+        assert self._port is not None
+        return f"http://{self._port.getHost().host}:{self.port}"
 
     @property
     def base_url(self) -> str:

@@ -1,9 +1,10 @@
 """What the model sees: the system prompt with a current-time block, then the session's stored history.
 
-History is converted to the Chat Completions shapes (assistant ``tool_calls``, ``tool`` messages with
-``tool_call_id``), repaired so every server we know accepts it (every tool call answered, no orphan
-results, assistant content never ``null``, no empty assistant message), and
-trimmed to a character budget keeping the newest messages without splitting a tool call from its results.
+History is converted to the provider-neutral shapes, those of Chat Completions (assistant ``tool_calls``,
+``tool`` messages with ``tool_call_id`` and ``is_error`` when the call failed), which every codec in
+:mod:`aichat.llm` translates to its own wire format; it is repaired so every server we know accepts it
+(every tool call answered, no orphan results, assistant content never ``null``, no empty assistant
+message), and trimmed to a character budget keeping the newest messages without splitting a tool call from its results.
 """
 
 from __future__ import annotations
@@ -103,7 +104,11 @@ def to_openai(message: Message) -> dict[str, Any] | None:
             out["tool_calls"] = message.tool_calls
         return out
     if message.role == "tool" and message.tool_call_id:
-        return {"role": "tool", "tool_call_id": message.tool_call_id, "content": message.content}
+        out = {"role": "tool", "tool_call_id": message.tool_call_id, "content": message.content}
+        if any("error" in execution for execution in message.tool_executions or ()):
+            # Claude and Gemini are told a result is a failure; the Chat Completions codec leaves it out.
+            out["is_error"] = True
+        return out
     return None
 
 

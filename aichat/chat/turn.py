@@ -283,7 +283,7 @@ class Turn:
             finished = await self._loop()
         except LLMError as e:
             result.error = f"Failed to process message: {e.message}"
-            result.error_status = 504 if e.code == "timeout" else 502
+            result.error_status = e.http_status
             result.upstream_error = e
             self._fail()
         except CancelledError:

@@ -13,6 +13,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from aichat.transport.exchange import UpstreamError
+
 #: Roles the Chat Completions API accepts in ``messages``.
 ALLOWED_ROLES = frozenset({"system", "developer", "user", "assistant", "tool"})
 
@@ -24,14 +26,49 @@ class ToolCall:
     id: str
     name: str
     arguments: str
+    #: Gemini's thought signature for this call, sent back with it on the next request; other providers
+    #: neither give nor need one (and never see it).
+    signature: str | None = None
 
     def to_openai(self) -> dict[str, Any]:
-        """The call as an entry of an assistant message's ``tool_calls``."""
-        return {
+        """The call as an entry of an assistant message's ``tool_calls`` (how history stores it); a
+        signature goes in ``extra_content.google.thought_signature``, as Google's compatible API puts it."""
+        call: dict[str, Any] = {
             "id": self.id,
             "type": "function",
             "function": {"name": self.name, "arguments": self.arguments},
         }
+        if self.signature:
+            call["extra_content"] = {"google": {"thought_signature": self.signature}}
+        return call
+
+    @classmethod
+    def from_openai(cls, call: Any) -> ToolCall | None:
+        """Read an entry of ``tool_calls`` (as :meth:`to_openai` writes it); ``None`` when malformed."""
+        if not isinstance(call, dict) or not isinstance(call.get("function"), dict):
+            return None
+        function = call["function"]
+        arguments = function.get("arguments")
+        if isinstance(arguments, dict):
+            arguments = json.dumps(arguments)
+        extra = call.get("extra_content")
+        google = extra.get("google") if isinstance(extra, dict) else None
+        signature = google.get("thought_signature") if isinstance(google, dict) else None
+        return cls(
+            id=str(call.get("id") or ""),
+            name=str(function.get("name") or ""),
+            arguments=arguments if isinstance(arguments, str) and arguments.strip() else "{}",
+            signature=signature if isinstance(signature, str) and signature else None,
+        )
+
+    def parsed_arguments(self) -> dict[str, Any]:
+        """The arguments as an object, for wire formats that send objects; text that is not a JSON object
+        is kept under ``"input"``."""
+        try:
+            value = json.loads(self.arguments)
+        except ValueError:
+            return {"input": self.arguments}
+        return value if isinstance(value, dict) else {"input": value}
 
 
 @dataclass(frozen=True)
@@ -67,41 +104,29 @@ class Completion:
     model: str | None = None
 
 
-class LLMError(Exception):
+class LLMError(UpstreamError):
     """A model call failed.
 
     ``status`` is the upstream HTTP status when there was one; ``retryable`` says whether the failure was of
     a kind worth retrying (it stays true on the error raised after the attempts ran out); ``started`` is true
     when text had already been passed to ``on_text``, so the caller holds a partial answer; ``code`` is the
-    upstream's error code or one of ours (``timeout``, ``too_large``, ``connection``, ``protocol``, ``empty``).
-    ``message`` is what a user may be shown (short, cleaned); ``detail`` is the full text, for the log only.
+    upstream's error code or one of ours (``timeout``, ``too_large``, ``connection``, ``protocol``, ``empty``,
+    ``not_configured``). ``message`` is what a user may be shown (short, cleaned); ``detail`` is the full
+    text, for the log only. ``reply_status`` is the HTTP status our own API answers for it when it is not
+    the default (:attr:`http_status`).
     """
 
-    def __init__(
-        self,
-        message: str,
-        *,
-        status: int | None = None,
-        retryable: bool = False,
-        started: bool = False,
-        code: str | None = None,
-        retry_after: float | None = None,
-        detail: str | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.message = message
-        self.detail = detail or message
-        self.status = status
-        self.retryable = retryable
-        self.started = started
-        self.code = code
-        self.retry_after = retry_after
+    def __init__(self, message: str, *, reply_status: int | None = None, **kwargs: Any) -> None:
+        super().__init__(message, **kwargs)
+        self.reply_status = reply_status
 
-    def __repr__(self) -> str:
-        return (
-            f"LLMError({self.message!r}, status={self.status!r}, retryable={self.retryable!r}, "
-            f"started={self.started!r}, code={self.code!r})"
-        )
+    @property
+    def http_status(self) -> int:
+        """What an API client is answered: ``reply_status`` when set, 504 for a timeout, else 502 (the model
+        server, our upstream, failed)."""
+        if self.reply_status is not None:
+            return self.reply_status
+        return 504 if self.code == "timeout" else 502
 
 
 class Provider(Protocol):

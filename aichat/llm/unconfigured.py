@@ -26,7 +26,7 @@ class UnconfiguredProvider:
         *,
         on_text: Callable[[str], None] | None = None,
     ) -> Completion:
-        raise LLMError(self.reason, status=503, code="not_configured")
+        raise LLMError(self.reason, reply_status=503, code="not_configured")
 
     async def close(self) -> None:
         """Nothing to release."""

@@ -20,7 +20,10 @@ stream, or a POST's response stream that ends before its response, is reopened b
 Legacy HTTP+SSE (protocol 2024-11-05, what the reference used): GET the URL as an event stream, wait for
 the ``endpoint`` event, POST every message there; answers arrive as ``message`` events on the stream.
 
-Both take any treq-like client (the ``treq`` module, an ``HTTPClient``, or ``StubTreq`` in tests).
+Both take any treq-like client: the daemon's shared one (:mod:`aichat.transport`, the model providers'
+pool), the ``treq`` module, or ``StubTreq`` in tests. Bodies are read by the transport's reader, with the
+size cap; the event streams have no idle timer (a GET stream may rightly be silent for hours), each POST
+and its resumption are bounded by a watchdog instead.
 """
 
 from __future__ import annotations
@@ -32,18 +35,17 @@ from typing import Any
 from urllib.parse import urljoin, urlsplit
 
 from twisted.internet.defer import CancelledError, Deferred, succeed
-from twisted.internet.error import ConnectError, ConnectionDone
+from twisted.internet.error import ConnectError
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
-from twisted.internet.protocol import Protocol
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.client import RequestNotSent, ResponseDone
-from twisted.web.http import PotentialDataLoss
+from twisted.web.client import RequestNotSent
 
 from aichat.mcp.config import ServerConfig
 from aichat.mcp.jsonrpc import JSONRPCPeer, NotDelivered, PeerGone
 from aichat.sse import SSEDecoder, SSETooLargeError
+from aichat.transport.body import BodyReader, BodyTooLarge, read_body, read_stream
 
 log = Logger()
 
@@ -56,70 +58,6 @@ REOPEN_MAX_DELAY = 30.0
 MAX_IDLE_RESUMES = 3
 # Errors that mean a POST never left: the server cannot have acted on it.
 NEVER_SENT = (ConnectError, RequestNotSent)
-
-
-class BodyTooLarge(Exception):
-    """A response body grew past the configured cap."""
-
-
-class _BodyReader(Protocol):
-    """Deliver a response body chunk by chunk; can be aborted, unlike ``treq.collect``."""
-
-    def __init__(self, on_data: Callable[[bytes], None]) -> None:
-        self.on_data = on_data
-        self.finished: Deferred[None] = Deferred(lambda _: self.abort())
-        self._done = False
-
-    def dataReceived(self, data: bytes) -> None:
-        if self._done:
-            return
-        try:
-            self.on_data(data)
-        except Exception:
-            self._finish(Failure())
-            self.abort()
-
-    def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:  # noqa: B008
-        if reason.check(ResponseDone, PotentialDataLoss):
-            self._finish(None)
-        else:
-            self._finish(reason)
-
-    def abort(self) -> None:
-        """Stop reading and drop the connection."""
-        self._done = True
-        if self.transport is not None:
-            self.transport.stopProducing()  # type: ignore[attr-defined]
-
-    def _finish(self, result: Failure | None) -> None:
-        if self._done:
-            return
-        self._done = True
-        if result is None:
-            self.finished.callback(None)
-        else:
-            self.finished.errback(result)
-
-
-def _read_stream(response: Any, on_data: Callable[[bytes], None]) -> _BodyReader:
-    reader = _BodyReader(on_data)
-    response.deliverBody(reader)
-    return reader
-
-
-async def _read_body(response: Any, limit: int) -> bytes:
-    parts: list[bytes] = []
-    size = 0
-
-    def collect(data: bytes) -> None:
-        nonlocal size
-        size += len(data)
-        if size > limit:
-            raise BodyTooLarge(f"response body exceeds {limit} bytes")
-        parts.append(data)
-
-    await _read_stream(response, collect).finished
-    return b"".join(parts)
 
 
 def _header(response: Any, name: str) -> str | None:
@@ -367,7 +305,7 @@ class StreamableHTTPConnection(_RemoteConnection):
                     await self._read_events(response, self._get_cursor)
                     log.info("{server}: GET stream ended", server=self.config.name)
                 else:
-                    body = await _read_body(response, 65536)
+                    body = await read_body(response, 65536)
                     if self.session_id is not None and _session_rejected(response.code, body):
                         self._session_lost(f"GET answered HTTP {response.code}: {_answer_text(body)}")
                         return
@@ -403,7 +341,7 @@ class StreamableHTTPConnection(_RemoteConnection):
                     cursor.messages += 1
                     self._dispatch_json(event.data)
 
-        await _read_stream(response, on_data).finished
+        await read_stream(response, on_data).finished
 
     async def _post(self, message: dict[str, Any]) -> None:
         body = json.dumps(message, separators=(",", ":")).encode()
@@ -430,12 +368,12 @@ class StreamableHTTPConnection(_RemoteConnection):
         if message.get("method") == "initialize":
             self.session_id = _header(response, "mcp-session-id")
         if response.code in (202, 204):
-            await _read_body(response, self._max_bytes)
+            await read_body(response, self._max_bytes)
             if message.get("method") == "notifications/initialized":
                 self._listen()
             return
         if response.code >= 300:
-            text = await _read_body(response, self._max_bytes)
+            text = await read_body(response, self._max_bytes)
             carried_session = self.session_id is not None and message.get("method") != "initialize"
             if carried_session and _session_rejected(response.code, text):
                 reason = f"HTTP {response.code}: {_answer_text(text)}"
@@ -447,7 +385,7 @@ class StreamableHTTPConnection(_RemoteConnection):
             return
         kind = _media_type(response)
         if kind == "application/json":
-            self._dispatch_json(await _read_body(response, self._max_bytes))
+            self._dispatch_json(await read_body(response, self._max_bytes))
         elif kind == "text/event-stream":
             cursor = _StreamCursor()
             try:
@@ -464,7 +402,7 @@ class StreamableHTTPConnection(_RemoteConnection):
                 if not await self._resume(message, cursor, "response stream ended without the response"):
                     return
         else:
-            await _read_body(response, self._max_bytes)
+            await read_body(response, self._max_bytes)
             self._message_failed(message, f"unexpected content type {kind!r} from {self.url}")
             return
         request_id = self._request_id(message)
@@ -506,7 +444,7 @@ class StreamableHTTPConnection(_RemoteConnection):
                 self._message_failed(message, f"{why}; resuming failed: {_why(e)}")
                 return False
             if response.code != 200 or _media_type(response) != "text/event-stream":
-                body = await _read_body(response, 65536)  # a failure here fails the request in _post
+                body = await read_body(response, 65536)  # a failure here fails the request in _post
                 if self.session_id is not None and _session_rejected(response.code, body):
                     self._session_lost(f"GET answered HTTP {response.code}: {_answer_text(body)}")
                 self._message_failed(message, f"{why}; resuming it was answered HTTP {response.code}")
@@ -561,7 +499,7 @@ class StreamableHTTPConnection(_RemoteConnection):
         timer: IDelayedCall = self._clock.callLater(CLOSE_TIMEOUT, request.cancel)
         try:
             response = await request
-            await _read_body(response, 65536)
+            await read_body(response, 65536)
         except Exception as e:
             log.info("{server}: DELETE of the session failed: {error}", server=self.config.name, error=str(e))
         finally:
@@ -582,7 +520,7 @@ class LegacySSEConnection(_RemoteConnection):
     def __init__(self, clock: IReactorTime, config: ServerConfig, client: Any, max_bytes: int) -> None:
         super().__init__(clock, config, client, max_bytes)
         self.endpoint: str | None = None
-        self._reader: _BodyReader | None = None
+        self._reader: BodyReader | None = None
         self._endpoint_known: Deferred[None] = Deferred()
         self._decoder = SSEDecoder(max_event_size=max_bytes)
 
@@ -591,12 +529,12 @@ class LegacySSEConnection(_RemoteConnection):
         headers = self._headers("text/event-stream")
         response = await self._client.request("GET", self.url, headers=headers, unbuffered=True)
         if response.code != 200:
-            text = (await _read_body(response, 65536)).decode("utf-8", "replace")
+            text = (await read_body(response, 65536)).decode("utf-8", "replace")
             raise ConnectionError(f"GET {self.url}: HTTP {response.code}: {text[:200]}")
         if _media_type(response) != "text/event-stream":
-            await _read_body(response, 65536)
+            await read_body(response, 65536)
             raise ConnectionError(f"GET {self.url}: not an event stream ({_media_type(response)!r})")
-        self._reader = _read_stream(response, self._on_data)
+        self._reader = read_stream(response, self._on_data)
         self._reader.finished.addBoth(self._stream_ended)
         try:
             await self._endpoint_known
@@ -651,7 +589,7 @@ class LegacySSEConnection(_RemoteConnection):
             self._lose(reason)
             return
         try:
-            text = await _read_body(response, 65536)
+            text = await read_body(response, 65536)
         except CancelledError:
             raise
         except Exception as e:

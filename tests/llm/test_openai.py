@@ -20,6 +20,7 @@ from twisted.web.http_headers import Headers
 from aichat.llm import openai
 from aichat.llm.openai import OpenAIProvider, _retry_after
 from aichat.llm.provider import Completion, LLMError, ToolCall, ToolCallAssembler, Usage
+from aichat.transport import exchange
 from tests.llm.fakes import HANG, FakeHTTP, FakeResponse, Hang, sse, text_events
 from tests.upstream import chunk
 
@@ -604,7 +605,7 @@ class SecretTests(SynchronousTestCase):
     def test_key_not_logged(self) -> None:
         """Retry and failure log lines carry the scrubbed message only."""
         events: list[dict[str, Any]] = []
-        self.patch(openai, "log", Logger(observer=cast(ILogObserver, events.append)))
+        self.patch(exchange, "log", Logger(observer=cast(ILogObserver, events.append)))
         clock = Clock()
         body = f'{{"error":{{"message":"bad key {KEY}"}}}}'.encode()
         http = FakeHTTP(FakeResponse(503, body), FakeResponse(401, body))

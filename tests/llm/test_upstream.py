@@ -19,9 +19,9 @@ from twisted.logger import ILogObserver, Logger, formatEvent
 from twisted.trial.unittest import TestCase
 from twisted.web.client import HTTPConnectionPool
 
-from aichat.llm import openai
 from aichat.llm.openai import OpenAIProvider, make_http_client
 from aichat.llm.provider import Completion, LLMError, ToolCall, Usage
+from aichat.transport import exchange
 from tests.upstream import (
     LLAMA_NULL_CONTENT,
     Drop,
@@ -297,7 +297,7 @@ class UpstreamTests(TestCase):
         error's message has the status and a short reason without the traceback or the path; its detail,
         which is what the log gets, has everything."""
         events: list[dict[str, Any]] = []
-        self.patch(openai, "log", Logger(observer=cast(ILogObserver, events.append)))
+        self.patch(exchange, "log", Logger(observer=cast(ILogObserver, events.append)))
         self.upstream.push(error_reply(500, LLAMA_NULL_CONTENT.format(n=2), type="internal_server_error"))
         error = await self.failure(self.client(max_attempts=1))
         self.assertTrue(error.message.startswith("the model's server answered HTTP 500: 7 validation errors: "))
