@@ -25,7 +25,8 @@ from typing import Any
 
 from twisted.web.http_headers import Headers
 
-from aichat.llm.provider import Completion, LLMError, ToolCall, Usage, check_messages
+from aichat.llm.provider import Completion, LLMError, ToolCall, Usage
+from aichat.llm.streaming import StreamingProvider
 from aichat.llm.wire import (
     Image,
     call_names,
@@ -301,7 +302,7 @@ class EventStream:
             self._on_text(text)
 
 
-class ClaudeProvider:
+class ClaudeProvider(StreamingProvider):
     """A :class:`~aichat.llm.provider.Provider` for the Anthropic Messages API (``claude`` | ``anthropic``)."""
 
     def __init__(
@@ -355,25 +356,8 @@ class ClaudeProvider:
             extra=self.extra_body,
         )
 
-    async def complete(
-        self,
-        messages: list[dict[str, Any]],
-        tools: list[dict[str, Any]] | None = None,
-        *,
-        on_text: Callable[[str], None] | None = None,
-    ) -> Completion:
-        """Stream one completion; see the module docstring. Raises :class:`LLMError`."""
-        check_messages(messages)
-        body = json.dumps(self.request_body(messages, tools), ensure_ascii=False).encode()
-        sink = await self._client.stream(
-            self.url, self._headers(), body, lambda errors: EventStream(errors, on_text), where=self.base_url
-        )
-        assert isinstance(sink, EventStream)
-        return sink.completion()
-
-    async def close(self) -> None:
-        """Close the pooled connections the client made (none when the daemon's shared client is used)."""
-        await self._client.close()
+    def _sink(self, errors: Any, on_text: Callable[[str], None] | None) -> EventStream:
+        return EventStream(errors, on_text)
 
 
 __all__ = ["DEFAULT_BASE_URL", "ClaudeProvider", "EventStream", "LLMError", "request_body"]

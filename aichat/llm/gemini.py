@@ -28,7 +28,8 @@ from urllib.parse import quote
 
 from twisted.web.http_headers import Headers
 
-from aichat.llm.provider import Completion, LLMError, ToolCall, Usage, check_messages
+from aichat.llm.provider import Completion, LLMError, ToolCall, Usage
+from aichat.llm.streaming import StreamingProvider
 from aichat.llm.wire import (
     Image,
     call_names,
@@ -250,7 +251,7 @@ class ResponseStream:
         self._usage = Usage(prompt, output, total)
 
 
-class GeminiProvider:
+class GeminiProvider(StreamingProvider):
     """A :class:`~aichat.llm.provider.Provider` for Gemini (``gemini`` | ``google``)."""
 
     def __init__(
@@ -296,25 +297,8 @@ class GeminiProvider:
         """The JSON body sent for one completion."""
         return request_body(messages, tools, temperature=self.temperature, extra=self.extra_body)
 
-    async def complete(
-        self,
-        messages: list[dict[str, Any]],
-        tools: list[dict[str, Any]] | None = None,
-        *,
-        on_text: Callable[[str], None] | None = None,
-    ) -> Completion:
-        """Stream one completion; see the module docstring. Raises :class:`LLMError`."""
-        check_messages(messages)
-        body = json.dumps(self.request_body(messages, tools), ensure_ascii=False).encode()
-        sink = await self._client.stream(
-            self.url, self._headers(), body, lambda errors: ResponseStream(errors, on_text), where=self.base_url
-        )
-        assert isinstance(sink, ResponseStream)
-        return sink.completion()
-
-    async def close(self) -> None:
-        """Close the pooled connections the client made (none when the daemon's shared client is used)."""
-        await self._client.close()
+    def _sink(self, errors: Any, on_text: Callable[[str], None] | None) -> ResponseStream:
+        return ResponseStream(errors, on_text)
 
 
 __all__ = ["DEFAULT_BASE_URL", "GeminiProvider", "LLMError", "ResponseStream", "request_body"]

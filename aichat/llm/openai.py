@@ -27,7 +27,8 @@ from typing import TYPE_CHECKING, Any
 from twisted.internet.interfaces import IReactorTime
 from twisted.web.http_headers import Headers
 
-from aichat.llm.provider import Completion, LLMError, ToolCall, ToolCallAssembler, Usage, check_messages
+from aichat.llm.provider import Completion, LLMError, ToolCall, ToolCallAssembler, Usage
+from aichat.llm.streaming import StreamingProvider
 from aichat.sse import SSEEvent
 from aichat.transport.client import DEFAULT_MAX_IDLE_CONNECTIONS, HTTPClient, body_producer, make_http_client
 from aichat.transport.exchange import ERROR_BODY_LIMIT, Errors, Limits, RetryPolicy, StreamingClient, error_fields
@@ -175,7 +176,7 @@ def wire_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-class OpenAIProvider:
+class OpenAIProvider(StreamingProvider):
     """A :class:`~aichat.llm.provider.Provider` for any OpenAI-compatible Chat Completions endpoint.
 
     ``http`` is a treq-like client (the daemon's shared one; tests pass ``StubTreq``); without it one is
@@ -291,25 +292,8 @@ class OpenAIProvider:
             headers.setRawHeaders(b"Authorization", [f"Bearer {self._api_key}".encode()])
         return headers
 
-    async def complete(
-        self,
-        messages: list[dict[str, Any]],
-        tools: list[dict[str, Any]] | None = None,
-        *,
-        on_text: Callable[[str], None] | None = None,
-    ) -> Completion:
-        """Stream one completion; see the module docstring. Raises :class:`LLMError`."""
-        check_messages(messages)
-        body = json.dumps(self.request_body(messages, tools), ensure_ascii=False).encode()
-        sink = await self._client.stream(
-            self.url, self._headers(), body, lambda errors: ChunkStream(errors, on_text), where=self.base_url
-        )
-        assert isinstance(sink, ChunkStream)
-        return sink.completion()
-
-    async def close(self) -> None:
-        """Close the pooled connections this provider made (not those of an injected client)."""
-        await self._client.close()
+    def _sink(self, errors: Any, on_text: Callable[[str], None] | None) -> ChunkStream:
+        return ChunkStream(errors, on_text)
 
 
 __all__ = [
