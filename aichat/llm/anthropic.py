@@ -317,17 +317,9 @@ class ClaudeProvider(StreamingProvider):
         temperature: float | None = None,
         extra_body: Mapping[str, Any] | None = None,
     ) -> None:
-        self.name = name
-        self.model = model
-        self.base_url = (base_url or DEFAULT_BASE_URL).rstrip("/")
+        self._configure(client, name=name, model=model, api_key=api_key, base_url=base_url,
+                        default_base_url=DEFAULT_BASE_URL, temperature=temperature, extra_body=extra_body)
         self.max_tokens = max_tokens
-        self.temperature = temperature
-        self.extra_body = dict(extra_body or {})
-        self._api_key = api_key
-        self._client = client
-
-    def __repr__(self) -> str:
-        return f"ClaudeProvider(model={self.model!r}, base_url={self.base_url!r})"
 
     @property
     def url(self) -> str:

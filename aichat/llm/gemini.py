@@ -265,16 +265,8 @@ class GeminiProvider(StreamingProvider):
         temperature: float | None = None,
         extra_body: Mapping[str, Any] | None = None,
     ) -> None:
-        self.name = name
-        self.model = model
-        self.base_url = (base_url or DEFAULT_BASE_URL).rstrip("/")
-        self.temperature = temperature
-        self.extra_body = dict(extra_body or {})
-        self._api_key = api_key
-        self._client = client
-
-    def __repr__(self) -> str:
-        return f"GeminiProvider(model={self.model!r}, base_url={self.base_url!r})"
+        self._configure(client, name=name, model=model, api_key=api_key, base_url=base_url,
+                        default_base_url=DEFAULT_BASE_URL, temperature=temperature, extra_body=extra_body)
 
     @property
     def url(self) -> str:

@@ -209,11 +209,7 @@ class OpenAIProvider(StreamingProvider):
         retry_after_max: float = 30.0,
         max_idle_connections: int = DEFAULT_MAX_IDLE_CONNECTIONS,
     ) -> None:
-        self.name = name
-        self.model = model
-        self.base_url = (base_url or DEFAULT_BASE_URL).rstrip("/")
-        self._api_key = api_key
-        self._client = StreamingClient(
+        client = StreamingClient(
             reactor,
             http=http,
             secret=api_key,
@@ -223,12 +219,9 @@ class OpenAIProvider(StreamingProvider):
             max_idle_connections=max_idle_connections,
             error_type=LLMError,
         )
-        self.temperature = temperature
-        self.extra_body = dict(extra_body or {})
+        self._configure(client, name=name, model=model, api_key=api_key, base_url=base_url,
+                        default_base_url=DEFAULT_BASE_URL, temperature=temperature, extra_body=extra_body)
         self.include_usage = include_usage
-
-    def __repr__(self) -> str:
-        return f"OpenAIProvider(name={self.name!r}, model={self.model!r}, base_url={self.base_url!r})"
 
     # The transport's settings, as attributes of the provider.
     @property

@@ -8,7 +8,7 @@ that parses its wire format (OpenAI chunks, Anthropic events, Gemini responses).
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, Protocol, cast
 
 from twisted.web.http_headers import Headers
@@ -29,6 +29,30 @@ class StreamingProvider:
 
     _client: StreamingClient
     base_url: str
+
+    def _configure(
+        self,
+        client: StreamingClient,
+        *,
+        name: str,
+        model: str,
+        api_key: str,
+        base_url: str,
+        default_base_url: str,
+        temperature: float | None,
+        extra_body: Mapping[str, Any] | None,
+    ) -> None:
+        """The fields every provider has (the key is kept private and never shown)."""
+        self.name = name
+        self.model = model
+        self.base_url = (base_url or default_base_url).rstrip("/")
+        self.temperature = temperature
+        self.extra_body = dict(extra_body or {})
+        self._api_key = api_key
+        self._client = client
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(name={self.name!r}, model={self.model!r}, base_url={self.base_url!r})"
 
     @property
     def url(self) -> str:
