@@ -91,17 +91,10 @@ class LimitedRequest(Request):
     def _reject(self) -> None:
         self._rejected = True
         self.content = _Discard()
-        body = json.dumps(
-            {"error": f"Request body too large: the limit is {self._max_body} bytes"}
-        ).encode()
         transport = self.channel.transport
         assert transport is not None
-        transport.write(
-            b"HTTP/1.1 413 Request Entity Too Large\r\n"
-            b"Content-Type: application/json\r\n"
-            b"Connection: close\r\n"
-            b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body
-        )
+        transport.write(_raw_json_error(413, b"Request Entity Too Large",
+                                        f"Request body too large: the limit is {self._max_body} bytes"))
         transport.loseConnection()
 
 
