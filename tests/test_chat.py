@@ -21,7 +21,7 @@ from aichat.chat.titles import clean_title, fallback_title
 from aichat.chat.turn import ChatError, ChatService, Turn
 from aichat.config import ApprovalSettings, ChatSettings
 from aichat.llm.provider import Completion, LLMError, ToolCall
-from aichat.store import Attachment, Message, Session
+from aichat.store import Attachment, History, Message, Session
 from aichat.store.sqlite import SQLiteStore
 from tests.support import inline_store
 
@@ -127,7 +127,7 @@ class Harness:
     def session(self, user: str = "1") -> Session:
         return self.service.new_session(user)
 
-    def send(self, session: Session, text: str, user: str = "1", history: list[Message] | None = None) -> Turn:
+    def send(self, session: Session, text: str, user: str = "1", history: History | None = None) -> Turn:
         return self.service.start_message(user, session, text, history=history)
 
     def resolve(self, approval_id: str, approve: bool, ids: list[str] | None = None, user: str = "1") -> Turn:

@@ -15,12 +15,14 @@ from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 
-from aichat.store import Approval, Attachment, Message, StoreError, new_id, utc_now
+from aichat.store import Approval, Attachment, History, Message, StoreError, new_id, utc_now
 from aichat.store.sql import SQLStore
 from aichat.store.sqlite import SQLiteStore, migrations
 from tests.support import InlinePool, inline_pg_store, inline_store
 
 T = TypeVar("T")
+#: The context budget the tests read tails with (the default ``chat.history_budget_chars``).
+BUDGET = 100_000
 
 
 def run(coroutine: Coroutine[Any, Any, T]) -> T:
@@ -143,10 +145,10 @@ def test_session_history_reads_both_for_the_owner_only(store: SQLStore) -> None:
     session = run(store.create_session("1", "t"))
     message = Message(new_id("user"), session.id, "user", "hi")
     run(store.add_message(message))
-    found, history = run(store.session_history("1", session.id))
+    found, history = run(store.session_history("1", session.id, BUDGET))
     assert found is not None and found.id == session.id
-    assert history == [message]
-    assert run(store.session_history("2", session.id)) == (None, [])
+    assert history == History([message], complete=True)
+    assert run(store.session_history("2", session.id, BUDGET)) == (None, History())
 
 
 def test_message_for_missing_session_fails(store: SQLStore) -> None:
@@ -279,14 +281,14 @@ def test_text_no_engine_can_hold_is_stored_replaced(store: SQLStore) -> None:
     assert stored.content == "out \ufffd"
     assert stored.tool_executions == [{"id": "c1", "tool_name": "t", "result": "a\ufffdb",
                                        "arguments": {"k\ufffd": "\ufffd"}}]
-    assert database_view(store, "1", session.id)[1] == [stored]
+    assert database_view(store, "1", session.id)[1].messages == [stored]
 
 
-def database_view(store: SQLStore, user: str, session_id: str) -> tuple[Any, list[Message]]:
+def database_view(store: SQLStore, user: str, session_id: str) -> tuple[Any, History]:
     """What a store without a cache reads for the session: the database's truth."""
     plain = uncached(store)
     try:
-        return run(plain.session_history(user, session_id))
+        return run(plain.session_history(user, session_id, BUDGET))
     finally:
         run(plain.close())
 
@@ -309,13 +311,13 @@ def test_cached_history_matches_the_database_through_every_write(store: SQLStore
     for step in steps:
         run(step())
         assert session.id in store.cache
-        assert run(store.session_history("1", session.id)) == database_view(store, "1", session.id)
+        assert run(store.session_history("1", session.id, BUDGET)) == database_view(store, "1", session.id)
     assert run(store.get_session("1", session.id)) == database_view(store, "1", session.id)[0]
-    assert run(store.session_history("2", session.id)) == (None, [])
+    assert run(store.session_history("2", session.id, BUDGET)) == (None, History())
     assert run(store.get_session("2", session.id)) is None
     run(store.delete_session("1", session.id))
     assert session.id not in store.cache
-    assert run(store.session_history("1", session.id)) == (None, [])
+    assert run(store.session_history("1", session.id, BUDGET)) == (None, History())
 
 
 def test_read_overtaken_by_a_commit_is_not_cached(store: SQLStore) -> None:
@@ -334,15 +336,15 @@ def test_read_overtaken_by_a_commit_is_not_cached(store: SQLStore) -> None:
         return delayed
 
     store._read = late  # type: ignore[method-assign,assignment]
-    reading = Deferred.fromCoroutine(store.session_history("1", session.id))
+    reading = Deferred.fromCoroutine(store.session_history("1", session.id, BUDGET))
     store._read = real  # type: ignore[method-assign]
     run(store.add_message(Message(new_id("user"), session.id, "user", "two")))
     [(pending, stale)] = held
     pending.callback(stale)
-    _, history = cast(tuple[Any, list[Message]], reading.result)
-    assert [m.content for m in history] == ["one"]
+    _, history = cast(tuple[Any, History], reading.result)
+    assert [m.content for m in history.messages] == ["one"]
     assert session.id not in store.cache
-    assert [m.content for m in run(store.history(session.id))] == ["one", "two"]
+    assert [m.content for m in run(store.recent_history(session.id, BUDGET)).messages] == ["one", "two"]
     assert session.id in store.cache
 
 
@@ -354,7 +356,7 @@ def test_failed_write_drops_the_session_from_the_cache(store: SQLStore) -> None:
     with pytest.raises(StoreError):
         run(store.add_message(Message(new_id("user"), session.id, "user", "two", attachments=(attachment,))))
     assert session.id not in store.cache
-    assert [m.content for m in run(store.history(session.id))] == ["one"]
+    assert [m.content for m in run(store.recent_history(session.id, BUDGET)).messages] == ["one"]
 
 
 def test_many_attachments_across_a_page(store: SQLStore) -> None:

@@ -39,6 +39,7 @@ from aichat.api.openai_wire import (
 )
 from aichat.chat import events
 from aichat.chat.turn import ChatError, ChatService, ToolInfo, ToolScope, Turn, TurnResult
+from aichat.store.base import History
 
 APPROVAL_ITEM = "mcpr_"
 RESPONSE = "resp_"
@@ -517,7 +518,7 @@ def register_responses(api: API) -> None:
             if previous is not None:
                 session, history = await chat.resume(user, _session_of(previous))
             else:
-                session, history = chat.new_session(user), []
+                session, history = chat.new_session(user), History()
         except ChatError as e:
             raise OpenAIError(
                 f"Previous response with id '{previous}' not found.", e.status, param="previous_response_id"

@@ -14,7 +14,7 @@ from typing import Any, Protocol
 from twisted.internet.defer import Deferred, gatherResults
 
 from aichat.chat.context import build_messages
-from aichat.store.base import Message, Store
+from aichat.store.base import History, Message, Store
 
 #: No trimming: in memory, the context is what the client sent.
 UNLIMITED = 2**62
@@ -29,8 +29,9 @@ class Conversation(Protocol):
     @property
     def stored(self) -> bool: ...
 
-    async def history(self) -> list[Message]:
-        """The stored steps, oldest first (for a memory conversation, only this turn's)."""
+    async def history(self, budget_chars: int) -> History:
+        """The stored steps, oldest first: a stored session's tail for ``budget_chars`` (for a memory
+        conversation, only this turn's steps)."""
         ...
 
     def messages(
@@ -54,7 +55,7 @@ class StoredConversation:
         self,
         store: Store,
         session_id: str,
-        first_history: list[Message] | None = None,
+        first_history: History | None = None,
         instructions: str | None = None,
     ) -> None:
         self._store = store
@@ -66,11 +67,11 @@ class StoredConversation:
     def session_id(self) -> str:
         return self._session_id
 
-    async def history(self) -> list[Message]:
+    async def history(self, budget_chars: int) -> History:
         if self._first is not None:
             history, self._first = self._first, None
             return history
-        return await self._store.history(self._session_id)
+        return await self._store.recent_history(self._session_id, budget_chars)
 
     def messages(
         self, history: Sequence[Message], system_prompt: str, budget: int, now: datetime
@@ -101,8 +102,8 @@ class MemoryConversation:
     def session_id(self) -> str:
         return ""
 
-    async def history(self) -> list[Message]:
-        return list(self._steps)
+    async def history(self, budget_chars: int) -> History:
+        return History(list(self._steps))
 
     def messages(
         self, history: Sequence[Message], system_prompt: str, budget: int, now: datetime

@@ -30,7 +30,17 @@ from aichat.chat.streams import ReferencePresenter, Stream, StreamRegistry
 from aichat.chat.titles import clean_title, fallback_title, is_automatic, title_prompt
 from aichat.config import ChatSettings
 from aichat.llm.provider import LLMError, Provider, Usage
-from aichat.store.base import Approval, Attachment, Message, Session, Store, StoreError, StoreUnavailable, new_id
+from aichat.store.base import (
+    Approval,
+    Attachment,
+    History,
+    Message,
+    Session,
+    Store,
+    StoreError,
+    StoreUnavailable,
+    new_id,
+)
 
 log = Logger(namespace="aichat.chat")
 
@@ -316,18 +326,19 @@ class Turn:
         self.state = TurnState.FAILED
         self.emit(events.Failed(self.result))
 
-    async def _loop(self) -> tuple[list[Message], str] | None:
+    async def _loop(self) -> tuple[History, str] | None:
         """Ask the model and run its tools until it answers, asks for approval, hands calls to the client or
         reaches the round cap.
 
-        Returns the history of the last round and the model's last text, from which a title is made, or
+        Returns the history (tail) of the last round and the model's last text, from which a title is made, or
         ``None`` when the turn waits for an approval or the client."""
         chat = self._chat
         settings = chat.settings
         conversation = self.conversation
         first_round = True
         while True:
-            history = await conversation.history()
+            tail = await conversation.history(settings.history_budget_chars)
+            history = tail.messages
             if first_round and self.message is not None and all(m.id != self.message.id for m in history):
                 history.append(self.message)
             first_round = False
@@ -339,7 +350,7 @@ class Turn:
             assistant = await self._complete(messages, specs)
             if not assistant.tool_calls:
                 self.state = TurnState.ANSWERED
-                return history, assistant.content
+                return tail, assistant.content
             calls = assistant.tool_calls
             if rounds >= settings.max_tool_rounds:
                 await self.store_refusals(calls, ROUND_LIMIT)
@@ -351,7 +362,7 @@ class Turn:
                 self.result.text.append(notice)
                 self.emit(events.RoundLimit(notice))
                 self.state = TurnState.ANSWERED
-                return history, assistant.content
+                return tail, assistant.content
             client = [c for c in calls if c["function"]["name"] in self.scope.client_names]
             if client:
                 # The client runs these; server-side calls of the same round are left to a later round.
@@ -582,12 +593,12 @@ class ChatService:
         stamp = _iso(now.timestamp())
         return Session(session_id, user_id, title, stamp, stamp)
 
-    async def resume(self, user_id: str, session_id: str) -> tuple[Session, list[Message]]:
-        """The user's session ``session_id`` and its history, or a new empty one when ``session_id`` is
-        empty; another user's session is 404."""
+    async def resume(self, user_id: str, session_id: str) -> tuple[Session, History]:
+        """The user's session ``session_id`` and its history's budgeted tail, or a new empty one when
+        ``session_id`` is empty; another user's session is 404."""
         if not session_id:
-            return self.new_session(user_id), []
-        session, history = await self.store.session_history(user_id, session_id)
+            return self.new_session(user_id), History()
+        session, history = await self.store.session_history(user_id, session_id, self.settings.history_budget_chars)
         if session is None:
             raise ChatError("Session not found", 404)
         return session, history
@@ -600,13 +611,13 @@ class ChatService:
         session: Session,
         text: str,
         attachments: Sequence[Attachment] = (),
-        history: list[Message] | None = None,
+        history: History | None = None,
         *,
         scope: ToolScope | None = None,
         listener: events.Listener | None = None,
         instructions: str | None = None,
     ) -> Turn:
-        """Begin a turn for a new user message; ``history``, if given, is the session's as just read.
+        """Begin a turn for a new user message; ``history``, if given, is the session's tail as just read.
 
         Without a ``listener`` the turn reports to a new reference stream (``turn.stream``); ``instructions``
         replace the system prompt for this turn."""
@@ -720,10 +731,10 @@ class ChatService:
 
     # -- titles -------------------------------------------------------------------------------------
 
-    def maybe_title(self, user_id: str, session_id: str, history: list[Message], answer: str) -> None:
+    def maybe_title(self, user_id: str, session_id: str, history: History, answer: str) -> None:
         """Title the session after its first turn (however that turn ended), in the background."""
-        users = [m for m in history if m.role == "user"]
-        if not self.settings.title_generation or len(users) != 1:
+        users = [m for m in history.messages if m.role == "user"]
+        if not self.settings.title_generation or not history.complete or len(users) != 1:
             return
         work = Deferred.fromCoroutine(self._title(user_id, session_id, users[0].content, answer))
         self._background.add(work)

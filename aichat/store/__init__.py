@@ -3,6 +3,7 @@
 from aichat.store.base import (
     Approval,
     Attachment,
+    History,
     Message,
     Session,
     Store,
@@ -16,6 +17,7 @@ from aichat.store.base import (
 __all__ = [
     "Approval",
     "Attachment",
+    "History",
     "Message",
     "Session",
     "Store",

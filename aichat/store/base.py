@@ -129,6 +129,15 @@ class Message:
 
 
 @dataclass(frozen=True)
+class History:
+    """The newest messages of a session, oldest first (see :mod:`aichat.store.tail`); ``complete`` when
+    they start at the session's first message."""
+
+    messages: list[Message] = field(default_factory=list)
+    complete: bool = True
+
+
+@dataclass(frozen=True)
 class Approval:
     """A set of tool calls waiting for (or resolved by) the user who owns the session."""
 
@@ -186,10 +195,16 @@ class Store(Protocol):
         """A page of the session's messages in order, or ``None`` if not found for this user."""
 
     async def history(self, session_id: str) -> list[Message]:
-        """Every message of the session in order, for building the model's context."""
+        """Every message of the session in order (copies and checks; a turn reads :meth:`recent_history`)."""
 
-    async def session_history(self, user_id: str, session_id: str) -> tuple[Session | None, list[Message]]:
-        """The user's session and its history in one read; ``(None, [])`` if not found for this user."""
+    async def recent_history(self, session_id: str, budget_chars: int) -> History:
+        """The session's budgeted tail (:mod:`aichat.store.tail`), for building the model's context."""
+
+    async def session_history(
+        self, user_id: str, session_id: str, budget_chars: int
+    ) -> tuple[Session | None, History]:
+        """The user's session and its budgeted tail in one read; ``(None, History())`` if not found for
+        this user."""
 
     async def clear_messages(self, user_id: str, session_id: str) -> bool:
         """Delete every message of the session (and pending approvals); ``False`` if not found."""
