@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import sqlite3
 from collections.abc import Coroutine
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
@@ -15,14 +16,17 @@ from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 
+from aichat.chat.context import build_messages
 from aichat.store import Approval, Attachment, History, Message, StoreError, new_id, utc_now
 from aichat.store.sql import SQLStore
 from aichat.store.sqlite import SQLiteStore, migrations
+from aichat.store.tail import tail_start
 from tests.support import InlinePool, inline_pg_store, inline_store
 
 T = TypeVar("T")
 #: The context budget the tests read tails with (the default ``chat.history_budget_chars``).
 BUDGET = 100_000
+NOW = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 
 
 def run(coroutine: Coroutine[Any, Any, T]) -> T:
@@ -386,3 +390,56 @@ def test_schema_newer_than_the_code_is_refused(store: SQLStore) -> None:
     run(store.close())
     with pytest.raises(StoreError, match="schema is at version 99, newer than this aichat-backend"):
         uncached(store)
+
+
+def test_recent_history_is_the_budgeted_tail_on_both_engines(store: SQLStore) -> None:
+    """A long session (tool rounds, files, approvals) is read as the tail :func:`tail_start` names, over
+    several pages, with attachments, from the cache and from the database alike; the context built from it
+    is the one built from every message, and ``complete`` says whether it reaches the first message."""
+    session = run(store.create_session("1", "t"))
+    for n in range(150):
+        files = (Attachment(new_id(), f"{n}.txt", "text/plain", 4, "YWJjZA=="),) if n % 7 == 0 else ()
+        run(store.add_message(Message(new_id("user"), session.id, "user", f"question {n}", attachments=files)))
+        if n % 5 == 0:
+            calls = [{"id": f"c{n}", "type": "function", "function": {"name": "echo", "arguments": "{}"}}]
+            run(store.add_message(Message(new_id("assistant"), session.id, "assistant", "", tool_calls=calls)))
+            run(store.add_message(Message(new_id("tool"), session.id, "tool", "r" * 40, tool_call_id=f"c{n}")))
+        if n % 11 == 0:
+            run(store.add_message(Message(new_id("approval"), session.id, "tool_approval", "approve?")))
+        run(store.add_message(Message(new_id("assistant"), session.id, "assistant", f"answer {n}")))
+    every = run(store.history(session.id))
+    assert len(every) > 2 * 128  # more than one page of the tail's reads
+    plain = uncached(store)
+    try:
+        for budget in (0, 60, 900, 5000, 10**9):
+            start = tail_start(every, budget)
+            expected = History(every[start:] if start else every, complete=not start)
+            store.cache.clear()
+            assert run(plain.recent_history(session.id, budget)) == expected
+            assert run(store.recent_history(session.id, budget)) == expected  # a miss, then cached
+            assert run(store.recent_history(session.id, budget)) == expected  # a hit
+            context = build_messages("sys", expected.messages, budget, NOW)
+            assert context == build_messages("sys", every, budget, NOW)
+            if budget < 5000:
+                assert not expected.complete and len(expected.messages) < len(every) // 4
+    finally:
+        run(plain.close())
+
+
+def test_a_cached_tail_stays_bounded_as_the_session_grows(store: SQLStore) -> None:
+    """Appends to a cached session trim it to the tail its budget needs: the cache holds as much after 400
+    turns as after 200, and what it serves equals the database's tail."""
+    session = run(store.create_session("1", "t"))
+    sizes = []
+    for n in range(400):
+        run(store.add_message(Message(new_id("user"), session.id, "user", f"q{n:04}")))
+        run(store.add_message(Message(new_id("assistant"), session.id, "assistant", f"a{n:04}")))
+        run(store.recent_history(session.id, 500))
+        if n in (199, 399):
+            sizes.append(store.cache.size)
+    assert sizes[0] == sizes[1] and sizes[0] < 200 * 2 * 400
+    plain = uncached(store)
+    try:
+        assert run(store.recent_history(session.id, 500)) == run(plain.recent_history(session.id, 500))
+    finally:
+        run(plain.close())
