@@ -236,6 +236,11 @@ class ChunkWriter:
         self._out.send(error.body())
 
 
+def lagged(message: str) -> tuple[dict[str, Any], None]:
+    """The error chunk that ends a stream whose client fell too far behind (as ``fail`` writes errors)."""
+    return OpenAIError(message, 500, code="reader_lag").body(), None
+
+
 def register_chat_completions(api: API) -> None:
     """``POST /v1/chat/completions``."""
 
@@ -281,7 +286,8 @@ def register_chat_completions(api: API) -> None:
                 "usage": _usage(result),
             }
             return json_response(request, answer)
-        out = EventStream(request, api.clock, api.settings.chat.keepalive_seconds)
+        settings = api.settings.chat
+        out = EventStream(request, api.clock, settings.keepalive_seconds, settings.max_reader_lag_bytes, lagged)
         writer = ChunkWriter(out, completion_id, created, model, include_usage)
         writer.chunk({"role": "assistant", "content": "", "refusal": None})
         try:
@@ -293,4 +299,5 @@ def register_chat_completions(api: API) -> None:
                 writer.finish(result)
         finally:
             out.close()
+        await out.flushed()
         return b""

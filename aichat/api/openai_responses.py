@@ -461,6 +461,13 @@ class ResponseBuilder:
     def fail(self, result: TurnResult, error: OpenAIError) -> None:
         self._send({"type": "response.failed", "response": self.response("failed", result, error)})
 
+    def lagged(self, message: str) -> tuple[dict[str, Any], str]:
+        """The SDK's ``error`` event that ends a stream whose client fell too far behind."""
+        event = {"type": "error", "code": "reader_lag", "message": message, "param": None,
+                 "sequence_number": self._seq}
+        self._seq += 1
+        return event, "error"
+
 
 def _configured(api: API, chat: ChatService) -> set[str]:
     host = api.services.get("mcp")
@@ -603,7 +610,8 @@ async def _answer(
         if result.error is not None:
             raise turn_error(result)
         return json_response(request, builder.response("completed", result))
-    out = EventStream(request, api.clock, api.settings.chat.keepalive_seconds)
+    settings = api.settings.chat
+    out = EventStream(request, api.clock, settings.keepalive_seconds, settings.max_reader_lag_bytes, builder.lagged)
     builder.attach(out)
     try:
         # A client that goes away stops reading: a stored turn goes on and is stored, one kept in memory
@@ -616,4 +624,5 @@ async def _answer(
             builder.finish(result)
     finally:
         out.close()
+    await out.flushed()
     return b""
