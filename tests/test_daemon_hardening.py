@@ -285,3 +285,89 @@ def test_sigterm_answers_a_waiting_non_streaming_turn_with_503(tmp_path: Path, s
     assert isinstance(body, dict) and "shutting down" in str(body["error"])
     log = daemon.log.read_text()
     assert "Traceback" not in log and "Unhandled" not in log, log[-2000:]
+
+
+def idle_post(port: int, path: str, body: dict[str, object], user: str) -> socket.socket:
+    """A client that sends a request and then does not read (a 4 KiB receive buffer)."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", port))
+    data = json.dumps(body).encode()
+    sock.sendall(
+        f"POST {path} HTTP/1.1\r\nHost: x\r\nX-User-ID: {user}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(data)}\r\n\r\n".encode() + data
+    )
+    return sock
+
+
+def read_until_closed(sock: socket.socket, deadline: float) -> bytes:
+    """Everything the server sends until it closes the connection (or the deadline passes: an error)."""
+    received = b""
+    sock.settimeout(max(0.1, deadline - time.monotonic()))
+    try:
+        while chunk := sock.recv(1 << 20):
+            received += chunk
+    except ConnectionResetError:
+        pass
+    finally:
+        sock.close()
+    return received
+
+
+def test_openai_streams_not_read_end_with_their_faces_error_and_cost_others_nothing(tmp_path: Path) -> None:
+    """Through a real port: a chat completions stream and a responses stream whose clients stop reading end,
+    once chat.max_reader_lag_bytes wait unsent, with an error in each face's format; another user's request
+    is answered meanwhile; the stored response's turn goes on and stores the whole answer."""
+    port = free_port()
+    upstream = subprocess.Popen(
+        [str(BIN / "python"), "-m", "tests.upstream", "--port", str(port), "--chunks", "3000", "--delay", "0.001"],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    )
+    try:
+        assert upstream.stdout is not None
+        assert b"listening on" in upstream.stdout.readline()
+        daemon = daemon_on(tmp_path, Upstream(upstream, port), chat="  max_reader_lag_bytes: 65536\n")
+        try:
+            status, models = get_json(daemon.base + "/v1/models", {"X-User-ID": "5"})
+            assert status == 200 and isinstance(models, dict)
+            model = models["data"][0]["id"]
+            text = "x" * 2000
+            completions = idle_post(daemon.port, "/v1/chat/completions",
+                                    {"model": model, "stream": True, "messages": [{"role": "user", "content": text}]},
+                                    "5")
+            responses = idle_post(daemon.port, "/v1/responses", {"model": model, "stream": True, "input": text}, "5")
+            time.sleep(0.5)
+            other = {"X-User-ID": "6", "Content-Type": "application/json"}
+            began = time.monotonic()
+            status, answer = get_json(daemon.base + "/v1/chat/completions", other, "POST", json.dumps(
+                {"model": model, "messages": [{"role": "user", "content": text}]}).encode())
+            assert status == 200, answer
+            assert time.monotonic() - began < 30
+            assert isinstance(answer, dict)
+            full = answer["choices"][0]["message"]["content"]
+            deadline = time.monotonic() + 40
+            chat_body = read_until_closed(completions, deadline)
+            responses_body = read_until_closed(responses, deadline)
+            assert b"[DONE]" not in chat_body
+            last_chat = [line for line in chat_body.split(b"\n") if line.startswith(b"data: ")][-1]
+            error = json.loads(last_chat[6:])["error"]
+            assert error["code"] == "reader_lag" and "fell more than 65536 bytes behind" in error["message"]
+            assert b"event: error\n" in responses_body and b"response.completed" not in responses_body
+            last_event = [line for line in responses_body.split(b"\n") if line.startswith(b"data: ")][-1]
+            assert json.loads(last_event[6:])["code"] == "reader_lag"
+            session_id = json.loads(responses_body.split(b"data: ", 1)[1].split(b"\n", 1)[0])["response"]["id"]
+            session_id = session_id.removeprefix("resp_").rsplit("_", 1)[0]
+            stored: list[str] = []
+            while time.monotonic() < deadline and not stored:
+                status, page = get_json(daemon.base + f"/v1/chat/sessions/{session_id}/messages", {"X-User-ID": "5"})
+                assert status == 200 and isinstance(page, dict)
+                stored = [m["content"] for m in page["messages"] if m["role"] == "assistant"]
+                time.sleep(0.2)
+            assert stored == [full]
+            log = daemon.log.read_text()
+            assert log.count("Dropping an OpenAI stream reader") == 2
+        finally:
+            daemon.stop()
+    finally:
+        upstream.kill()
+        upstream.wait()
