@@ -17,7 +17,7 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 
 from aichat.chat.context import build_messages
-from aichat.store import Approval, Attachment, History, Message, StoreError, new_id, utc_now
+from aichat.store import Approval, Attachment, History, Message, StoreError, ToolExecution, new_id, utc_now
 from aichat.store.sql import SQLStore
 from aichat.store.sqlite import SQLiteStore, migrations
 from aichat.store.tail import tail_start
@@ -75,7 +75,7 @@ def test_migrations_applied_once_and_recorded(tmp_path: Path) -> None:
     run(second.close())
     connection = sqlite3.connect(path)
     versions = [row[0] for row in connection.execute("SELECT version FROM schema_migrations")]
-    assert versions == [m[0] for m in migrations()] == [1]
+    assert versions == [m[0] for m in migrations()] == [1, 2]
     assert connection.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     tables = {row[0] for row in connection.execute("SELECT name FROM sqlite_master WHERE type='table'")}
     assert {"chat_sessions", "chat_messages", "chat_attachments", "tool_approvals"} <= tables
@@ -443,3 +443,29 @@ def test_a_cached_tail_stays_bounded_as_the_session_grows(store: SQLStore) -> No
         assert run(store.recent_history(session.id, 500)) == run(plain.recent_history(session.id, 500))
     finally:
         run(plain.close())
+
+
+def test_tool_executions_of_requests_without_a_session(store: SQLStore) -> None:
+    """Executions stored by user and request come back newest first, filtered by user and/or request, with
+    text that could not be stored made storable; another user's filter sees none of them."""
+    def execution(user: str, request: str, n: int, error: str | None = None) -> ToolExecution:
+        record = {"id": f"call_{n}", "tool_name": "everything__echo", "arguments": '{"m": "\ud800"}',
+                  "result": "" if error else f"r{n}", "start_time": f"2026-01-01T00:00:0{n}.000000Z",
+                  "end_time": f"2026-01-01T00:00:0{n}.500000Z", "duration_ms": 500}
+        if error:
+            record["error"] = error
+        return ToolExecution.of(user, request, record)
+
+    first = [execution("1", "chatcmpl_a", 1), execution("1", "chatcmpl_a", 2, "Error executing tool: boom")]
+    run(store.add_tool_executions(first))
+    run(store.add_tool_executions([execution("2", "chatcmpl_b", 3)]))
+    mine = run(store.list_tool_executions("1", None, 10, 0))
+    assert [(e.tool_call_id, e.error) for e in mine] == [("call_2", "Error executing tool: boom"), ("call_1", None)]
+    assert mine[1].arguments == '{"m": "\ufffd"}' and mine[1].start_time == "2026-01-01T00:00:01.000000Z"
+    assert mine[0].to_json()["error"] == "Error executing tool: boom" and mine[0].duration_ms == 500
+    assert [e.request_id for e in run(store.list_tool_executions(None, None, 10, 0))] == [
+        "chatcmpl_b", "chatcmpl_a", "chatcmpl_a"
+    ]
+    assert run(store.list_tool_executions("2", "chatcmpl_a", 10, 0)) == []
+    assert [e.user_id for e in run(store.list_tool_executions(None, "chatcmpl_b", 10, 0))] == ["2"]
+    assert len(run(store.list_tool_executions("1", "chatcmpl_a", 1, 1))) == 1

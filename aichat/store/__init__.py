@@ -10,6 +10,7 @@ from aichat.store.base import (
     StoreError,
     StoreFull,
     StoreUnavailable,
+    ToolExecution,
     new_id,
     utc_now,
 )
@@ -24,6 +25,7 @@ __all__ = [
     "StoreError",
     "StoreFull",
     "StoreUnavailable",
+    "ToolExecution",
     "new_id",
     "utc_now",
 ]

@@ -7,6 +7,7 @@ the model needs to see history correctly: the ``tool_call_id`` of each tool resu
 from __future__ import annotations
 
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Protocol
@@ -151,6 +152,60 @@ class Approval:
     resolved_at: str | None = None
 
 
+@dataclass(frozen=True)
+class ToolExecution:
+    """A tool call run server-side for a request that keeps no session (a chat completion), stored by the
+    user it ran for and the id of the request (``request_id``, the completion's ``chatcmpl_...`` id)."""
+
+    id: str
+    user_id: str
+    request_id: str
+    tool_call_id: str
+    tool_name: str
+    arguments: str
+    result: str
+    error: str | None
+    start_time: str
+    end_time: str
+    duration_ms: int
+    created_at: str = field(default_factory=utc_now)
+
+    @classmethod
+    def of(cls, user_id: str, request_id: str, execution: dict[str, Any]) -> ToolExecution:
+        """A record of one of a turn's executions (the reference's ``ToolExecution`` JSON)."""
+        return cls(
+            id=new_id("exec"),
+            user_id=user_id,
+            request_id=request_id,
+            tool_call_id=str(execution["id"]),
+            tool_name=str(execution["tool_name"]),
+            arguments=str(execution.get("arguments", "")),
+            result=str(execution.get("result", "")),
+            error=execution.get("error"),
+            start_time=str(execution["start_time"]),
+            end_time=str(execution["end_time"]),
+            duration_ms=int(execution["duration_ms"]),
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        """The reference's ``ToolExecution`` JSON, with the request it ran for."""
+        out: dict[str, Any] = {
+            "id": self.tool_call_id,
+            "tool_name": self.tool_name,
+            "arguments": self.arguments,
+            "result": self.result,
+            "start_time": self.start_time,
+            "end_time": self.end_time,
+            "duration_ms": self.duration_ms,
+            "request_id": self.request_id,
+            "user_id": self.user_id,
+            "created_at": self.created_at,
+        }
+        if self.error is not None:
+            out["error"] = self.error
+        return out
+
+
 class Store(Protocol):
     """What the API and chat layers need from a database. Every method is a coroutine.
 
@@ -208,6 +263,14 @@ class Store(Protocol):
 
     async def clear_messages(self, user_id: str, session_id: str) -> bool:
         """Delete every message of the session (and pending approvals); ``False`` if not found."""
+
+    async def add_tool_executions(self, executions: Sequence[ToolExecution]) -> None:
+        """Store the executions of a request that keeps no session, committed together."""
+
+    async def list_tool_executions(
+        self, user_id: str | None, request_id: str | None, limit: int, offset: int
+    ) -> list[ToolExecution]:
+        """Stored executions, newest first, of one user and/or one request (``None``: any)."""
 
     async def create_approval(self, approval: Approval) -> None:
         """Store a pending approval."""

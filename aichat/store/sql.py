@@ -24,6 +24,7 @@ from aichat.store.base import (
     Session,
     StoreError,
     StoreFull,
+    ToolExecution,
     new_id,
     utc_now,
 )
@@ -47,6 +48,11 @@ INSERT_ATTACHMENT = (
     "INSERT INTO chat_attachments (id, message_id, filename, mime_type, size, content, created_at) "
     "VALUES (?, ?, ?, ?, ?, ?, ?)"
 )
+EXECUTION_COLUMNS = (
+    "id, user_id, request_id, tool_call_id, tool_name, arguments, result, error, start_time, end_time, "
+    "duration_ms, created_at"
+)
+INSERT_EXECUTION = f"INSERT INTO tool_executions ({EXECUTION_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 APPROVAL_COLUMNS = "id, session_id, user_id, tool_calls, status, created_at, expires_at, resolved_at"
 INSERT_APPROVAL = f"INSERT INTO tool_approvals ({APPROVAL_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
 
@@ -99,6 +105,44 @@ def approval_params(approval: Approval) -> tuple[Any, ...]:
         approval.created_at,
         approval.expires_at,
         approval.resolved_at,
+    )
+
+
+def execution_params(execution: ToolExecution) -> tuple[Any, ...]:
+    """Parameters of :data:`INSERT_EXECUTION` (text that cannot be stored made storable)."""
+    error = None if execution.error is None else storable(execution.error)
+    return (
+        execution.id,
+        execution.user_id,
+        execution.request_id,
+        storable(execution.tool_call_id),
+        storable(execution.tool_name),
+        storable(execution.arguments),
+        storable(execution.result),
+        error,
+        execution.start_time,
+        execution.end_time,
+        execution.duration_ms,
+        execution.created_at,
+    )
+
+
+def execution_from_row(engine: Engine, row: Any) -> ToolExecution:
+    """A :class:`ToolExecution` from ``SELECT EXECUTION_COLUMNS``."""
+    load_time = engine.load_time
+    return ToolExecution(
+        id=row[0],
+        user_id=row[1],
+        request_id=row[2],
+        tool_call_id=row[3],
+        tool_name=row[4],
+        arguments=row[5],
+        result=row[6],
+        error=row[7],
+        start_time=load_time(row[8]),
+        end_time=load_time(row[9]),
+        duration_ms=int(row[10]),
+        created_at=load_time(row[11]),
     )
 
 
@@ -456,6 +500,37 @@ class SQLStore:
                 self.cache.cleared(session_id, now)
 
         return bool(await self._write(clear, session_id=session_id, effect=effect))
+
+    # -- executions of requests without a session ----------------------------------------------------
+
+    async def add_tool_executions(self, executions: Sequence[ToolExecution]) -> None:
+        rows = [execution_params(e) for e in executions]
+        if not rows:
+            return
+
+        def insert(txn: Txn) -> None:
+            for row in rows:
+                txn.execute(INSERT_EXECUTION, row)
+
+        await self._write(insert)
+
+    async def list_tool_executions(
+        self, user_id: str | None, request_id: str | None, limit: int, offset: int
+    ) -> list[ToolExecution]:
+        engine = self.engine
+        # NULL filters match every row: one statement for every combination.
+        statement = (
+            f"SELECT {EXECUTION_COLUMNS} FROM tool_executions WHERE (CAST(? AS TEXT) IS NULL OR user_id = ?) "
+            "AND (CAST(? AS TEXT) IS NULL OR request_id = ?) "
+            "ORDER BY created_at DESC, start_time DESC, id LIMIT ? OFFSET ?"
+        )
+
+        def select(txn: Txn) -> list[ToolExecution]:
+            txn.execute(statement, (user_id, user_id, request_id, request_id, limit, offset))
+            return [execution_from_row(engine, row) for row in txn.fetchall()]
+
+        found: list[ToolExecution] = await self._read(select)
+        return found
 
     # -- approvals ------------------------------------------------------------------------------------
 
