@@ -1,8 +1,9 @@
 """``POST /v1/chat/completions``: OpenAI's Chat Completions over the daemon's tool loop.
 
-The client's messages are the context (nothing is stored). The model is offered the MCP tools that the
+The client's messages are the context (no session is kept). The model is offered the MCP tools that the
 operator's ``chat.approval`` policy lets run without a person (``never``, or ``auto`` globs), and those calls
-run server-side in the same loop as a chat turn (round cap, concurrency, timeouts); tools that need an
+run server-side in the same loop as a chat turn (round cap, concurrency, timeouts, stored executions: by
+user and completion id, see :mod:`aichat.api.executions`, since there is no session); tools that need an
 approval are not offered here. Tools the client sends in ``tools`` are offered too, and a call to one ends
 the answer with ``finish_reason: "tool_calls"`` for the client to run. Streamed, the chunks are OpenAI's: a
 role chunk, content deltas, the client's tool calls, a finish chunk, the usage chunk when
@@ -262,7 +263,7 @@ def register_chat_completions(api: API) -> None:
         completion_id = short_id("chatcmpl")
         created = int(api.clock.seconds())
         if not stream:
-            turn = chat.start_stateless(user, messages, scope, lambda event: None)
+            turn = chat.start_stateless(user, messages, scope, lambda event: None, request_id=completion_id)
             result = await chat.wait(turn)
             if result.error is not None:
                 raise turn_error(result)
@@ -291,7 +292,7 @@ def register_chat_completions(api: API) -> None:
         writer = ChunkWriter(out, completion_id, created, model, include_usage)
         writer.chunk({"role": "assistant", "content": "", "refusal": None})
         try:
-            turn = chat.start_stateless(user, messages, scope, writer)
+            turn = chat.start_stateless(user, messages, scope, writer, request_id=completion_id)
             result = await chat.wait(turn)
             if result.error is not None:
                 writer.fail(turn_error(result))

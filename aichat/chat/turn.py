@@ -25,7 +25,7 @@ from twisted.python.failure import Failure
 
 from aichat.chat import events
 from aichat.chat.approvals import ApprovalPolicy
-from aichat.chat.conversation import Conversation, MemoryConversation, StoredConversation
+from aichat.chat.conversation import Conversation, MemoryConversation, StoredConversation, store_executions
 from aichat.chat.streams import ReferencePresenter, Stream, StreamRegistry
 from aichat.chat.titles import clean_title, fallback_title, is_automatic, title_prompt
 from aichat.config import ChatSettings
@@ -475,7 +475,7 @@ class Turn:
         )
         self.result.executions.extend(executions)
         if not self.conversation.stored:
-            # Nothing else keeps a record of what ran for a turn kept in memory.
+            # A turn kept in memory has no session whose messages show what ran.
             for execution in executions:
                 log.info(
                     "Tool {tool_name} ran for user {user_id} ({outcome}, {duration_ms} ms)",
@@ -626,10 +626,18 @@ class ChatService:
         return self._start(user_id, conversation, scope, listener, message, _nothing)
 
     def start_stateless(
-        self, user_id: str, messages: Sequence[dict[str, Any]], scope: ToolScope, listener: events.Listener
+        self,
+        user_id: str,
+        messages: Sequence[dict[str, Any]],
+        scope: ToolScope,
+        listener: events.Listener,
+        *,
+        request_id: str | None = None,
     ) -> Turn:
-        """Begin a turn whose context is ``messages`` (Chat Completions shape) and that stores nothing."""
-        return self._start(user_id, MemoryConversation(messages), scope, listener, None, _nothing)
+        """Begin a turn whose context is ``messages`` (Chat Completions shape) and that keeps no session; with
+        a ``request_id`` its tool executions are stored under it, else nothing is stored."""
+        executions = None if request_id is None else store_executions(self.store, user_id, request_id)
+        return self._start(user_id, MemoryConversation(messages, executions), scope, listener, None, _nothing)
 
     async def start_resolution(
         self,
