@@ -191,16 +191,12 @@ class EventStream(PacedResponse):
         self._last = last_words
         self._waiting: deque[bytes] = deque()
         self._flushed: Deferred[None] = Deferred()
-        request.setResponseCode(200)
-        request.setHeader(b"Content-Type", b"text/event-stream; charset=utf-8")
-        request.setHeader(b"Cache-Control", b"no-cache")
-        request.setHeader(b"X-Accel-Buffering", b"no")
+        self._start()
 
         def lost(_: object) -> None:
             self._end()
 
         cast(Request, request).notifyFinish().addBoth(lost)
-        self._register()
         self._ping = LoopingCall(self._write, encode_comment("ping"))
         self._ping.clock = clock
         self._ping.start(keepalive_seconds, now=False)

@@ -37,9 +37,15 @@ class PacedResponse:
         self.over = False
         self._registered = False
 
-    def _register(self) -> None:
-        """Become the request's producer (``twisted.web``'s Request is the transport's consumer proxy)."""
-        cast(IConsumer, self._request).registerProducer(self, True)
+    def _start(self) -> None:
+        """Answer 200 as an event stream (never buffered by a proxy) and become the request's producer."""
+        request = self._request
+        request.setResponseCode(200)
+        request.setHeader(b"Content-Type", b"text/event-stream; charset=utf-8")
+        request.setHeader(b"Cache-Control", b"no-cache")
+        request.setHeader(b"X-Accel-Buffering", b"no")
+        # twisted.web's Request is the transport's consumer proxy.
+        cast(IConsumer, request).registerProducer(self, True)
         self._registered = True
 
     def _unregister(self) -> None:

@@ -80,14 +80,9 @@ class StreamReader(PacedResponse):
 
     async def run(self) -> None:
         """Write the stream until it ends, the client goes away, or the reader is dropped."""
-        request = self._request
-        request.setResponseCode(200)
-        request.setHeader(b"Content-Type", b"text/event-stream; charset=utf-8")
-        request.setHeader(b"Cache-Control", b"no-cache")
-        request.setHeader(b"X-Accel-Buffering", b"no")
-        request.setHeader(b"Connection", b"keep-alive")
-        request.write(b"")
-        self._register()
+        self._request.setHeader(b"Connection", b"keep-alive")
+        self._start()
+        self._request.write(b"")
         ping = LoopingCall(self._ping)
         ping.clock = self._clock
         unsubscribe = self._stream.subscribe(self._on_event)
