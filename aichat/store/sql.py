@@ -30,7 +30,7 @@ from aichat.store.base import (
 )
 from aichat.store.engines import Engine, Txn, dump_json
 from aichat.store.history_cache import HistoryCache, Read
-from aichat.store.tail import tail_start
+from aichat.store.tail import context_chars, tail_start
 from aichat.store.text import storable, storable_approval, storable_message
 
 log = Logger(namespace="aichat.store")
@@ -215,7 +215,9 @@ def message_from_row(engine: Engine, row: Any, attachments: Sequence[Attachment]
 
 #: Newer than any message: the first page of a tail starts below it.
 _NEWEST = 2**62
-#: Rows of the first page of a tail; each further page is twice the one before, up to :data:`_PAGE_MAX`.
+#: Rows of the first page of a tail; a further page is sized from the characters per row read so far (a
+#: quarter more than the budget seems to need, or twice the last one while no user message starts a tail that
+#: measures enough), at least :data:`_PAGE_FIRST` and at most :data:`_PAGE_MAX`.
 _PAGE_FIRST = 128
 _PAGE_MAX = 8192
 
@@ -248,7 +250,12 @@ def select_tail(engine: Engine, txn: Txn, session_id: str, budget_chars: int) ->
         start = tail_start(messages, budget_chars)
         if start is not None:
             break
-        below, size = page[0][0], min(size * 2, _PAGE_MAX)
+        measured = sum(context_chars(messages))
+        per_row = max(1.0, measured / len(messages))
+        wanted = int(max(0, budget_chars - measured) / per_row * 1.25) + _PAGE_FIRST
+        if measured > budget_chars:  # enough characters, but no user message yet: look further back, faster
+            wanted = max(wanted, size * 2)
+        below, size = page[0][0], min(wanted, _PAGE_MAX)
     if complete:
         start = tail_start(messages, budget_chars)
         complete = not start
