@@ -469,3 +469,17 @@ def test_tool_executions_of_requests_without_a_session(store: SQLStore) -> None:
     assert run(store.list_tool_executions("2", "chatcmpl_a", 10, 0)) == []
     assert [e.user_id for e in run(store.list_tool_executions(None, "chatcmpl_b", 10, 0))] == ["2"]
     assert len(run(store.list_tool_executions("1", "chatcmpl_a", 1, 1))) == 1
+
+
+def test_a_tail_without_a_user_message_is_the_whole_session(store: SQLStore) -> None:
+    """Over the budget but with no user message to start a tail at, every message is read (the context
+    builder may need any of them), over pages that keep growing."""
+    session = run(store.create_session("1", "t"))
+    for n in range(600):
+        run(store.add_message(Message(new_id("assistant"), session.id, "assistant", f"note {n:04}")))
+    plain = uncached(store)
+    try:
+        tail = run(plain.recent_history(session.id, 100))
+    finally:
+        run(plain.close())
+    assert tail.complete and [m.content for m in tail.messages] == [f"note {n:04}" for n in range(600)]
