@@ -38,12 +38,12 @@ class Upstream:
     port: int
 
 
-@pytest.fixture
-def slow_upstream() -> Iterator[Upstream]:
-    """An upstream that streams 60 deltas 0.25 s apart: a turn lasts 15 s."""
+def scripted_upstream(chunks: int, delay: float) -> Iterator[Upstream]:
+    """The scripted upstream as a process streaming ``chunks`` deltas ``delay`` seconds apart."""
     port = free_port()
     process = subprocess.Popen(
-        [str(BIN / "python"), "-m", "tests.upstream", "--port", str(port), "--chunks", "60", "--delay", "0.25"],
+        [str(BIN / "python"), "-m", "tests.upstream", "--port", str(port), "--chunks", str(chunks),
+         "--delay", str(delay)],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
     )
     assert process.stdout is not None
@@ -51,21 +51,18 @@ def slow_upstream() -> Iterator[Upstream]:
     yield Upstream(process, port)
     process.kill()
     process.wait()
+
+
+@pytest.fixture
+def slow_upstream() -> Iterator[Upstream]:
+    """An upstream that streams 60 deltas 0.25 s apart: a turn lasts 15 s."""
+    yield from scripted_upstream(60, 0.25)
 
 
 @pytest.fixture
 def fast_upstream() -> Iterator[Upstream]:
     """An upstream that streams 3000 deltas 1 ms apart: a large stream, fast."""
-    port = free_port()
-    process = subprocess.Popen(
-        [str(BIN / "python"), "-m", "tests.upstream", "--port", str(port), "--chunks", "3000", "--delay", "0.001"],
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-    )
-    assert process.stdout is not None
-    assert b"listening on" in process.stdout.readline()
-    yield Upstream(process, port)
-    process.kill()
-    process.wait()
+    yield from scripted_upstream(3000, 0.001)
 
 
 def daemon_on(tmp_path: Path, upstream: Upstream, chat: str = "", server: str = "") -> Daemon:
