@@ -167,6 +167,10 @@ class ChatSettings:
     max_reader_lag_bytes: int = 1024 * 1024
     #: Whether ``GET /v1/chat/stream?message=`` runs a turn (a plain link could start one: opt-in).
     legacy_stream_get: bool = False
+    #: With several instances on PostgreSQL: how soon a dead instance's turn is ended by another.
+    turn_lease_seconds: float = 10.0
+    #: With several instances on PostgreSQL: text deltas within this many seconds share one event row.
+    event_batch_seconds: float = 0.02
 
 
 @dataclass(frozen=True)
