@@ -505,7 +505,7 @@ def _database_line(database: DatabaseSettings) -> str:
         return (
             f"{database.shown()} (PostgreSQL, pool {database.pool_size}, connect timeout "
             f"{database.connect_timeout_seconds:g} s, statement timeout {database.statement_timeout_seconds:g} s, "
-            f"history cache {database.history_cache_mb} MB)"
+            "no history cache: other instances may write)"
         )
     return f"{database.path} (SQLite, history cache {database.history_cache_mb} MB)"
 

@@ -47,7 +47,7 @@ class Fixture:
 def sse_events(body: bytes, after: int = 0) -> list[dict[str, Any]]:
     """Decode ``event: message`` frames; every frame must use that event name and carry the next ``id``
     (counting from ``after``, the ``Last-Event-ID`` sent)."""
-    events = []
+    events: list[dict[str, Any]] = []
     for frame in body.decode().split("\n\n"):
         if not frame.strip() or frame.startswith(":"):
             continue

@@ -351,8 +351,11 @@ class Turn:
         finally:
             if not self.ready.called:
                 self.ready.callback(None)
-            if self._claimed and self._stream is None and chat.coordinator is not None:
-                chat.coordinator.release(self.id)
+            if self._claimed and chat.coordinator is not None:
+                # Done only once every instance sees the session free again.
+                if self._stream is None:
+                    chat.coordinator.release(self.id)
+                await chat.coordinator.settled(self.id)
 
     def _fail(self) -> None:
         self.state = TurnState.FAILED

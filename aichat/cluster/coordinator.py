@@ -33,6 +33,8 @@ log = Logger(namespace="aichat.cluster")
 CATCH_UP_SECONDS = 1.0
 #: Pause before a failed write of events is tried again.
 RETRY_SECONDS = 0.5
+#: Longest wait of a turn for its last events to be written (the database may be down).
+SETTLE_SECONDS = 5.0
 #: Catch-up ticks between two sweeps of turns ended more than ``keep_seconds`` ago.
 SWEEP_TICKS = 60
 
@@ -49,6 +51,8 @@ class _Owned:
     final: bool = False
     #: A write failed: the next one waits for the retry timer.
     backoff: bool = False
+    #: Waiting for the turn's end to be written.
+    waiters: list[Deferred[None]] = field(default_factory=list)
 
 
 class Coordinator:
@@ -127,6 +131,31 @@ class Coordinator:
             owned.final = True
             self._write(owned)
 
+    def settled(self, turn_id: str) -> Deferred[None]:
+        """Fires once the end of this instance's turn ``turn_id`` is written (at most ``SETTLE_SECONDS``):
+        then every instance sees the session free."""
+        done: Deferred[None] = Deferred()
+        owned = self._owned.get(turn_id)
+        if owned is None:
+            done.callback(None)
+            return done
+        owned.waiters.append(done)
+
+        def give_up() -> None:
+            if done in owned.waiters:
+                owned.waiters.remove(done)
+                done.callback(None)
+
+        timer = self._clock.callLater(SETTLE_SECONDS, give_up)
+
+        def stop_timer(result: None) -> None:
+            if timer.active():
+                timer.cancel()
+            return result
+
+        done.addCallback(stop_timer)
+        return done
+
     def publish(self, turn_id: str, stream: Stream) -> None:
         """Append every event of ``stream`` (a claimed turn's) to the log, in order."""
         owned = self._owned[turn_id]
@@ -156,6 +185,9 @@ class Coordinator:
             owned.written += len(batch)
             if final:
                 self._owned.pop(owned.turn_id, None)
+                waiters, owned.waiters = owned.waiters, []
+                for waiter in waiters:
+                    waiter.callback(None)
 
         def failed(failure: Any) -> None:
             log.warn(
