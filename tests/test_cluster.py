@@ -90,16 +90,17 @@ class MemoryLog:
         self.events[turn_id] = []
         return True
 
-    async def append(self, turn_id: str, first_seq: int, events: Sequence[Event], final: bool) -> None:
+    async def append(self, batches: Sequence[tuple[str, int, Sequence[Event], bool]]) -> None:
         if self.fail_appends:
             self.fail_appends -= 1
             raise RuntimeError("database down")
-        log = self.events[turn_id]
-        for n, event in enumerate(events):
-            if first_seq + n == len(log) + 1:
-                log.append(event)
-        if final and self.turns[turn_id]["ended"] is None:
-            self.turns[turn_id]["ended"] = self.shared["now"]
+        for turn_id, first_seq, events, final in batches:
+            log = self.events[turn_id]
+            for n, event in enumerate(events):
+                if first_seq + n == len(log) + 1:
+                    log.append(event)
+            if final and self.turns[turn_id]["ended"] is None:
+                self.turns[turn_id]["ended"] = self.shared["now"]
 
     async def read(self, after: dict[str, int]) -> list[LoggedEvent]:
         self.reads += 1
@@ -150,18 +151,21 @@ def test_a_claimed_turn_publishes_in_order_and_its_lease_is_renewed_until_it_end
     assert run(running.claim("t1", "s1", "u", lambda: cancelled.append("t1")))
     assert not run(running.claim("t2", "s1", "u", lambda: None))
     stream = streams.create("t1", "u", "s1")
-    running.publish("t1", stream)
+    emit = running.emitter("t1", stream)
     log.fail_appends = 1
-    stream.emit(Event("message", "s1", content="a"))
-    assert log.events["t1"] == []
+    emit(Event("message", "s1", content="a"))
+    assert log.events["t1"] == [] and [e.content for e in stream.events] == ["a"]
     clock.advance(0.5)
-    stream.emit(Event("message", "s1", content="b"))
+    emit(Event("message", "s1", content="b"))
     assert [e.content for e in log.events["t1"]] == ["a", "b"]
     clock.advance(3.0)
     assert log.renewals == [["t1"]]
     ended = running.settled("t1")
-    stream.emit(Event("done", "s1"))
-    assert ended.called
+    log.fail_appends = 1
+    emit(Event("done", "s1"))
+    assert not stream.ended  # this instance's readers see the end only once it is in the log
+    clock.advance(0.5)
+    assert ended.called and stream.ended
     assert [e.type for e in log.events["t1"]] == ["message", "message", "done"]
     assert log.turns["t1"]["ended"] is not None
     clock.advance(6.0)
@@ -197,20 +201,20 @@ def test_a_mirror_follows_another_instance_by_notification_or_catch_up() -> None
     reader, _ = coordinator(clock, reader_log)
     run(owner.claim("t1", "s1", "u", lambda: None))
     stream = owner_streams.create("t1", "u", "s1")
-    owner.publish("t1", stream)
-    stream.emit(Event("message", "s1", content="a"))
+    emit = owner.emitter("t1", stream)
+    emit(Event("message", "s1", content="a"))
     assert run(reader.follow("t1", "other")) is None
     assert run(reader.follow("nope", "u")) is None
     mirror = run(reader.follow("t1", "u"))
     assert mirror is not None and [e.content for e in mirror.events] == ["a"]
-    stream.emit(Event("message", "s1", content="b"))
-    reader.notified("aichat_turn_events", "t1")
+    emit(Event("message", "s1", content="b"))
+    reader.notified("aichat_turn_events", "t0 t1")
     assert [e.content for e in mirror.events] == ["a", "b"]
-    stream.emit(Event("message", "s1", content="c"))  # its notification is lost
+    emit(Event("message", "s1", content="c"))  # its notification is lost
     assert len(mirror.events) == 2
     clock.advance(1.0)
     assert [e.content for e in mirror.events] == ["a", "b", "c"]
-    stream.emit(Event("done", "s1"))
+    emit(Event("done", "s1"))
     clock.advance(1.0)
     assert mirror.ended and mirror.events[-1].type == "done"
     reads = reader_log.reads
@@ -268,13 +272,13 @@ def test_postgres_log_claims_orders_and_resumes(pg_log: Any) -> None:
     assert not run(log.claim("t2", "s1", "u1", 5))
     assert run(log.claim("t3", "s2", "u1", 5))
     events = [Event("message", "s1", content=str(n)) for n in range(5)]
-    run(log.append("t1", 1, events[:2], False))
-    run(log.append("t1", 1, events[:2], False))
-    run(log.append("t1", 3, [*events[2:], Event("done", "s1")], True))
+    run(log.append([("t1", 1, events[:2], False)]))
+    run(log.append([("t1", 1, events[:2], False), ("t3", 1, [Event("message", "s2", content="x")], False)]))
+    run(log.append([("t1", 3, [*events[2:], Event("done", "s1")], True)]))
     found = run(log.read({"t1": 0, "t3": 0}))
     assert [(e.turn_id, e.seq, e.event.type, e.event.content) for e in found] == [
         ("t1", n + 1, "message", str(n)) for n in range(5)
-    ] + [("t1", 6, "done", "")]
+    ] + [("t1", 6, "done", ""), ("t3", 1, "message", "x")]
     assert [e.seq for e in run(log.read({"t1": 4}))] == [5, 6]
     record = run(log.lookup("t1"))
     assert record.user_id == "u1" and record.session_id == "s1" and record.ended_seconds_ago is not None
@@ -296,8 +300,8 @@ def test_postgres_takeover_is_exactly_once_and_keeps_the_partial_reply(pg_log: A
     session = run(store.create_session("u1", "t"))
     run(store.add_message(Message(new_id("user"), session.id, "user", "tell me")))
     assert run(log.claim("dying", session.id, "u1", 0.001))
-    run(log.append("dying", 1, [Event("message", session.id, content="Once upon "),
-                                Event("message", session.id, content="a time")], False))
+    run(log.append([("dying", 1, [Event("message", session.id, content="Once upon "),
+                                  Event("message", session.id, content="a time")], False)]))
     assert run(log.claim("alive", "elsewhere", "u1", 60))
     others: list[Any] = [inline_pg_store(pg_url) for _ in range(2)]
     logs = [PostgresTurnLog(s.transact, f"taker-{n}") for n, s in enumerate(others)]
@@ -335,12 +339,12 @@ def test_a_turn_waits_for_its_end_to_be_written() -> None:
     run(running.claim("t1", "s1", "u", lambda: None))
     log.fail_appends = 100
     stream = streams.create("t1", "u", "s1")
-    running.publish("t1", stream)
+    emit = running.emitter("t1", stream)
     waiting: Deferred[None] = running.settled("t1")
-    stream.emit(Event("done", "s1"))
-    assert not waiting.called
+    emit(Event("done", "s1"))
+    assert not waiting.called and not stream.ended
     clock.advance(5.0)
-    assert waiting.called
+    assert waiting.called and stream.ended
     log.fail_appends = 0
     clock.advance(0.5)
     assert log.turns["t1"]["ended"] is not None

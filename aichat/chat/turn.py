@@ -291,8 +291,6 @@ class Turn:
             if not await coordinator.claim(self.id, self.session_id, self.user_id, self._cancel):
                 return ChatError(BUSY, 409)
             self._claimed = True
-            if self._stream is not None:
-                coordinator.publish(self.id, self._stream)
         if gate is not None:
             try:
                 await gate(self)
@@ -737,7 +735,8 @@ class ChatService:
             stream = self.streams.create(f"stream_{user_id}_{new_id()}", user_id, session_id)
             if self.coordinator is not None:
                 # Every instance reads this stream from the log: coalesced deltas bound its rows.
-                batching = DeltaCoalescer(self.clock, self.settings.event_batch_seconds, stream.emit)
+                to_log = self.coordinator.emitter(stream.id, stream)
+                batching = DeltaCoalescer(self.clock, self.settings.event_batch_seconds, to_log)
                 listener = ReferencePresenter(stream, batching)
             else:
                 listener = ReferencePresenter(stream)

@@ -6,8 +6,9 @@ mirrors of streams run elsewhere, and the takeover of turns whose instance died.
   expires two thirds of ``lease_seconds`` after a renewal, so one missed renewal is forgiven and a dead
   instance's turn is taken over within ``lease_seconds``. A turn whose lease another instance took is
   cancelled here (it never runs twice).
-* A claimed turn's stream is *published*: its events are appended to the log in order, one write in
-  flight per turn (what arrives meanwhile goes in the next write), the last one ending the turn.
+* A claimed turn's stream is *published*: its events are appended to the log in order, the last one
+  ending the turn. One write is in flight for the whole instance: what every turn adds meanwhile goes in
+  the next one (group commit), so writes never queue for connections.
 * A stream read here but run elsewhere is a *mirror*: a local :class:`~aichat.chat.streams.Stream` fed
   from the log when a notification names it, and on every catch-up tick (so a lost notification only
   adds latency). One read in flight for all mirrors: under load, reads batch by themselves.
@@ -47,10 +48,9 @@ class _Owned:
     cancel: Callable[[], None]
     queue: list[Event] = field(default_factory=list)
     written: int = 0
-    writing: bool = False
     final: bool = False
-    #: A write failed: the next one waits for the retry timer.
-    backoff: bool = False
+    #: The terminal event and its stream, shown here once it is written.
+    end: tuple[Stream, Event] | None = None
     #: Waiting for the turn's end to be written.
     waiters: list[Deferred[None]] = field(default_factory=list)
 
@@ -76,6 +76,9 @@ class Coordinator:
         self._mirrors: dict[str, Stream] = {}
         self._dirty: set[str] = set()
         self._reading = False
+        self._flushing = False
+        #: A write failed: the next one waits for the retry timer.
+        self._backoff = False
         self._taking_over = False
         self._ticks = 0
         self._timers: set[IDelayedCall] = set()
@@ -114,6 +117,8 @@ class Coordinator:
                 timer.cancel()
         self._timers.clear()
         self._mirrors.clear()
+        for owned in self._owned.values():
+            self._show_end(owned)
 
     # -- turns run here -----------------------------------------------------------------------------
 
@@ -129,7 +134,7 @@ class Coordinator:
         owned = self._owned.get(turn_id)
         if owned is not None and not owned.final:
             owned.final = True
-            self._write(owned)
+            self._write()
 
     def settled(self, turn_id: str) -> Deferred[None]:
         """Fires once the end of this instance's turn ``turn_id`` is written (at most ``SETTLE_SECONDS``):
@@ -144,6 +149,7 @@ class Coordinator:
         def give_up() -> None:
             if done in owned.waiters:
                 owned.waiters.remove(done)
+                self._show_end(owned)
                 done.callback(None)
 
         timer = self._clock.callLater(SETTLE_SECONDS, give_up)
@@ -156,53 +162,72 @@ class Coordinator:
         done.addCallback(stop_timer)
         return done
 
-    def publish(self, turn_id: str, stream: Stream) -> None:
-        """Append every event of ``stream`` (a claimed turn's) to the log, in order."""
-        owned = self._owned[turn_id]
+    def emitter(self, turn_id: str, stream: Stream) -> Callable[[Event], None]:
+        """Where a turn's presenter sends its events: into ``stream`` and, once the turn is claimed, the log.
 
-        def on_event(event: Event) -> None:
-            if owned.final:
+        The terminal event reaches this instance's readers only once it is in the log (with the turn's
+        end), so a client that starts the next turn as soon as it reads ``done`` finds the session free on
+        every instance.
+        """
+
+        def emit(event: Event) -> None:
+            owned = self._owned.get(turn_id)
+            if owned is None or owned.final:
+                stream.emit(event)
                 return
             owned.queue.append(event)
             if event.type in TERMINAL:
                 owned.final = True
-            self._write(owned)
+                owned.end = (stream, event)
+            else:
+                stream.emit(event)
+            self._write()
 
-        stream.subscribe(on_event)
+        return emit
+
+    def _show_end(self, owned: _Owned) -> None:
+        if owned.end is not None:
+            (stream, event), owned.end = owned.end, None
+            stream.emit(event)
 
     def _writing(self) -> bool:
-        return any(owned.writing or owned.queue for owned in self._owned.values())
+        return self._flushing or any(owned.queue or owned.final for owned in self._owned.values())
 
-    def _write(self, owned: _Owned) -> None:
-        if owned.writing or owned.backoff or (not owned.queue and not owned.final):
+    def _write(self) -> None:
+        """Write what every turn has queued in one transaction; one write in flight for the instance, so
+        under load each carries more (group commit) instead of queueing for connections."""
+        if self._flushing or self._backoff:
             return
-        batch, owned.queue = owned.queue, []
-        final = owned.final and not owned.queue
-        owned.writing = True
-        appended = Deferred.fromCoroutine(self.log.append(owned.turn_id, owned.written + 1, batch, final))
+        batch = [(owned, owned.queue, owned.final) for owned in self._owned.values() if owned.queue or owned.final]
+        if not batch:
+            return
+        for owned, _, _ in batch:
+            owned.queue = []
+        self._flushing = True
+        appended = Deferred.fromCoroutine(
+            self.log.append([(owned.turn_id, owned.written + 1, events, final) for owned, events, final in batch])
+        )
 
         def written(_: object) -> None:
-            owned.written += len(batch)
-            if final:
-                self._owned.pop(owned.turn_id, None)
-                waiters, owned.waiters = owned.waiters, []
-                for waiter in waiters:
-                    waiter.callback(None)
+            for owned, events, final in batch:
+                owned.written += len(events)
+                if final:
+                    self._owned.pop(owned.turn_id, None)
+                    self._show_end(owned)
+                    waiters, owned.waiters = owned.waiters, []
+                    for waiter in waiters:
+                        waiter.callback(None)
 
         def failed(failure: Any) -> None:
-            log.warn(
-                "Writing events of turn {turn_id} failed: {error}; trying again",
-                turn_id=owned.turn_id,
-                error=failure.getErrorMessage(),
-            )
-            owned.queue[:0] = batch
-            owned.backoff = True
-            self._later(RETRY_SECONDS, self._retry, owned)
+            log.warn("Writing turn events failed: {error}; trying again", error=failure.getErrorMessage())
+            for owned, events, _ in batch:
+                owned.queue[:0] = events
+            self._backoff = True
+            self._later(RETRY_SECONDS, self._retry)
 
         def settle(_: object) -> None:
-            owned.writing = False
-            if owned.turn_id in self._owned:
-                self._write(owned)
+            self._flushing = False
+            self._write()
             if not self._writing():
                 idle, self._idle = self._idle, []
                 for waiter in idle:
@@ -210,9 +235,9 @@ class Coordinator:
 
         appended.addCallbacks(written, failed).addBoth(settle)
 
-    def _retry(self, owned: _Owned) -> None:
-        owned.backoff = False
-        self._write(owned)
+    def _retry(self) -> None:
+        self._backoff = False
+        self._write()
 
     def _later(self, seconds: float, function: Callable[..., None], *args: Any) -> None:
         timer: IDelayedCall | None = None
@@ -262,7 +287,8 @@ class Coordinator:
     def notified(self, channel: str, payload: str) -> None:
         """A notification from the listener thread (delivered on the reactor)."""
         if channel == EVENTS_CHANNEL:
-            self.wake(payload)
+            for turn_id in payload.split():
+                self.wake(turn_id)
 
     def reconnected(self) -> None:
         """The listener listens (again): read what may have been missed meanwhile."""

@@ -3,7 +3,7 @@
 :class:`TurnLog` is the small interface the coordinator uses, so another bus could replace it;
 :class:`PostgresTurnLog` keeps it in PostgreSQL (``chat_turns`` and ``turn_events``, migration 0003) on the
 store's connection pool, with ``pg_notify`` sent in the same transaction as the rows it announces (so it
-is delivered only after their commit). A notification carries only the turn id.
+is delivered only after their commit). A notification carries only turn ids.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from aichat.store.base import Message, new_id, utc_now
 from aichat.store.engines import Txn, dump_json
 from aichat.store.sql import insert_message
 
-#: The channel that announces new events of a turn (payload: the turn id).
+#: The channel that announces new events of turns (payload: their ids, separated by spaces).
 EVENTS_CHANNEL = "aichat_turn_events"
 
 #: The ``error`` of a turn whose instance stopped renewing its lease.
@@ -84,8 +84,9 @@ class TurnLog(Protocol):
     async def claim(self, turn_id: str, session_id: str, user_id: str, lease_seconds: float) -> bool:
         """Record a new turn owned by this instance; ``False`` if its session has a live turn already."""
 
-    async def append(self, turn_id: str, first_seq: int, events: Sequence[Event], final: bool) -> None:
-        """Add events ``first_seq``, ``first_seq + 1``, ... (again is harmless); ``final`` ends the turn."""
+    async def append(self, batches: Sequence[Appended]) -> None:
+        """For each (turn, first_seq, events, final): add its events as ``first_seq``, ``first_seq + 1``, ...
+        (again is harmless), ending the turn if ``final``; all at once, then announce the turns."""
 
     async def read(self, after: dict[str, int]) -> list[LoggedEvent]:
         """Events of each turn in ``after`` with a ``seq`` above the given one, in order."""
@@ -105,6 +106,24 @@ class TurnLog(Protocol):
 
 
 Transact = Callable[..., Any]
+#: Events of one turn to append: its id, the seq of the first, the events, whether they end it.
+Appended = tuple[str, int, Sequence[Event], bool]
+#: Room for turn ids in one notification (PostgreSQL caps a payload at 8000 bytes).
+NOTIFY_BYTES = 7900
+
+
+def _notify_chunks(ids: Sequence[str]) -> list[str]:
+    """Turn ids joined by spaces, in as few payloads as fit."""
+    chunks: list[str] = []
+    current = ""
+    for turn_id in ids:
+        if current and len(current) + 1 + len(turn_id) > NOTIFY_BYTES:
+            chunks.append(current)
+            current = ""
+        current = f"{current} {turn_id}" if current else turn_id
+    if current:
+        chunks.append(current)
+    return chunks
 
 
 class PostgresTurnLog:
@@ -127,21 +146,28 @@ class PostgresTurnLog:
 
         return bool(await self._transact(insert))
 
-    async def append(self, turn_id: str, first_seq: int, events: Sequence[Event], final: bool) -> None:
+    async def append(self, batches: Sequence[Appended]) -> None:
         rows = [
-            (turn_id, first_seq + n, event.type, dump_json(event_payload(event))) for n, event in enumerate(events)
+            (turn_id, first_seq + n, event.type, dump_json(event_payload(event)))
+            for turn_id, first_seq, events, _ in batches
+            for n, event in enumerate(events)
         ]
+        ended = [turn_id for turn_id, _, _, final in batches if final]
+        ids = sorted({turn_id for turn_id, _, _, _ in batches})
 
         def insert(txn: Txn) -> None:
-            for row in rows:
-                txn.execute(
-                    "INSERT INTO turn_events (turn_id, seq, kind, payload) VALUES (?, ?, ?, ?) "
-                    "ON CONFLICT DO NOTHING",
-                    row,
+            # Visible to every session at commit; only a crash of the database server itself could lose
+            # the last few milliseconds of events (never messages), which the catch-up cannot bring back.
+            txn.execute("SET LOCAL synchronous_commit = off")
+            if rows:
+                txn.executemany(
+                    "INSERT INTO turn_events (turn_id, seq, kind, payload) VALUES (?, ?, ?, ?) ON CONFLICT DO NOTHING",
+                    rows,
                 )
-            if final:
-                txn.execute("UPDATE chat_turns SET ended_at = now() WHERE id = ? AND ended_at IS NULL", (turn_id,))
-            txn.execute("SELECT pg_notify(?, ?)", (EVENTS_CHANNEL, turn_id))
+            if ended:
+                txn.execute("UPDATE chat_turns SET ended_at = now() WHERE id = ANY(?) AND ended_at IS NULL", (ended,))
+            for chunk in _notify_chunks(ids):
+                txn.execute("SELECT pg_notify(?, ?)", (EVENTS_CHANNEL, chunk))
 
         await self._transact(insert)
 
