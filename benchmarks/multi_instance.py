@@ -28,7 +28,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-from dataclasses import dataclass, field
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -58,17 +58,6 @@ def ms(seconds: float) -> str:
     return f"{seconds * 1000:.2f}"
 
 
-@dataclass
-class Run:
-    """The figures of one configuration."""
-
-    label: str
-    turns: int = 0
-    seconds: float = 0.0
-    ttft: list[float] = field(default_factory=list)
-    errors: int = 0
-
-
 def create_session(port: int, user: int) -> str:
     """A new session of ``user`` on the daemon at ``port``."""
     request = urllib.request.Request(
@@ -81,16 +70,20 @@ def create_session(port: int, user: int) -> str:
         return str(json.loads(response.read())["id"])
 
 
-async def streams_on(ports: list[int], direct: Measured, label: str) -> dict[str, Any]:
+async def streams_on(ports: list[int], direct: Measured, label: str, coalescing: bool) -> dict[str, Any]:
     """``LEVEL.streams`` streams of turns, stream ``n`` on the daemon ``ports[n % len(ports)]``; a table row."""
     count = LEVEL.streams
+    coalescing_ports = set(ports) if coalescing else set()
     placed = [(ports[n % len(ports)], n % 50 + 1) for n in range(count)]
     sessions = [await asyncio.to_thread(create_session, port, user) for port, user in placed]
     connections = [Connection(port) for port, _ in placed]
     for first in range(0, count, 50):
         await asyncio.gather(*(c.open() for c in connections[first : first + 50]))
     pool = connections
-    targets = [daemon_target(port, user, session) for (port, user), session in zip(placed, sessions, strict=True)]
+    targets = [
+        replace(daemon_target(port, user, session), may_coalesce=port in coalescing_ports)
+        for (port, user), session in zip(placed, sessions, strict=True)
+    ]
     started = time.monotonic()
     try:
         through = await measure_side(connections, targets, LEVEL.chunks, LEVEL.turns, LEVEL.chunks * LEVEL.delay)
@@ -199,7 +192,7 @@ async def run_all(strict: bool) -> int:
                     folder.mkdir()
                     daemons.append(start_daemon(folder, upstream_port, database_url=url))
                 try:
-                    rows.append(await streams_on([port for _, port in daemons], direct, label))
+                    rows.append(await streams_on([port for _, port in daemons], direct, label, engine == "postgres"))
                     if count == 2:
                         delays, delivery_errors = await delivery(daemons[0][1], daemons[1][1])
                 finally:
