@@ -106,6 +106,14 @@ class TurnLog(Protocol):
 
 
 Transact = Callable[..., Any]
+
+APPEND = (
+    "WITH settings AS (SELECT set_config('synchronous_commit', 'off', true)), "
+    "added AS (INSERT INTO turn_events (turn_id, seq, kind, payload) "
+    "SELECT * FROM unnest(?::text[], ?::int[], ?::text[], ?::jsonb[]) ON CONFLICT DO NOTHING), "
+    "ended AS (UPDATE chat_turns SET ended_at = now() WHERE id = ANY(?::text[]) AND ended_at IS NULL) "
+    "SELECT pg_notify(?, turns) FROM settings, unnest(?::text[]) AS turns"
+)
 #: Events of one turn to append: its id, the seq of the first, the events, whether they end it.
 Appended = tuple[str, int, Sequence[Event], bool]
 #: Room for turn ids in one notification (PostgreSQL caps a payload at 8000 bytes).
@@ -153,23 +161,18 @@ class PostgresTurnLog:
             for n, event in enumerate(events)
         ]
         ended = [turn_id for turn_id, _, _, final in batches if final]
-        ids = sorted({turn_id for turn_id, _, _, _ in batches})
+        chunks = _notify_chunks(sorted({turn_id for turn_id, _, _, _ in batches}))
+        params = ([r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows], [r[3] for r in rows], ended,
+                  EVENTS_CHANNEL, chunks)
 
         def insert(txn: Txn) -> None:
-            # Visible to every session at commit; only a crash of the database server itself could lose
-            # the last few milliseconds of events (never messages), which the catch-up cannot bring back.
-            txn.execute("SET LOCAL synchronous_commit = off")
-            if rows:
-                txn.executemany(
-                    "INSERT INTO turn_events (turn_id, seq, kind, payload) VALUES (?, ?, ?, ?) ON CONFLICT DO NOTHING",
-                    rows,
-                )
-            if ended:
-                txn.execute("UPDATE chat_turns SET ended_at = now() WHERE id = ANY(?) AND ended_at IS NULL", (ended,))
-            for chunk in _notify_chunks(ids):
-                txn.execute("SELECT pg_notify(?, ?)", (EVENTS_CHANNEL, chunk))
+            # One statement, so one round trip (it is its own transaction). Asynchronous commit: the rows
+            # are visible to every session at commit; only a crash of the database server itself could
+            # lose the last few milliseconds of events (never messages).
+            txn.execute(APPEND, params)
+            txn.fetchall()
 
-        await self._transact(insert)
+        await self._transact(insert, write=False)
 
     async def read(self, after: dict[str, int]) -> list[LoggedEvent]:
         ids = list(after)
