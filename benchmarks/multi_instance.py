@@ -214,7 +214,7 @@ async def run_all(strict: bool) -> int:
     for turns, (delays, errors) in deliveries.items():
         print(f"{turns:>14}{len(delays):>8}{ms(quantile(delays, 0.5)):>9}{ms(quantile(delays, 0.99)):>9}"
               f"{ms(max(delays) if delays else float('nan')):>9}{errors:>8}")
-    delays, delivery_errors = deliveries[DELIVERY_TURNS]
+    delays = deliveries[DELIVERY_TURNS][0]
     p50, p99 = quantile(delays, 0.5), quantile(delays, 0.99)
     print(f"{os.cpu_count()} CPUs; load average {load[0]:.2f} before, {os.getloadavg()[0]:.2f} after "
           "(other processes on the machine skew every figure)")
