@@ -144,15 +144,18 @@ class PostgresTurnLog:
 
     async def claim(self, turn_id: str, session_id: str, user_id: str, lease_seconds: float) -> bool:
         def insert(txn: Txn) -> bool:
+            # On the way to the first token: one statement (one round trip), committed asynchronously
+            # (a live turn's row is worth nothing after a crash of the database server).
             txn.execute(
+                "WITH settings AS (SELECT set_config('synchronous_commit', 'off', true)) "
                 "INSERT INTO chat_turns (id, session_id, user_id, owner, lease_until) "
-                "VALUES (?, ?, ?, ?, now() + ? * interval '1 second') "
+                "SELECT ?, ?, ?, ?, now() + ? * interval '1 second' FROM settings "
                 "ON CONFLICT (session_id) WHERE ended_at IS NULL DO NOTHING RETURNING id",
                 (turn_id, session_id, user_id, self.instance, lease_seconds),
             )
             return txn.fetchone() is not None
 
-        return bool(await self._transact(insert))
+        return bool(await self._transact(insert, write=False))
 
     async def append(self, batches: Sequence[Appended]) -> None:
         rows = [
