@@ -349,3 +349,21 @@ def test_a_turn_waits_for_its_end_to_be_written() -> None:
     clock.advance(0.5)
     assert log.turns["t1"]["ended"] is not None
     run(running.stop())
+
+
+def test_stop_waits_a_bounded_time_for_unwritten_events() -> None:
+    """Stopping waits for events still being written; if the log never takes them it stops after its bound,
+    the local readers still get the end, and no timer is left."""
+    clock = Clock()
+    log = MemoryLog()
+    running, streams = coordinator(clock, log)
+    run(running.claim("t1", "s1", "u", lambda: None))
+    stream = streams.create("t1", "u", "s1")
+    log.fail_appends = 100
+    running.emitter("t1", stream)(Event("error", "s1", error="stopping"))
+    stopped = Deferred.fromCoroutine(running.stop())
+    assert not stopped.called
+    clock.advance(2.0)
+    assert stopped.called and stream.ended
+    streams.close()
+    assert [c for c in clock.getDelayedCalls() if c.active()] == []

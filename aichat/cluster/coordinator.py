@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
@@ -101,11 +101,16 @@ class Coordinator:
         if self._writing():
             waiter: Deferred[None] = Deferred()
             self._idle.append(waiter)
-            timeout = self._clock.callLater(RETRY_SECONDS * 4, waiter.cancel)
+
+            def give_up() -> None:
+                if waiter in self._idle:
+                    self._idle.remove(waiter)
+                    log.warn("Stopping with events of {count} turns not written", count=len(self._owned))
+                    waiter.callback(None)
+
+            timeout = self._clock.callLater(RETRY_SECONDS * 4, give_up)
             try:
                 await waiter
-            except CancelledError:
-                log.warn("Stopping with events of {count} turns not written", count=len(self._owned))
             finally:
                 if timeout.active():
                     timeout.cancel()
