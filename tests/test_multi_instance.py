@@ -219,8 +219,9 @@ def test_history_stored_through_one_instance_is_in_the_next_turn_on_another(trio
 
 
 def test_two_instances_racing_on_one_approval(trio: Cluster) -> None:
-    """The same approval sent to two instances at the same moment: one 200, one 409, and the tool ran once
-    (one tool result stored, one model request after it)."""
+    """The same approval sent to two instances at the same moment (by the JSON route, or one of them by the
+    ``[APPROVE_TOOLS:id]`` chat message): one 200, one 409, and the tool ran once (one tool result stored,
+    one answer after it)."""
     a, b, c = trio.instances
     for attempt in range(4):
         user = user_id()
@@ -232,10 +233,14 @@ def test_two_instances_racing_on_one_approval(trio: Cluster) -> None:
         def decide(chat: Chat, name: str, request_id: str = request_id, user: str = user,
                    barrier: threading.Barrier = barrier, statuses: dict[str, int] = statuses) -> None:
             barrier.wait()
-            statuses[name] = chat.request("POST", f"/v1/chat/approvals/{request_id}", user, {"approve": True})[0]
+            if name == "message":
+                statuses[name] = chat.send(f"[APPROVE_TOOLS:{request_id}]", user)[0]
+            else:
+                statuses[name] = chat.request("POST", f"/v1/chat/approvals/{request_id}", user, {"approve": True})[0]
 
         deciders = [b, c] if attempt % 2 == 0 else [c, b]
-        threads = [threading.Thread(target=decide, args=(chat, str(i))) for i, chat in enumerate(deciders)]
+        names = ["json", "message" if attempt >= 2 else "json too"]
+        threads = [threading.Thread(target=decide, args=(chat, names[i])) for i, chat in enumerate(deciders)]
         for thread in threads:
             thread.start()
         for thread in threads:
