@@ -167,6 +167,10 @@ class ChatSettings:
     max_reader_lag_bytes: int = 1024 * 1024
     #: Whether ``GET /v1/chat/stream?message=`` runs a turn (a plain link could start one: opt-in).
     legacy_stream_get: bool = False
+    #: With several instances on PostgreSQL: how soon a dead instance's turn is ended by another.
+    turn_lease_seconds: float = 10.0
+    #: With several instances on PostgreSQL: text deltas within this many seconds share one event row.
+    event_batch_seconds: float = 0.02
 
 
 @dataclass(frozen=True)
@@ -501,7 +505,7 @@ def _database_line(database: DatabaseSettings) -> str:
         return (
             f"{database.shown()} (PostgreSQL, pool {database.pool_size}, connect timeout "
             f"{database.connect_timeout_seconds:g} s, statement timeout {database.statement_timeout_seconds:g} s, "
-            f"history cache {database.history_cache_mb} MB)"
+            "no history cache: other instances may write)"
         )
     return f"{database.path} (SQLite, history cache {database.history_cache_mb} MB)"
 

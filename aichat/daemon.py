@@ -15,7 +15,7 @@ import gc
 import os
 import signal
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, ensureDeferred
@@ -28,6 +28,7 @@ from aichat.api import API, build_resource
 from aichat.api.site import APISite
 from aichat.chat.streams import StreamRegistry
 from aichat.chat.turn import ChatService
+from aichat.cluster.coordinator import Coordinator
 from aichat.config import Settings
 from aichat.llm.factory import build_provider
 from aichat.llm.provider import Provider
@@ -37,6 +38,9 @@ from aichat.mcp import MCPHost, ServerConfig, load_servers_file_if_present
 from aichat.store.factory import build_store
 from aichat.transport import make_http_client, make_pool
 from aichat.validation import ConfigError
+
+if TYPE_CHECKING:
+    from aichat.cluster.listener import NotificationListener
 
 log = Logger(namespace="aichat")
 
@@ -85,8 +89,16 @@ class AichatService(Service):
         )
         self.provider = self._provider()
         self.streams = StreamRegistry(reactor, settings.chat.stream_keep_seconds)
+        self.coordinator, self.listener = self._cluster()
         self.chat = ChatService(
-            reactor, self.store, self.provider, self.mcp, settings.chat, settings.llm.system_prompt, self.streams
+            reactor,
+            self.store,
+            self.provider,
+            self.mcp,
+            settings.chat,
+            settings.llm.system_prompt,
+            self.streams,
+            coordinator=self.coordinator,
         )
         self.api = API(
             settings=settings,
@@ -104,6 +116,33 @@ class AichatService(Service):
         self.port: IListeningPort | None = None
         self._previous_hup: Any = None
         self._starting: Deferred[None] | None = None
+
+    def _cluster(self) -> tuple[Coordinator | None, NotificationListener | None]:
+        """On PostgreSQL, this instance's part among many (the database is the bus); nothing on SQLite."""
+        if self.settings.database.engine != "postgres":
+            return None, None
+        from aichat.cluster.listener import NotificationListener
+        from aichat.cluster.log import EVENTS_CHANNEL, PostgresTurnLog
+        from aichat.store.postgres import PostgresStore
+
+        assert isinstance(self.store, PostgresStore)
+        chat = self.settings.chat
+        coordinator = Coordinator(
+            self.reactor,
+            PostgresTurnLog(self.store.transact),
+            self.streams,
+            lease_seconds=chat.turn_lease_seconds,
+            keep_seconds=chat.stream_keep_seconds,
+        )
+        listener = NotificationListener(
+            self.reactor,
+            self.store.dsn,
+            [EVENTS_CHANNEL],
+            coordinator.notified,
+            coordinator.reconnected,
+            connect_timeout=self.settings.database.connect_timeout_seconds,
+        )
+        return coordinator, listener
 
     def _servers(self) -> list[ServerConfig] | None:
         """The MCP servers file's servers; ``None`` (and a logged error) when it cannot be used."""
@@ -160,6 +199,11 @@ class AichatService(Service):
             announce=True,
         )
         await self.store.open()
+        if self.coordinator is not None and self.listener is not None:
+            self.listener.start()
+            self.coordinator.start()
+            log.info("Serving turns with other instances on this database as {instance}",
+                     instance=self.coordinator.instance)
         self.mcp.startService()
         endpoint = serverFromString(self.reactor, endpoint_string(settings.server.host, settings.server.port))
         self.port = await endpoint.listen(self.site)
@@ -203,6 +247,10 @@ class AichatService(Service):
         # Turns still running end with an ``error`` event that their SSE readers are sent, and their
         # partial replies are stored; the responses then get a moment to reach the clients.
         await self.chat.stop()
+        if self.coordinator is not None and self.listener is not None:
+            # The stopped turns' last events reach the log (and the other instances' readers) first.
+            await self.coordinator.stop()
+            await self.listener.stop()
         if not idle:
             await self.site.drain(self.reactor, FLUSH_SECONDS)
         aborted = await self.site.close_connections(self.reactor, FLUSH_SECONDS)

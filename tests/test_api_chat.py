@@ -44,16 +44,18 @@ class Fixture:
         return self.client.raw(method, path, headers, body)
 
 
-def sse_events(body: bytes) -> list[dict[str, Any]]:
-    """Decode ``event: message`` frames; every frame must use that event name."""
-    events = []
+def sse_events(body: bytes, after: int = 0) -> list[dict[str, Any]]:
+    """Decode ``event: message`` frames; every frame must use that event name and carry the next ``id``
+    (counting from ``after``, the ``Last-Event-ID`` sent)."""
+    events: list[dict[str, Any]] = []
     for frame in body.decode().split("\n\n"):
         if not frame.strip() or frame.startswith(":"):
             continue
         lines = frame.split("\n")
         assert lines[0] == "event: message"
-        assert lines[1].startswith("data: ")
-        events.append(json.loads(lines[1][len("data: "):]))
+        assert lines[1] == f"id: {after + len(events) + 1}"
+        assert lines[2].startswith("data: ")
+        events.append(json.loads(lines[2][len("data: "):]))
     return events
 
 
@@ -124,6 +126,23 @@ def test_streaming_send_then_sse_replays_everything(tmp_path: Path) -> None:
         assert {e["session_id"] for e in events} == {handle["session_id"]}
     status, body, _ = f.raw("GET", handle["stream_url"], OTHER)
     assert status == 404
+
+
+def test_last_event_id_resumes_after_that_event(tmp_path: Path) -> None:
+    """A client reconnecting with ``Last-Event-ID: n`` (SQLite, one instance) gets exactly the events after
+    the n-th, numbered on; after the last one it gets none; an id that is not a number is 400 JSON."""
+    f = Fixture(tmp_path, Script(["a", "b", "c"]))
+    status, handle, _ = f.client.call("POST", "/v1/chat/send?streaming=true", {"message": "hi"}, USER)
+    assert status == 200
+    status, body, _ = f.raw("GET", handle["stream_url"], USER)
+    everything = sse_events(body)
+    assert len(everything) == 4
+    for after in range(len(everything) + 1):
+        status, body, _ = f.raw("GET", handle["stream_url"], {**USER, "Last-Event-ID": str(after)})
+        assert status == 200
+        assert sse_events(body, after) == everything[after:]
+    status, body, _ = f.raw("GET", handle["stream_url"], {**USER, "Last-Event-ID": "x1"})
+    assert status == 400 and "Last-Event-ID" in json.loads(body)["error"]
 
 
 def test_legacy_stream_endpoint_is_off_by_default(tmp_path: Path) -> None:

@@ -384,6 +384,7 @@ def test_history_is_reloaded_from_the_store(tmp_path: Path) -> None:
     h = make(tmp_path, Script(["one"]))
     session = h.session()
     h.send(session, "first")
+    Deferred.fromCoroutine(h.store.close())  # the first service stops: one daemon per SQLite file
     again = make(tmp_path, Script(["two"]))
     again.send(session, "second")
     sent = [m["content"] for m in again.model.requests[0][0][1:]]

@@ -310,3 +310,18 @@ def test_llm_options_take_any_json_value(tmp_path: Path) -> None:
     path = write_config(tmp_path, "llm:\n  options:\n    stop: [2024-01-02]\n")
     [problem] = problems_of(path, environ={})
     assert problem.startswith(f"{path}: $.llm.options.stop[0]: ")
+
+
+def test_settings_of_many_instances(tmp_path: Path) -> None:
+    """chat.turn_lease_seconds (default 10, at most 15) and chat.event_batch_seconds (default 0.02) are read;
+    a lease longer than 15 s or a negative batch is refused naming the key."""
+    defaults = load_settings(str(write_config(tmp_path, "")), environ={}).chat
+    assert (defaults.turn_lease_seconds, defaults.event_batch_seconds) == (10.0, 0.02)
+    chosen = load_settings(
+        str(write_config(tmp_path, "chat:\n  turn_lease_seconds: 3\n  event_batch_seconds: 0\n", "c.yaml")), environ={}
+    ).chat
+    assert (chosen.turn_lease_seconds, chosen.event_batch_seconds) == (3, 0)
+    refused = (("turn_lease_seconds: 30", "turn_lease_seconds"), ("event_batch_seconds: -1", "event_batch_seconds"))
+    for text, key in refused:
+        problems = problems_of(write_config(tmp_path, f"chat:\n  {text}\n", f"{key}.yaml"), environ={})
+        assert len(problems) == 1 and f"$.chat.{key}" in problems[0]

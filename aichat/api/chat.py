@@ -48,6 +48,9 @@ async def _begin(
 async def _respond(api: API, request: IRequest, turn: Turn) -> bytes:
     """``?streaming=true``: the stream handle at once; otherwise wait and answer the final message."""
     if query_arg(request, "streaming") == "true":
+        refused = await turn.ready
+        if refused is not None:
+            raise APIError(refused.message, refused.status)
         stream = turn.stream
         body = {"stream_id": stream.id, "session_id": turn.session_id, "stream_url": f"/v1/chat/stream/{stream.id}"}
         return json_response(request, body)
@@ -91,13 +94,24 @@ def _multipart(api: API, request: IRequest) -> tuple[str, str, list[Attachment]]
     return fields.get("message", ""), fields.get("session_id", ""), attachments
 
 
+def _last_event_id(request: IRequest) -> int:
+    """The ``Last-Event-ID`` a reconnecting client sends (0 without one); 400 if it is not ours."""
+    raw = request.getHeader("last-event-id")
+    if raw is None or not raw.strip():
+        return 0
+    text = raw.strip()
+    if not text.isdigit() or len(text) > 9:
+        raise BadRequest("Invalid Last-Event-ID: send back the id of an event of this stream")
+    return int(text)
+
+
 def register_chat(api: API) -> None:
     """The chat routes."""
     chat_settings = api.settings.chat
     slots = ReaderSlots(chat_settings.max_stream_readers)
 
-    async def read_stream(request: IRequest, stream: Stream) -> None:
-        """Write ``stream`` as SSE to this client, within the stream's reader limit."""
+    async def read_stream(request: IRequest, stream: Stream, after: int = 0) -> None:
+        """Write ``stream`` as SSE to this client (after the event ``after``), within the stream's reader limit."""
         slots.acquire(stream.id)
         try:
             reader = StreamReader(
@@ -106,6 +120,7 @@ def register_chat(api: API) -> None:
                 api.clock,
                 keepalive_seconds=chat_settings.keepalive_seconds,
                 max_lag_bytes=chat_settings.max_reader_lag_bytes,
+                after=after,
             )
             await reader.run()
         finally:
@@ -147,11 +162,17 @@ def register_chat(api: API) -> None:
     @api.route("/v1/chat/stream/<string:stream_id>", methods=["GET"])
     async def attach(request: IRequest, stream_id: str) -> bytes:
         user = api.user(request)
+        after = _last_event_id(request)
+        chat = _chat(api)
         try:
-            stream = _chat(api).streams.get(stream_id, user)
+            stream = chat.streams.get(stream_id, user)
         except StreamError as e:
-            raise NotFound(str(e)) from None
-        await read_stream(request, stream)
+            # Run on another instance? Then follow it from the shared log.
+            found = await chat.coordinator.follow(stream_id, user) if chat.coordinator is not None else None
+            if found is None:
+                raise NotFound(str(e)) from None
+            stream = found
+        await read_stream(request, stream, after)
         return b""
 
     @api.route("/v1/chat/stream", methods=["GET"])

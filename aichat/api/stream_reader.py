@@ -25,9 +25,10 @@ from aichat.chat.streams import TERMINAL, Event, Stream
 from aichat.sse import encode_comment, encode_event
 
 
-def frame(event: Event) -> bytes:
-    """One chat event as the reference's SSE frame."""
-    return encode_event("message", event.to_json())
+def frame(event: Event, event_id: int | None = None) -> bytes:
+    """One chat event as the reference's SSE frame; ``event_id`` is its place in the stream (1, 2, ...),
+    which a client sends back as ``Last-Event-ID`` to resume after it."""
+    return encode_event("message", event.to_json(), event_id=None if event_id is None else str(event_id))
 
 
 class ReaderSlots:
@@ -70,12 +71,14 @@ class StreamReader(PacedResponse):
         *,
         keepalive_seconds: float,
         max_lag_bytes: int,
+        after: int = 0,
     ) -> None:
         super().__init__(request, max_lag_bytes)
         self._stream = stream
         self._clock = clock
         self._keepalive = keepalive_seconds
-        self._cursor = 0
+        #: Events before this place were sent already (``Last-Event-ID``).
+        self._cursor = after
         self._done: Deferred[None] = Deferred()
 
     async def run(self) -> None:
@@ -86,6 +89,8 @@ class StreamReader(PacedResponse):
         ping = LoopingCall(self._ping)
         ping.clock = self._clock
         unsubscribe = self._stream.subscribe(self._on_event)
+        if self._stream.ended and self._cursor >= len(self._stream.events):
+            self._end()  # resumed after the last event: nothing more will come
         try:
             if not self.over:
                 ping.start(self._keepalive, now=False)
@@ -112,7 +117,7 @@ class StreamReader(PacedResponse):
         while not self.over and not self._paused and self._cursor < len(events):
             event = events[self._cursor]
             self._cursor += 1
-            self._request.write(frame(event))
+            self._request.write(frame(event, self._cursor))
             if event.type in TERMINAL:
                 self._end()
 

@@ -122,6 +122,10 @@ class StreamRegistry:
         stream.subscribers.append(on_event)
         return stream
 
+    def find(self, stream_id: str) -> Stream | None:
+        """The stream ``stream_id`` if this registry holds it, whoever it belongs to."""
+        return self._streams.get(stream_id)
+
     def get(self, stream_id: str, user_id: str) -> Stream:
         """The stream if it exists and belongs to ``user_id``."""
         stream = self._streams.get(stream_id)
@@ -148,21 +152,23 @@ DENIED = "❌ Tool execution was denied by user."
 
 
 class ReferencePresenter:
-    """Writes a turn's events to a :class:`Stream` as the reference's ``StreamMessage`` events."""
+    """Writes a turn's events to a :class:`Stream` as the reference's ``StreamMessage`` events (through
+    ``emit``, a :class:`~aichat.chat.coalesce.DeltaCoalescer` say, when given)."""
 
-    def __init__(self, stream: Stream) -> None:
+    def __init__(self, stream: Stream, emit: Callable[[Event], None] | None = None) -> None:
         self.stream = stream
+        self._emit = emit or stream.emit
 
     def __call__(self, event: turn.TurnEvent) -> None:
-        stream = self.stream
-        session_id = stream.session_id
+        emit = self._emit
+        session_id = self.stream.session_id
         if isinstance(event, turn.TextDelta):
-            stream.emit(Event("message", session_id, content=event.text))
+            emit(Event("message", session_id, content=event.text))
         elif isinstance(event, turn.ToolsFinished):
             executions = event.executions
             failed = sum(1 for e in executions if "error" in e)
             outcome = "successful" if not failed else "failed" if failed == len(executions) else "partially failed"
-            stream.emit(
+            emit(
                 Event(
                     "tool_execution",
                     session_id,
@@ -173,15 +179,15 @@ class ReferencePresenter:
             )
         elif isinstance(event, turn.Continuing):
             if event.denied:
-                stream.emit(Event("message", session_id, content=DENIED, synthetic=True))
-                stream.emit(Event("message", session_id, content=UNDERSTANDING, synthetic=True))
+                emit(Event("message", session_id, content=DENIED, synthetic=True))
+                emit(Event("message", session_id, content=UNDERSTANDING, synthetic=True))
             else:
-                stream.emit(Event("message", session_id, content=PROCESSING, synthetic=True))
+                emit(Event("message", session_id, content=PROCESSING, synthetic=True))
         elif isinstance(event, turn.RoundLimit):
-            stream.emit(Event("message", session_id, content=event.notice))
+            emit(Event("message", session_id, content=event.notice))
         elif isinstance(event, turn.ApprovalRequested):
             calls = event.approval.tool_calls
-            stream.emit(
+            emit(
                 Event(
                     "tool_approval_request",
                     session_id,
@@ -192,6 +198,6 @@ class ReferencePresenter:
                 )
             )
         elif isinstance(event, turn.Finished):
-            stream.emit(Event("done", session_id))
+            emit(Event("done", session_id))
         elif isinstance(event, turn.Failed):
-            stream.emit(Event("error", session_id, error=event.result.error or ""))
+            emit(Event("error", session_id, error=event.result.error or ""))

@@ -16,7 +16,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import Enum
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from twisted.internet.defer import CancelledError, Deferred, DeferredSemaphore, gatherResults
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
@@ -25,6 +25,7 @@ from twisted.python.failure import Failure
 
 from aichat.chat import events
 from aichat.chat.approvals import ApprovalPolicy
+from aichat.chat.coalesce import DeltaCoalescer
 from aichat.chat.conversation import Conversation, MemoryConversation, StoredConversation, store_executions
 from aichat.chat.streams import ReferencePresenter, Stream, StreamRegistry
 from aichat.chat.titles import clean_title, fallback_title, is_automatic, title_prompt
@@ -42,10 +43,14 @@ from aichat.store.base import (
     new_id,
 )
 
+if TYPE_CHECKING:
+    from aichat.cluster.coordinator import Coordinator
+
 log = Logger(namespace="aichat.chat")
 
 TITLE_TIMEOUT = 10.0
 ROUND_LIMIT = "Tool call was not executed: the tool round limit was reached."
+BUSY = "A turn is already running in this session"
 
 
 class ToolInfo(Protocol):
@@ -205,6 +210,8 @@ def _iso(seconds: float) -> str:
 
 
 First = Callable[["Turn"], Awaitable[None]]
+#: What must hold before a turn runs (an approval decided by this turn); raises :class:`ChatError` if not.
+Gate = Callable[["Turn"], Awaitable[None]]
 
 
 class Turn:
@@ -221,7 +228,7 @@ class Turn:
         stream: Stream | None = None,
         message: Message | None = None,
     ) -> None:
-        self.id = new_id("turn")
+        self.id = stream.id if stream is not None else new_id("turn")
         self.user_id = user_id
         self.conversation = conversation
         self.scope = scope
@@ -235,6 +242,9 @@ class Turn:
         self._write: Deferred[None] | None = None
         self._written = message is None
         self.done: Deferred[None] | None = None
+        #: Fires once the turn may run (``None``) or with the :class:`ChatError` that stopped it first.
+        self.ready: Deferred[ChatError | None] = Deferred()
+        self._claimed = False
 
     @property
     def session_id(self) -> str:
@@ -284,11 +294,36 @@ class Turn:
 
     # -- the run ------------------------------------------------------------------------------------
 
-    async def run(self, first: First) -> None:
-        """Run ``first`` (resolving an approval, say), then the loop; report how it ended."""
+    async def _begin(self, gate: Gate | None) -> ChatError | None:
+        """Claim the session on every instance (with a coordinator) and pass ``gate``; why not, if not."""
+        coordinator = self._chat.coordinator
+        if coordinator is not None and self.conversation.stored:
+            if not await coordinator.claim(self.id, self.session_id, self.user_id, self._cancel):
+                return ChatError(BUSY, 409)
+            self._claimed = True
+        if gate is not None:
+            try:
+                await gate(self)
+            except ChatError as e:
+                return e
+        return None
+
+    def _cancel(self) -> None:
+        if self.done is not None:
+            self.done.cancel()
+
+    async def run(self, first: First, gate: Gate | None = None) -> None:
+        """Pass ``gate``, run ``first`` (running approved calls, say), then the loop; report how it ended."""
         result = self.result
         chat = self._chat
         try:
+            refused = await self._begin(gate)
+            self.ready.callback(refused)
+            if refused is not None:
+                result.error = refused.message
+                result.error_status = refused.status
+                self._fail()
+                return
             await first(self)
             finished = await self._loop()
         except LLMError as e:
@@ -321,6 +356,14 @@ class Turn:
                 # (llama.cpp) would otherwise be asked for the title while the user waits for the turn.
                 history, answer = finished
                 chat.maybe_title(self.user_id, self.session_id, history, answer)
+        finally:
+            if not self.ready.called:
+                self.ready.callback(None)
+            if self._claimed and chat.coordinator is not None:
+                # Done only once every instance sees the session free again.
+                if self._stream is None:
+                    chat.coordinator.release(self.id)
+                await chat.coordinator.settled(self.id)
 
     def _fail(self) -> None:
         self.state = TurnState.FAILED
@@ -535,8 +578,11 @@ class ChatService:
         system_prompt: str,
         streams: StreamRegistry,
         now: Callable[[], datetime] | None = None,
+        coordinator: Coordinator | None = None,
     ) -> None:
         self.clock = clock
+        #: With many instances: claims, leases and the shared event log (``None`` on SQLite).
+        self.coordinator = coordinator
         self.store = store
         self.provider = provider
         self.tools = tools
@@ -665,18 +711,7 @@ class ChatService:
             if unknown:
                 raise ChatError(f"tool_call_ids not in approval request {approval_id}: {', '.join(unknown)}", 400)
         if approval.session_id in self._running:
-            raise ChatError("A turn is already running in this session", 409)
-        # Hold the session while the decision is stored, so no other turn starts in between and the
-        # approval is never consumed without its turn.
-        reservation: Deferred[None] = Deferred()
-        self._running[approval.session_id] = reservation
-        try:
-            resolved = await self.store.resolve_approval(approval_id, "approved" if approve else "denied")
-        finally:
-            if self._running.get(approval.session_id) is reservation:
-                del self._running[approval.session_id]
-        if not resolved:
-            raise ChatError(f"approval request {approval_id} was already resolved", 409)
+            raise ChatError(BUSY, 409)
         chosen = set(known if tool_call_ids is None else tool_call_ids) if approve else set()
         run = [call for call in approval.tool_calls if call["id"] in chosen]
         refused = [call for call in approval.tool_calls if call["id"] not in chosen]
@@ -688,8 +723,18 @@ class ChatService:
                 await turn.run_tools(run)
             turn.emit(events.Continuing(denied=not run))
 
+        async def decide(turn: Turn) -> None:
+            # The compare-and-set that makes the decision once, whichever instance takes it; the turn
+            # holds its session (here and, claimed, everywhere) first, so it never loses its approval.
+            if not await self.store.resolve_approval(approval_id, "approved" if approve else "denied"):
+                raise ChatError(f"approval request {approval_id} was already resolved", 409)
+
         conversation = StoredConversation(self.store, approval.session_id, instructions=instructions)
-        return self._start(user_id, conversation, scope, listener, None, first)
+        turn = self._start(user_id, conversation, scope, listener, None, first, decide)
+        stopped = await turn.ready
+        if stopped is not None:
+            raise stopped
+        return turn
 
     def _start(
         self,
@@ -699,16 +744,23 @@ class ChatService:
         listener: events.Listener | None,
         message: Message | None,
         first: First,
+        gate: Gate | None = None,
     ) -> Turn:
         session_id = conversation.session_id
         if conversation.stored and session_id in self._running:
-            raise ChatError("A turn is already running in this session", 409)
+            raise ChatError(BUSY, 409)
         stream = None
         if listener is None:
             stream = self.streams.create(f"stream_{user_id}_{new_id()}", user_id, session_id)
-            listener = ReferencePresenter(stream)
+            if self.coordinator is not None:
+                # Every instance reads this stream from the log: coalesced deltas bound its rows.
+                to_log = self.coordinator.emitter(stream.id, stream)
+                batching = DeltaCoalescer(self.clock, self.settings.event_batch_seconds, to_log)
+                listener = ReferencePresenter(stream, batching)
+            else:
+                listener = ReferencePresenter(stream)
         turn = Turn(self, user_id, conversation, scope or self.reference_scope(), listener, stream, message)
-        done = Deferred.fromCoroutine(turn.run(first))
+        done = Deferred.fromCoroutine(turn.run(first, gate))
         if conversation.stored:
             self._running[session_id] = done
         else:

@@ -135,6 +135,9 @@ class Txn:
     def execute(self, statement: str, params: Any = ()) -> None:
         self._cursor.execute(self._sql(statement), params)
 
+    def executemany(self, statement: str, params: Any) -> None:
+        self._cursor.executemany(self._sql(statement), params)
+
     def fetchone(self) -> Any:
         return self._cursor.fetchone()
 

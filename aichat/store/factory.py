@@ -14,13 +14,14 @@ def build_store(database: DatabaseSettings, reactor: Any) -> SQLStore:
     if database.engine == "postgres":
         from aichat.store.postgres import PostgresStore
 
+        # Other instances write to the same database: a history kept here could miss their messages.
         return PostgresStore(
             reactor,
             database.dsn,
             pool_size=database.pool_size,
             connect_timeout=database.connect_timeout_seconds,
             statement_timeout=database.statement_timeout_seconds,
-            cache_bytes=cache_bytes,
+            cache_bytes=0,
         )
     from aichat.store.sqlite import SQLiteStore
 

@@ -255,6 +255,10 @@ class PostgresStore(SQLStore):
     async def _read(self, work: Callable[..., Any], *args: Any) -> Any:
         return await self._run(self._transaction, work, args, False)
 
+    async def transact(self, work: Callable[..., Any], *args: Any, write: bool = True) -> Any:
+        """Run ``work(txn, *args)`` on the pool, in one transaction if ``write`` (for the turn log)."""
+        return await self._run(self._transaction, work, args, write)
+
     async def _write(
         self,
         work: Callable[..., Any],

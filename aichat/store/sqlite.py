@@ -24,6 +24,7 @@ from twisted.python.failure import Failure
 
 from aichat.store.base import StoreError, utc_now
 from aichat.store.engines import SQLiteEngine, Txn
+from aichat.store.lock import FileLock
 from aichat.store.schema import migrations, statements
 from aichat.store.sql import CACHE_BYTES, SQLStore
 
@@ -69,6 +70,7 @@ class SQLiteStore(SQLStore):
         self._pool_factory = pool_factory or adbapi.ConnectionPool
         self._queue: list[_QueuedWrite] = []
         self._flushing = False
+        self._lock = FileLock(path + ".lock")
 
     @property
     def pool(self) -> adbapi.ConnectionPool:
@@ -105,6 +107,7 @@ class SQLiteStore(SQLStore):
             path.parent.mkdir(parents=True, exist_ok=True)
             if not os.access(path.parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
                 raise PermissionError(13, "permission denied")
+            self._lock.acquire(self.path)
         except OSError as e:
             raise StoreError(f"cannot use database {self.path}: {e.strerror or e}") from None
         self._pool = self._open_pool(1)
@@ -156,6 +159,7 @@ class SQLiteStore(SQLStore):
             if pool is not None:
                 pool.close()
         self._pool = self._readers = None
+        self._lock.release()
         self.cache.clear()
 
     async def ping(self) -> bool:
