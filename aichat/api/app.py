@@ -28,6 +28,7 @@ from aichat.api.errors import APIError, BadRequest, UnsupportedMediaType
 from aichat.api.identity import Identity
 from aichat.config import Settings
 from aichat.jsonfmt import compact
+from aichat.metrics import Metrics
 from aichat.store.base import Store, StoreUnavailable
 from aichat.store.text import unstorable
 
@@ -178,6 +179,7 @@ class API:
     version: str = __version__
     services: dict[str, Any] = field(default_factory=dict)
     app: Klein = field(default_factory=Klein)
+    metrics: Metrics = field(default_factory=Metrics)
 
     def __post_init__(self) -> None:
         auth = self.settings.auth

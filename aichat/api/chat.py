@@ -106,6 +106,7 @@ def register_chat(api: API) -> None:
                 api.clock,
                 keepalive_seconds=chat_settings.keepalive_seconds,
                 max_lag_bytes=chat_settings.max_reader_lag_bytes,
+                open_streams=api.metrics.sse_streams.labels("reference"),
             )
             await reader.run()
         finally:

@@ -281,7 +281,9 @@ def register_chat_completions(api: API) -> None:
                 "usage": _usage(result),
             }
             return json_response(request, answer)
-        out = EventStream(request, api.clock, api.settings.chat.keepalive_seconds)
+        out = EventStream(
+            request, api.clock, api.settings.chat.keepalive_seconds, api.metrics.sse_streams.labels("openai")
+        )
         writer = ChunkWriter(out, completion_id, created, model, include_usage)
         writer.chunk({"role": "assistant", "content": "", "refusal": None})
         try:

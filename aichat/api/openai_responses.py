@@ -602,7 +602,9 @@ async def _answer(
         if result.error is not None:
             raise turn_error(result)
         return json_response(request, builder.response("completed", result))
-    out = EventStream(request, api.clock, api.settings.chat.keepalive_seconds)
+    out = EventStream(
+        request, api.clock, api.settings.chat.keepalive_seconds, api.metrics.sse_streams.labels("openai")
+    )
     builder.attach(out)
     try:
         # A client that goes away stops reading: a stored turn goes on and is stored, one kept in memory

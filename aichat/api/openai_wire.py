@@ -167,9 +167,15 @@ class EventStream:
     """An SSE response of the OpenAI routes: ``data:`` frames (with ``event:`` when named), ``: ping``
     keep-alives, and nothing written once the client has gone."""
 
-    def __init__(self, request: IRequest, clock: IReactorTime, keepalive_seconds: float) -> None:
+    def __init__(
+        self, request: IRequest, clock: IReactorTime, keepalive_seconds: float, open_streams: Any = None
+    ) -> None:
         self._request = request
         self.gone = False
+        #: The gauge of open SSE responses this one counts in until :meth:`close`.
+        self._open_streams = open_streams
+        if open_streams is not None:
+            open_streams.inc()
         request.setResponseCode(200)
         request.setHeader(b"Content-Type", b"text/event-stream; charset=utf-8")
         request.setHeader(b"Cache-Control", b"no-cache")
@@ -195,6 +201,9 @@ class EventStream:
     def close(self) -> None:
         if self._ping.running:
             self._ping.stop()
+        if self._open_streams is not None:
+            self._open_streams.dec()
+            self._open_streams = None
 
 
 def register_models(api: API) -> None:

@@ -13,7 +13,7 @@ channel's ``abortTimeout`` if the client still does not read).
 
 from __future__ import annotations
 
-from typing import cast
+from typing import Any, cast
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IConsumer, IPushProducer, IReactorTime
@@ -72,8 +72,11 @@ class StreamReader:
         *,
         keepalive_seconds: float,
         max_lag_bytes: int,
+        open_streams: Any = None,
     ) -> None:
         self._request = request
+        #: The gauge of open SSE responses this reader counts in while it runs.
+        self._open_streams = open_streams
         self._stream = stream
         self._clock = clock
         self._keepalive = keepalive_seconds
@@ -98,6 +101,8 @@ class StreamReader:
         ping = LoopingCall(self._ping)
         ping.clock = self._clock
         unsubscribe = self._stream.subscribe(self._on_event)
+        if self._open_streams is not None:
+            self._open_streams.inc()
         try:
             if not self._over:
                 ping.start(self._keepalive, now=False)
@@ -108,6 +113,8 @@ class StreamReader:
             if ping.running:
                 ping.stop()
             consumer.unregisterProducer()
+            if self._open_streams is not None:
+                self._open_streams.dec()
 
     # -- IPushProducer ------------------------------------------------------------------------------
 
