@@ -7,6 +7,7 @@ from twisted.web.resource import IResource
 from aichat.api.app import API
 from aichat.api.chat import register_chat
 from aichat.api.mcp import register_mcp
+from aichat.api.observability import register_observability
 from aichat.api.openai_chat import register_chat_completions
 from aichat.api.openai_responses import register_responses
 from aichat.api.openai_wire import register_models
@@ -19,7 +20,7 @@ def build_resource(api: API) -> IResource:
 
     Chat and MCP routes find their services in ``api.services`` (``chat``, ``mcp``) and answer 503 without;
     the OpenAI-compatible face (``/v1/models``, ``/v1/chat/completions``, ``/v1/responses``) drives the same
-    chat service.
+    chat service; ``/metrics``, ``/health/ready`` and ``/openapi.json`` are for operators and machines.
     """
     register_health(api)
     register_sessions(api)
@@ -28,6 +29,7 @@ def build_resource(api: API) -> IResource:
     register_models(api)
     register_chat_completions(api)
     register_responses(api)
+    register_observability(api)
     resource: IResource = EdgeResource(api.app.resource(), api.settings.cors.origins)
     return resource
 

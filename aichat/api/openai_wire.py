@@ -82,7 +82,7 @@ def invalid(message: str, param: str) -> OpenAIError:
 def as_openai(error: APIError) -> OpenAIError:
     if isinstance(error, OpenAIError):
         return error
-    return OpenAIError(error.message, error.status)
+    return OpenAIError(error.message, error.status, param=getattr(error, "param", None))
 
 
 def turn_error(result: TurnResult) -> OpenAIError:
@@ -100,7 +100,11 @@ def turn_error(result: TurnResult) -> OpenAIError:
 def error_response(request: IRequest, error: OpenAIError) -> bytes:
     if error.retry_after is not None:
         request.setHeader(b"Retry-After", str(max(0, round(error.retry_after))).encode())
-    return json_response(request, error.body(), error.status)
+    body = error.body()
+    request_id = getattr(request, "request_id", "")
+    if request_id:
+        body["error"]["request_id"] = request_id
+    return json_response(request, body, error.status)
 
 
 Handler = Callable[..., Awaitable[bytes]]
