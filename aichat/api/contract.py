@@ -93,6 +93,10 @@ def _message(error: ValidationError, name: str) -> str:
     return f"Invalid request format: field {name!r}: {error.message}"
 
 
+#: The schema keywords whose violations are answered here.
+CHECKED = frozenset({"type", "required"})
+
+
 class SchemaViolation(BadRequest):
     """A body that breaks its route's schema; ``param`` is the field."""
 
@@ -109,7 +113,10 @@ def check_body(request: IRequest, body: dict[str, Any]) -> None:
     validator = _validator(path, request.method.decode("latin-1"))
     if validator is None:
         return
-    error = min(validator.iter_errors(body), key=lambda e: (len(e.absolute_path), str(e.absolute_path)), default=None)
+    # Types and required fields are checked here; finer rules (a blank title, n other than 1, ...) are left to
+    # the handler, which says what it needs in its own words (the status is a 400 either way).
+    errors = [e for e in validator.iter_errors(body) if e.validator in CHECKED]
+    error = min(errors, key=lambda e: (len(e.absolute_path), str(e.absolute_path)), default=None)
     if error is not None:
         name = _field(error)
         raise SchemaViolation(_message(error, name), name)

@@ -319,6 +319,14 @@ class APISite(Site):
         self.channels: set[APIChannel] = set()
         self._all_closed: list[Deferred[None]] = []
 
+    def log(self, request: http.Request) -> None:
+        """The access log line, with the request's id."""
+        token = REQUEST_ID.set(getattr(request, "request_id", "") or None)
+        try:
+            super().log(request)
+        finally:
+            REQUEST_ID.reset(token)
+
     def buildProtocol(self, addr: Any) -> Any:
         channel = super().buildProtocol(addr)
         channel.request_timeout = self.request_timeout
