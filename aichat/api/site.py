@@ -135,17 +135,24 @@ class LimitedRequest(Request):
         self.content = _Discard()
         transport = self.channel.transport
         assert transport is not None
+        request_id = request_id_for(self.requestHeaders.getRawHeaders(b"x-request-id"))
         transport.write(_raw_json_error(413, b"Request Entity Too Large",
-                                        f"Request body too large: the limit is {self._max_body} bytes"))
+                                        f"Request body too large: the limit is {self._max_body} bytes", request_id))
         transport.loseConnection()
 
 
-def _raw_json_error(status: int, reason: bytes, message: str) -> bytes:
-    """A whole HTTP/1.1 error response that closes the connection, for answers given outside a request."""
-    body = json.dumps({"error": message}).encode()
+def _raw_json_error(status: int, reason: bytes, message: str, request_id: str = "") -> bytes:
+    """A whole HTTP/1.1 error response that closes the connection, for answers given outside a request
+    (with the request's id once its headers were read)."""
+    fields: dict[str, str] = {"error": message}
+    extra = b""
+    if request_id:
+        fields["request_id"] = request_id
+        extra = b"X-Request-ID: %s\r\n" % request_id.encode("ascii")
+    body = json.dumps(fields).encode()
     return (
-        b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nConnection: close\r\n"
-        b"Content-Length: %d\r\n\r\n%s" % (status, reason, len(body), body)
+        b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nConnection: close\r\n%s"
+        b"Content-Length: %d\r\n\r\n%s" % (status, reason, extra, len(body), body)
     )
 
 
