@@ -233,3 +233,20 @@ def test_settings_defaults_for_chat() -> None:
     """The chat defaults the issue names: 10 tool rounds, approval always."""
     settings = ChatSettings()
     assert (settings.max_tool_rounds, settings.approval.policy, settings.keepalive_seconds) == (10, "always", 15.0)
+
+
+def test_openai_streams_through_stubtreq_are_whole_and_leave_no_timer(tmp_path: Path) -> None:
+    """In process (StubTreq), a paced chat completions stream is written whole: role chunk, deltas, finish,
+    ``[DONE]``; its keep-alive timer is stopped when the response ends."""
+    f = Fixture(tmp_path, Script(["a", "b"]))
+    body = json.dumps({"model": "scripted-1", "stream": True, "messages": [{"role": "user", "content": "hi"}]})
+    status, raw, headers = f.raw(
+        "POST", "/v1/chat/completions", {**USER, "Content-Type": "application/json"}, body.encode()
+    )
+    assert status == 200 and headers.getRawHeaders("content-type") == ["text/event-stream; charset=utf-8"]
+    data = [line[6:] for line in raw.decode().splitlines() if line.startswith("data: ")]
+    assert data[-1] == "[DONE]"
+    chunks = [json.loads(d) for d in data[:-1]]
+    assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks) == "ab"
+    assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
+    assert not f.clock.getDelayedCalls()

@@ -21,7 +21,7 @@ from aichat.chat.titles import clean_title, fallback_title
 from aichat.chat.turn import ChatError, ChatService, Turn
 from aichat.config import ApprovalSettings, ChatSettings
 from aichat.llm.provider import Completion, LLMError, ToolCall
-from aichat.store import Attachment, Message, Session
+from aichat.store import Attachment, History, Message, Session, new_id
 from aichat.store.sqlite import SQLiteStore
 from tests.support import inline_store
 
@@ -127,7 +127,7 @@ class Harness:
     def session(self, user: str = "1") -> Session:
         return self.service.new_session(user)
 
-    def send(self, session: Session, text: str, user: str = "1", history: list[Message] | None = None) -> Turn:
+    def send(self, session: Session, text: str, user: str = "1", history: History | None = None) -> Turn:
         return self.service.start_message(user, session, text, history=history)
 
     def resolve(self, approval_id: str, approve: bool, ids: list[str] | None = None, user: str = "1") -> Turn:
@@ -587,6 +587,40 @@ def test_title_generated_after_first_exchange(tmp_path: Path) -> None:
     h.send(session, "and now?")
     assert done(h.store.get_session("1", session.id)).title == "Database Latency Help"
     assert len(h.model.requests) == 3
+
+
+def test_a_long_session_sends_the_context_the_whole_history_gives(tmp_path: Path) -> None:
+    """A session far over the context budget is read as its tail, yet the model gets what it got when the
+    whole history was read: the newest units that fit, trimmed the same way."""
+    h = make(tmp_path, Script(["Fine."]), history_budget_chars=300, title_generation=False)
+    session = done(h.store.create_session("1", "long"))
+    for n in range(60):
+        done(h.store.add_message(Message(new_id("user"), session.id, "user", f"question number {n}")))
+        done(h.store.add_message(Message(new_id("assistant"), session.id, "assistant", f"answer number {n}")))
+    before = done(h.store.history(session.id))
+    h.send(session, "and the last one?")
+    sent = h.model.requests[0][0]
+    expected = build_messages("You help.", [*before, Message("u", session.id, "user", "and the last one?")], 300, NOW)
+    assert sent == expected and 4 < len(sent) < 40
+
+
+def test_no_title_when_the_tail_does_not_reach_the_first_turn(tmp_path: Path) -> None:
+    """A later turn whose last round's tail holds one user message (older turns cut by the budget) is not
+    taken for the first turn: the session keeps its title and the model is not asked for one."""
+    h = make(
+        tmp_path,
+        Script([], [call("c1", "everything__echo", '{"m": 1}')]),
+        Script(["Long answer."]),
+        Script(["Never Asked Title"]),
+        history_budget_chars=50,
+        approval=ApprovalSettings(policy="never"),
+    )
+    session = h.session()
+    done(h.store.add_message(Message(new_id("user"), session.id, "user", "first question")))
+    done(h.store.add_message(Message(new_id("assistant"), session.id, "assistant", "first answer")))
+    h.send(session, "x" * 60)
+    assert len(h.model.requests) == 2
+    assert done(h.store.get_session("1", session.id)).title == session.title
 
 
 def test_title_is_asked_only_after_the_turn_is_done(tmp_path: Path) -> None:

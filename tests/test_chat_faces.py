@@ -52,6 +52,28 @@ def test_stateless_turn_runs_tools_and_stores_nothing(tmp_path: Path) -> None:
     assert second_request[0]["role"] == "system"  # the daemon's prompt: the client sent none
     assert second_request[-1] == {"role": "tool", "tool_call_id": "c1", "content": 'echo {"m": 1}'}
     assert done(h.store.list_sessions("1", 10, 0)) == []
+    assert done(h.store.list_tool_executions(None, None, 10, 0)) == []
+
+
+def test_a_stateless_turn_with_a_request_id_stores_its_executions(tmp_path: Path) -> None:
+    """Given a request id (a chat completion's), the turn keeps no session but stores each execution, with
+    its error, under the user and that id, as a chat turn stores them on its tool messages."""
+    h = make(
+        tmp_path,
+        Script(calls=[call("c1", "everything__echo", '{"m": 1}'), call("c2", "everything__echo", "not json")]),
+        Script(["Done."]),
+        approval=ApprovalSettings(policy="never"),
+    )
+    scope = ToolScope(h.service.policy)
+    turn = h.service.start_stateless("1", [{"role": "user", "content": "go"}], scope, lambda e: None,
+                                     request_id="chatcmpl_x")
+    result = done(h.service.wait(turn))
+    stored = done(h.store.list_tool_executions("1", "chatcmpl_x", 10, 0))
+    assert sorted((e.tool_call_id, e.result, e.error is not None) for e in stored) == [
+        ("c1", 'echo {"m": 1}', False), ("c2", "", True)
+    ]
+    assert [e["id"] for e in result.executions] == ["c1", "c2"]
+    assert done(h.store.list_sessions("1", 10, 0)) == []
 
 
 def test_client_tool_calls_end_the_turn_unrun(tmp_path: Path) -> None:

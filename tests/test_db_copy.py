@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from aichat.store import Approval, Attachment, Message, new_id, utc_now
+from aichat.store import Approval, Attachment, Message, ToolExecution, new_id, utc_now
 from aichat.store.copy import CopyError, copy
 from aichat.store.sql import SQLStore
 from tests.pgcluster import PASSWORD
@@ -18,8 +18,8 @@ from tests.test_store import run
 
 
 def populate(store: SQLStore) -> list[tuple[str, str]]:
-    """Two users' sessions with tool calls, tool results, executions, attachments and approvals; returns the
-    approvals as (user, id)."""
+    """Two users' sessions with tool calls, tool results, executions, attachments and approvals, and the
+    tool executions of their chat completions; returns the approvals as (user, id)."""
     approvals = []
     call = {"id": "call_1", "type": "function", "function": {"name": "everything__echo", "arguments": '{"m":1}'}}
     for user in ("1", "2"):
@@ -39,6 +39,14 @@ def populate(store: SQLStore) -> list[tuple[str, str]]:
                 approval = Approval(new_id("approval"), session.id, user, [call], "pending", utc_now(), utc_now())
                 run(store.create_approval(approval))
                 approvals.append((user, approval.id))
+        executions = [
+            ToolExecution.of(user, f"chatcmpl_{user}_{n}", {
+                "id": f"call_{n}", "tool_name": "everything__echo", "arguments": "{}", "result": f"r{n}",
+                "start_time": utc_now(), "end_time": utc_now(), "duration_ms": n,
+            })
+            for n in range(5)
+        ]
+        run(store.add_tool_executions(executions))
     return approvals
 
 
@@ -49,6 +57,7 @@ def snapshot(store: SQLStore, approvals: list[tuple[str, str]]) -> dict[str, obj
         sessions = run(store.list_sessions(user, 100, 0))
         out[user] = [(s, run(store.history(s.id))) for s in sessions]
     out["approvals"] = [run(store.get_approval(user, approval_id)) for user, approval_id in approvals]
+    out["executions"] = run(store.list_tool_executions(None, None, 100, 0))
     return out
 
 
@@ -64,7 +73,9 @@ def test_sqlite_round_trip_through_postgres(tmp_path: Path, pg_url: str) -> None
 
     progress = io.StringIO()
     counts = copy(f"sqlite:{source}", pg_url, out=progress)
-    assert counts == {"chat_sessions": 60, "chat_messages": 240, "chat_attachments": 60, "tool_approvals": 12}
+    assert counts == {
+        "chat_sessions": 60, "chat_messages": 240, "chat_attachments": 60, "tool_approvals": 12, "tool_executions": 10
+    }
     assert "60/60 sessions, 240/240 messages" in progress.getvalue()
     assert PASSWORD not in progress.getvalue()
     assert snapshot(inline_pg_store(pg_url, cache_bytes=0), approvals) == before

@@ -3,10 +3,12 @@ stays within its byte budget."""
 
 from __future__ import annotations
 
-from aichat.store.base import Attachment, Message, Session
+from aichat.store.base import Attachment, History, Message, Session
 from aichat.store.history_cache import SESSION_OVERHEAD, HistoryCache, message_size
 
 MB = 1024 * 1024
+#: The context budget entries are read with.
+BUDGET = 100_000
 
 
 def session(session_id: str = "s1", user: str = "1", title: str = "t") -> Session:
@@ -21,12 +23,12 @@ def test_clean_read_fills_and_later_reads_hit() -> None:
     """A read with no write around it is kept; the cached history is a copy callers may extend."""
     cache = HistoryCache(MB)
     read = cache.begin_read("s1")
-    cache.fill(read, session(), [message("a")])
-    found = cache.history("s1")
+    cache.fill(read, session(), History([message("a")]), BUDGET)
+    found = cache.history("s1", BUDGET)
     assert found is not None
-    found[1].append(message("not stored"))
-    again = cache.history("s1")
-    assert again is not None and [m.content for m in again[1]] == ["a"]
+    found[1].messages.append(message("not stored"))
+    again = cache.history("s1", BUDGET)
+    assert again is not None and [m.content for m in again[1].messages] == ["a"]
 
 
 def test_read_overtaken_by_a_write_is_not_kept() -> None:
@@ -36,8 +38,8 @@ def test_read_overtaken_by_a_write_is_not_kept() -> None:
     cache.begin_write("s1")
     cache.appended(message("b"), "later")
     cache.end_write("s1")
-    cache.fill(read, session(), [message("a")])
-    assert cache.history("s1") is None
+    cache.fill(read, session(), History([message("a")]), BUDGET)
+    assert cache.history("s1", BUDGET) is None
 
 
 def test_read_started_during_a_write_is_not_kept() -> None:
@@ -45,12 +47,12 @@ def test_read_started_during_a_write_is_not_kept() -> None:
     cache = HistoryCache(MB)
     cache.begin_write("s1")
     read = cache.begin_read("s1")
-    cache.fill(read, session(), [message("a")])
+    cache.fill(read, session(), History([message("a")]), BUDGET)
     cache.end_write("s1")
-    assert cache.history("s1") is None
+    assert cache.history("s1", BUDGET) is None
     fresh = cache.begin_read("s1")
-    cache.fill(fresh, session(), [message("a")])
-    assert cache.history("s1") is not None
+    cache.fill(fresh, session(), History([message("a")]), BUDGET)
+    assert cache.history("s1", BUDGET) is not None
 
 
 def test_writes_to_other_sessions_do_not_spoil_a_read() -> None:
@@ -58,7 +60,7 @@ def test_writes_to_other_sessions_do_not_spoil_a_read() -> None:
     cache = HistoryCache(MB)
     read = cache.begin_read("s1")
     cache.begin_write("s2")
-    cache.fill(read, session(), [])
+    cache.fill(read, session(), History([]), BUDGET)
     assert "s1" in cache
 
 
@@ -68,16 +70,16 @@ def test_committed_writes_update_the_entry() -> None:
     cache.created(session())
     cache.appended(message("a"), "2026-01-02T00:00:00.000000Z")
     cache.renamed("s1", "new title", "2026-01-03T00:00:00.000000Z")
-    found = cache.history("s1")
+    found = cache.history("s1", BUDGET)
     assert found is not None
     assert found[0].title == "new title" and found[0].updated_at == "2026-01-03T00:00:00.000000Z"
-    assert [m.content for m in found[1]] == ["a"]
+    assert [m.content for m in found[1].messages] == ["a"]
     cache.cleared("s1", "2026-01-04T00:00:00.000000Z")
-    cleared = cache.history("s1")
-    assert cleared is not None and cleared[1] == [] and cleared[0].updated_at == "2026-01-04T00:00:00.000000Z"
+    cleared = cache.history("s1", BUDGET)
+    assert cleared is not None and cleared[1].messages == [] and cleared[0].updated_at == "2026-01-04T00:00:00.000000Z"
     assert cache.size == SESSION_OVERHEAD
     cache.drop("s1")
-    assert cache.history("s1") is None and cache.size == 0
+    assert cache.history("s1", BUDGET) is None and cache.size == 0
 
 
 def test_least_recently_used_sessions_go_first() -> None:
@@ -85,10 +87,10 @@ def test_least_recently_used_sessions_go_first() -> None:
     one = message_size(message("x" * 1000))
     cache = HistoryCache(4 * (SESSION_OVERHEAD + one))
     for name in ("s1", "s2", "s3"):
-        cache.fill(cache.begin_read(name), session(name), [message("x" * 1000, name)])
-    assert cache.history("s1") is not None
-    cache.fill(cache.begin_read("s4"), session("s4"), [message("x" * 1000, "s4")])
-    cache.fill(cache.begin_read("s5"), session("s5"), [message("x" * 1000, "s5")])
+        cache.fill(cache.begin_read(name), session(name), History([message("x" * 1000, name)]), BUDGET)
+    assert cache.history("s1", BUDGET) is not None
+    cache.fill(cache.begin_read("s4"), session("s4"), History([message("x" * 1000, "s4")]), BUDGET)
+    cache.fill(cache.begin_read("s5"), session("s5"), History([message("x" * 1000, "s5")]), BUDGET)
     assert [name for name in ("s1", "s2", "s3", "s4", "s5") if name in cache] == ["s1", "s3", "s4", "s5"]
     assert cache.size <= cache.max_bytes
 
@@ -98,7 +100,7 @@ def test_large_sessions_and_empty_sessions_stay_bounded() -> None:
     cache = HistoryCache(100_000)
     attachment = Attachment("a1", "big.png", "image/png", 30_000, "A" * 30_000)
     big = Message("m1", "s1", "user", "look", attachments=(attachment,))
-    cache.fill(cache.begin_read("s1"), session(), [big])
+    cache.fill(cache.begin_read("s1"), session(), History([big]), BUDGET)
     assert "s1" not in cache
     cache.created(session("s2"))
     cache.appended(Message("m2", "s2", "user", "x" * 30_000), "later")
@@ -112,5 +114,5 @@ def test_zero_budget_keeps_nothing() -> None:
     """``max_bytes`` 0 turns the cache off."""
     cache = HistoryCache(0)
     cache.created(session())
-    cache.fill(cache.begin_read("s2"), session("s2"), [])
-    assert len(cache) == 0 and cache.history("s1") is None
+    cache.fill(cache.begin_read("s2"), session("s2"), History([]), BUDGET)
+    assert len(cache) == 0 and cache.history("s1", BUDGET) is None

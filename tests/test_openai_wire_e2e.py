@@ -232,3 +232,46 @@ def test_streamed_response_frames_name_their_event(wire: Chat, upstream: Threade
     final = events[-1]["response"]
     assert final["status"] == "completed"
     assert final["output"][0]["content"][0]["text"] == "AB"
+
+
+def get(chat: Chat, path: str, headers: dict[str, str]) -> tuple[int, Any]:
+    connection = http.client.HTTPConnection("127.0.0.1", chat.port, timeout=20)
+    try:
+        connection.request("GET", path, headers=headers)
+        response = connection.getresponse()
+        return response.status, json.loads(response.read())
+    finally:
+        connection.close()
+
+
+def test_server_side_executions_are_stored_for_their_user_and_operators(wire: Chat, upstream: ThreadedUpstream) -> None:
+    """A streamed completion's server-side call is stored under its completion id and user (the route keeps
+    no session): its user reads it per completion, another user gets OpenAI's 404, an operator (a direct
+    local call) lists it, and a user cannot use the operator listing."""
+    upstream.push(
+        tool_stream([("call_s", "everything__echo", '{"message": "kept"}')]),
+        text_stream(["Stored."]),
+    )
+    status, _, raw = post(
+        wire, "/v1/chat/completions",
+        {"model": MODEL, "stream": True, "messages": [{"role": "user", "content": "echo kept"}]},
+    )
+    assert status == 200
+    completion_id = json.loads(frames(raw)[0][1])["id"]
+    assert b"Echo: kept" not in raw  # server-side work never shows in the content
+    listing = f"/v1/chat/completions/{completion_id}/tool_executions"
+    status, body = get(wire, listing, {"Authorization": f"Bearer {TOKEN}"})
+    assert status == 200, body
+    assert body["object"] == "list" and body["completion_id"] == completion_id
+    [execution] = body["data"]
+    assert {k: execution[k] for k in ("id", "tool_name", "arguments", "result", "request_id", "user_id")} == {
+        "id": "call_s", "tool_name": "everything__echo", "arguments": '{"message": "kept"}', "result": "Echo: kept",
+        "request_id": completion_id, "user_id": "7",
+    }
+    assert "error" not in execution and execution["duration_ms"] >= 0
+    status, body = get(wire, listing, {"X-User-ID": "8"})
+    assert status == 404 and body["error"]["code"] == "not_found"
+    status, body = get(wire, f"/v1/tool_executions?completion_id={completion_id}", {})
+    assert status == 200 and [e["id"] for e in body["executions"]] == ["call_s"]
+    status, body = get(wire, "/v1/tool_executions", {"X-User-ID": "7"})
+    assert status == 403

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import sqlite3
 from collections.abc import Coroutine
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
@@ -15,12 +16,17 @@ from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 
-from aichat.store import Approval, Attachment, Message, StoreError, new_id, utc_now
+from aichat.chat.context import build_messages
+from aichat.store import Approval, Attachment, History, Message, StoreError, ToolExecution, new_id, utc_now
 from aichat.store.sql import SQLStore
 from aichat.store.sqlite import SQLiteStore, migrations
+from aichat.store.tail import tail_start
 from tests.support import InlinePool, inline_pg_store, inline_store
 
 T = TypeVar("T")
+#: The context budget the tests read tails with (the default ``chat.history_budget_chars``).
+BUDGET = 100_000
+NOW = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 
 
 def run(coroutine: Coroutine[Any, Any, T]) -> T:
@@ -69,7 +75,7 @@ def test_migrations_applied_once_and_recorded(tmp_path: Path) -> None:
     run(second.close())
     connection = sqlite3.connect(path)
     versions = [row[0] for row in connection.execute("SELECT version FROM schema_migrations")]
-    assert versions == [m[0] for m in migrations()] == [1]
+    assert versions == [m[0] for m in migrations()] == [1, 2]
     assert connection.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     tables = {row[0] for row in connection.execute("SELECT name FROM sqlite_master WHERE type='table'")}
     assert {"chat_sessions", "chat_messages", "chat_attachments", "tool_approvals"} <= tables
@@ -143,10 +149,10 @@ def test_session_history_reads_both_for_the_owner_only(store: SQLStore) -> None:
     session = run(store.create_session("1", "t"))
     message = Message(new_id("user"), session.id, "user", "hi")
     run(store.add_message(message))
-    found, history = run(store.session_history("1", session.id))
+    found, history = run(store.session_history("1", session.id, BUDGET))
     assert found is not None and found.id == session.id
-    assert history == [message]
-    assert run(store.session_history("2", session.id)) == (None, [])
+    assert history == History([message], complete=True)
+    assert run(store.session_history("2", session.id, BUDGET)) == (None, History())
 
 
 def test_message_for_missing_session_fails(store: SQLStore) -> None:
@@ -302,14 +308,14 @@ def test_text_no_engine_can_hold_is_stored_replaced(store: SQLStore) -> None:
     assert stored.content == "out \ufffd"
     assert stored.tool_executions == [{"id": "c1", "tool_name": "t", "result": "a\ufffdb",
                                        "arguments": {"k\ufffd": "\ufffd"}}]
-    assert database_view(store, "1", session.id)[1] == [stored]
+    assert database_view(store, "1", session.id)[1].messages == [stored]
 
 
-def database_view(store: SQLStore, user: str, session_id: str) -> tuple[Any, list[Message]]:
+def database_view(store: SQLStore, user: str, session_id: str) -> tuple[Any, History]:
     """What a store without a cache reads for the session: the database's truth."""
     plain = uncached(store)
     try:
-        return run(plain.session_history(user, session_id))
+        return run(plain.session_history(user, session_id, BUDGET))
     finally:
         run(plain.close())
 
@@ -332,13 +338,13 @@ def test_cached_history_matches_the_database_through_every_write(store: SQLStore
     for step in steps:
         run(step())
         assert session.id in store.cache
-        assert run(store.session_history("1", session.id)) == database_view(store, "1", session.id)
+        assert run(store.session_history("1", session.id, BUDGET)) == database_view(store, "1", session.id)
     assert run(store.get_session("1", session.id)) == database_view(store, "1", session.id)[0]
-    assert run(store.session_history("2", session.id)) == (None, [])
+    assert run(store.session_history("2", session.id, BUDGET)) == (None, History())
     assert run(store.get_session("2", session.id)) is None
     run(store.delete_session("1", session.id))
     assert session.id not in store.cache
-    assert run(store.session_history("1", session.id)) == (None, [])
+    assert run(store.session_history("1", session.id, BUDGET)) == (None, History())
 
 
 def test_read_overtaken_by_a_commit_is_not_cached(store: SQLStore) -> None:
@@ -357,15 +363,15 @@ def test_read_overtaken_by_a_commit_is_not_cached(store: SQLStore) -> None:
         return delayed
 
     store._read = late  # type: ignore[method-assign,assignment]
-    reading = Deferred.fromCoroutine(store.session_history("1", session.id))
+    reading = Deferred.fromCoroutine(store.session_history("1", session.id, BUDGET))
     store._read = real  # type: ignore[method-assign]
     run(store.add_message(Message(new_id("user"), session.id, "user", "two")))
     [(pending, stale)] = held
     pending.callback(stale)
-    _, history = cast(tuple[Any, list[Message]], reading.result)
-    assert [m.content for m in history] == ["one"]
+    _, history = cast(tuple[Any, History], reading.result)
+    assert [m.content for m in history.messages] == ["one"]
     assert session.id not in store.cache
-    assert [m.content for m in run(store.history(session.id))] == ["one", "two"]
+    assert [m.content for m in run(store.recent_history(session.id, BUDGET)).messages] == ["one", "two"]
     assert session.id in store.cache
 
 
@@ -377,7 +383,7 @@ def test_failed_write_drops_the_session_from_the_cache(store: SQLStore) -> None:
     with pytest.raises(StoreError):
         run(store.add_message(Message(new_id("user"), session.id, "user", "two", attachments=(attachment,))))
     assert session.id not in store.cache
-    assert [m.content for m in run(store.history(session.id))] == ["one"]
+    assert [m.content for m in run(store.recent_history(session.id, BUDGET)).messages] == ["one"]
 
 
 def test_many_attachments_across_a_page(store: SQLStore) -> None:
@@ -407,3 +413,96 @@ def test_schema_newer_than_the_code_is_refused(store: SQLStore) -> None:
     run(store.close())
     with pytest.raises(StoreError, match="schema is at version 99, newer than this aichat-backend"):
         uncached(store)
+
+
+def test_recent_history_is_the_budgeted_tail_on_both_engines(store: SQLStore) -> None:
+    """A long session (tool rounds, files, approvals) is read as the tail :func:`tail_start` names, over
+    several pages, with attachments, from the cache and from the database alike; the context built from it
+    is the one built from every message, and ``complete`` says whether it reaches the first message."""
+    session = run(store.create_session("1", "t"))
+    for n in range(150):
+        files = (Attachment(new_id(), f"{n}.txt", "text/plain", 4, "YWJjZA=="),) if n % 7 == 0 else ()
+        run(store.add_message(Message(new_id("user"), session.id, "user", f"question {n}", attachments=files)))
+        if n % 5 == 0:
+            calls = [{"id": f"c{n}", "type": "function", "function": {"name": "echo", "arguments": "{}"}}]
+            run(store.add_message(Message(new_id("assistant"), session.id, "assistant", "", tool_calls=calls)))
+            run(store.add_message(Message(new_id("tool"), session.id, "tool", "r" * 40, tool_call_id=f"c{n}")))
+        if n % 11 == 0:
+            run(store.add_message(Message(new_id("approval"), session.id, "tool_approval", "approve?")))
+        run(store.add_message(Message(new_id("assistant"), session.id, "assistant", f"answer {n}")))
+    every = run(store.history(session.id))
+    assert len(every) > 2 * 128  # more than one page of the tail's reads
+    plain = uncached(store)
+    try:
+        for budget in (0, 60, 900, 5000, 10**9):
+            start = tail_start(every, budget)
+            expected = History(every[start:] if start else every, complete=not start)
+            store.cache.clear()
+            assert run(plain.recent_history(session.id, budget)) == expected
+            assert run(store.recent_history(session.id, budget)) == expected  # a miss, then cached
+            assert run(store.recent_history(session.id, budget)) == expected  # a hit
+            context = build_messages("sys", expected.messages, budget, NOW)
+            assert context == build_messages("sys", every, budget, NOW)
+            if budget < 5000:
+                assert not expected.complete and len(expected.messages) < len(every) // 4
+    finally:
+        run(plain.close())
+
+
+def test_a_cached_tail_stays_bounded_as_the_session_grows(store: SQLStore) -> None:
+    """Appends to a cached session trim it to the tail its budget needs: the cache holds as much after 400
+    turns as after 200, and what it serves equals the database's tail."""
+    session = run(store.create_session("1", "t"))
+    sizes = []
+    for n in range(400):
+        run(store.add_message(Message(new_id("user"), session.id, "user", f"q{n:04}")))
+        run(store.add_message(Message(new_id("assistant"), session.id, "assistant", f"a{n:04}")))
+        run(store.recent_history(session.id, 500))
+        if n in (199, 399):
+            sizes.append(store.cache.size)
+    assert sizes[0] == sizes[1] and sizes[0] < 200 * 2 * 400
+    plain = uncached(store)
+    try:
+        assert run(store.recent_history(session.id, 500)) == run(plain.recent_history(session.id, 500))
+    finally:
+        run(plain.close())
+
+
+def test_tool_executions_of_requests_without_a_session(store: SQLStore) -> None:
+    """Executions stored by user and request come back newest first, filtered by user and/or request, with
+    text that could not be stored made storable; another user's filter sees none of them."""
+    def execution(user: str, request: str, n: int, error: str | None = None) -> ToolExecution:
+        record = {"id": f"call_{n}", "tool_name": "everything__echo", "arguments": '{"m": "\ud800"}',
+                  "result": "" if error else f"r{n}", "start_time": f"2026-01-01T00:00:0{n}.000000Z",
+                  "end_time": f"2026-01-01T00:00:0{n}.500000Z", "duration_ms": 500}
+        if error:
+            record["error"] = error
+        return ToolExecution.of(user, request, record)
+
+    first = [execution("1", "chatcmpl_a", 1), execution("1", "chatcmpl_a", 2, "Error executing tool: boom")]
+    run(store.add_tool_executions(first))
+    run(store.add_tool_executions([execution("2", "chatcmpl_b", 3)]))
+    mine = run(store.list_tool_executions("1", None, 10, 0))
+    assert [(e.tool_call_id, e.error) for e in mine] == [("call_2", "Error executing tool: boom"), ("call_1", None)]
+    assert mine[1].arguments == '{"m": "\ufffd"}' and mine[1].start_time == "2026-01-01T00:00:01.000000Z"
+    assert mine[0].to_json()["error"] == "Error executing tool: boom" and mine[0].duration_ms == 500
+    assert [e.request_id for e in run(store.list_tool_executions(None, None, 10, 0))] == [
+        "chatcmpl_b", "chatcmpl_a", "chatcmpl_a"
+    ]
+    assert run(store.list_tool_executions("2", "chatcmpl_a", 10, 0)) == []
+    assert [e.user_id for e in run(store.list_tool_executions(None, "chatcmpl_b", 10, 0))] == ["2"]
+    assert len(run(store.list_tool_executions("1", "chatcmpl_a", 1, 1))) == 1
+
+
+def test_a_tail_without_a_user_message_is_the_whole_session(store: SQLStore) -> None:
+    """Over the budget but with no user message to start a tail at, every message is read (the context
+    builder may need any of them), over pages that keep growing."""
+    session = run(store.create_session("1", "t"))
+    for n in range(600):
+        run(store.add_message(Message(new_id("assistant"), session.id, "assistant", f"note {n:04}")))
+    plain = uncached(store)
+    try:
+        tail = run(plain.recent_history(session.id, 100))
+    finally:
+        run(plain.close())
+    assert tail.complete and [m.content for m in tail.messages] == [f"note {n:04}" for n in range(600)]

@@ -197,7 +197,7 @@ def test_new_database_gets_the_go_schema_and_our_migrations_once(pg_url: str) ->
     with psycopg.connect(pg_url) as connection:
         assert connection.execute("SELECT version, dirty FROM schema_migrations").fetchall() == [(2, False)]
         recorded = [r[0] for r in connection.execute("SELECT version FROM aichat_schema_migrations ORDER BY 1")]
-    assert recorded == [m[0] for m in migrations("postgres")] == [1, 2]
+    assert recorded == [m[0] for m in migrations("postgres")] == [1, 2, 3]
 
 
 def test_instances_starting_together_migrate_once(pg_url: str) -> None:
@@ -218,7 +218,7 @@ def test_instances_starting_together_migrate_once(pg_url: str) -> None:
         thread.join(60)
     assert errors == []
     with psycopg.connect(pg_url) as connection:
-        assert connection.execute("SELECT count(*) FROM aichat_schema_migrations").fetchone() == (2,)
+        assert connection.execute("SELECT count(*) FROM aichat_schema_migrations").fetchone() == (3,)
 
 
 def test_connection_failures_carry_the_database_reason_without_the_password(pg_cluster: Cluster) -> None:

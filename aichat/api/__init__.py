@@ -6,6 +6,7 @@ from twisted.web.resource import IResource
 
 from aichat.api.app import API
 from aichat.api.chat import register_chat
+from aichat.api.executions import register_executions
 from aichat.api.mcp import register_mcp
 from aichat.api.observability import register_observability
 from aichat.api.openai_chat import register_chat_completions
@@ -29,6 +30,7 @@ def build_resource(api: API) -> IResource:
     register_models(api)
     register_chat_completions(api)
     register_responses(api)
+    register_executions(api)
     register_observability(api)
     resource: IResource = EdgeResource(api.app.resource(), api.settings.cors.origins)
     return resource

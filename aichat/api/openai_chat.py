@@ -1,8 +1,9 @@
 """``POST /v1/chat/completions``: OpenAI's Chat Completions over the daemon's tool loop.
 
-The client's messages are the context (nothing is stored). The model is offered the MCP tools that the
+The client's messages are the context (no session is kept). The model is offered the MCP tools that the
 operator's ``chat.approval`` policy lets run without a person (``never``, or ``auto`` globs), and those calls
-run server-side in the same loop as a chat turn (round cap, concurrency, timeouts); tools that need an
+run server-side in the same loop as a chat turn (round cap, concurrency, timeouts, stored executions: by
+user and completion id, see :mod:`aichat.api.executions`, since there is no session); tools that need an
 approval are not offered here. Tools the client sends in ``tools`` are offered too, and a call to one ends
 the answer with ``finish_reason: "tool_calls"`` for the client to run. Streamed, the chunks are OpenAI's: a
 role chunk, content deltas, the client's tool calls, a finish chunk, the usage chunk when
@@ -236,6 +237,11 @@ class ChunkWriter:
         self._out.send(error.body())
 
 
+def lagged(message: str) -> tuple[dict[str, Any], None]:
+    """The error chunk that ends a stream whose client fell too far behind (as ``fail`` writes errors)."""
+    return OpenAIError(message, 500, code="reader_lag").body(), None
+
+
 def register_chat_completions(api: API) -> None:
     """``POST /v1/chat/completions``."""
 
@@ -257,7 +263,7 @@ def register_chat_completions(api: API) -> None:
         completion_id = short_id("chatcmpl")
         created = int(api.clock.seconds())
         if not stream:
-            turn = chat.start_stateless(user, messages, scope, lambda event: None)
+            turn = chat.start_stateless(user, messages, scope, lambda event: None, request_id=completion_id)
             result = await chat.wait(turn)
             if result.error is not None:
                 raise turn_error(result)
@@ -281,13 +287,13 @@ def register_chat_completions(api: API) -> None:
                 "usage": _usage(result),
             }
             return json_response(request, answer)
-        out = EventStream(
-            request, api.clock, api.settings.chat.keepalive_seconds, api.metrics.sse_streams.labels("openai")
-        )
+        settings = api.settings.chat
+        out = EventStream(request, api.clock, settings.keepalive_seconds, settings.max_reader_lag_bytes, lagged,
+                          api.metrics.sse_streams.labels("openai"))
         writer = ChunkWriter(out, completion_id, created, model, include_usage)
         writer.chunk({"role": "assistant", "content": "", "refusal": None})
         try:
-            turn = chat.start_stateless(user, messages, scope, writer)
+            turn = chat.start_stateless(user, messages, scope, writer, request_id=completion_id)
             result = await chat.wait(turn)
             if result.error is not None:
                 writer.fail(turn_error(result))
@@ -295,4 +301,5 @@ def register_chat_completions(api: API) -> None:
                 writer.finish(result)
         finally:
             out.close()
+        await out.flushed()
         return b""

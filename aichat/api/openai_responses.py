@@ -39,6 +39,7 @@ from aichat.api.openai_wire import (
 )
 from aichat.chat import events
 from aichat.chat.turn import ChatError, ChatService, ToolInfo, ToolScope, Turn, TurnResult
+from aichat.store.base import History
 
 APPROVAL_ITEM = "mcpr_"
 RESPONSE = "resp_"
@@ -460,6 +461,13 @@ class ResponseBuilder:
     def fail(self, result: TurnResult, error: OpenAIError) -> None:
         self._send({"type": "response.failed", "response": self.response("failed", result, error)})
 
+    def lagged(self, message: str) -> tuple[dict[str, Any], str]:
+        """The SDK's ``error`` event that ends a stream whose client fell too far behind."""
+        event = {"type": "error", "code": "reader_lag", "message": message, "param": None,
+                 "sequence_number": self._seq}
+        self._seq += 1
+        return event, "error"
+
 
 def _configured(api: API, chat: ChatService) -> set[str]:
     host = api.services.get("mcp")
@@ -517,7 +525,7 @@ def register_responses(api: API) -> None:
             if previous is not None:
                 session, history = await chat.resume(user, _session_of(previous))
             else:
-                session, history = chat.new_session(user), []
+                session, history = chat.new_session(user), History()
         except ChatError as e:
             raise OpenAIError(
                 f"Previous response with id '{previous}' not found.", e.status, param="previous_response_id"
@@ -602,9 +610,9 @@ async def _answer(
         if result.error is not None:
             raise turn_error(result)
         return json_response(request, builder.response("completed", result))
-    out = EventStream(
-        request, api.clock, api.settings.chat.keepalive_seconds, api.metrics.sse_streams.labels("openai")
-    )
+    settings = api.settings.chat
+    out = EventStream(request, api.clock, settings.keepalive_seconds, settings.max_reader_lag_bytes, builder.lagged,
+                      api.metrics.sse_streams.labels("openai"))
     builder.attach(out)
     try:
         # A client that goes away stops reading: a stored turn goes on and is stored, one kept in memory
@@ -617,4 +625,5 @@ async def _answer(
             builder.finish(result)
     finally:
         out.close()
+    await out.flushed()
     return b""

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import functools
 import uuid
+from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any, cast
 
-from twisted.internet.defer import CancelledError
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
@@ -22,6 +23,7 @@ from twisted.web.server import Request
 
 from aichat.api.app import API, json_response
 from aichat.api.errors import APIError, ServiceUnavailable
+from aichat.api.sse_flow import PacedResponse
 from aichat.chat.turn import ChatService, TurnResult
 from aichat.jsonfmt import compact
 from aichat.sse import encode_comment
@@ -167,47 +169,101 @@ def short_id(prefix: str) -> str:
     return f"{prefix}_{uuid.uuid4().hex}"
 
 
-class EventStream:
+#: What a face's stream ends with when its client falls too far behind: ``(data, event name)`` for a message.
+LastWords = Callable[[str], tuple[Any, str | None]]
+
+
+class EventStream(PacedResponse):
     """An SSE response of the OpenAI routes: ``data:`` frames (with ``event:`` when named), ``: ping``
-    keep-alives, and nothing written once the client has gone."""
+    keep-alives, and nothing written once the client has gone.
+
+    It is paced by its client (:class:`~aichat.api.sse_flow.PacedResponse`): while the transport is paused,
+    frames wait here, and past ``max_lag_bytes`` of them the stream ends with the face's ``last_words`` (an
+    error in its own format). The turn writing to it never waits; :meth:`flushed` waits for what is left."""
+
+    kind = "an OpenAI stream reader"
 
     def __init__(
-        self, request: IRequest, clock: IReactorTime, keepalive_seconds: float, open_streams: Any = None
+        self,
+        request: IRequest,
+        clock: IReactorTime,
+        keepalive_seconds: float,
+        max_lag_bytes: int,
+        last_words: LastWords,
+        open_streams: Any = None,
     ) -> None:
-        self._request = request
-        self.gone = False
+        super().__init__(request, max_lag_bytes)
         #: The gauge of open SSE responses this one counts in until :meth:`close`.
         self._open_streams = open_streams
         if open_streams is not None:
             open_streams.inc()
-        request.setResponseCode(200)
-        request.setHeader(b"Content-Type", b"text/event-stream; charset=utf-8")
-        request.setHeader(b"Cache-Control", b"no-cache")
-        request.setHeader(b"X-Accel-Buffering", b"no")
+        self._last = last_words
+        self._waiting: deque[bytes] = deque()
+        self._flushed: Deferred[None] = Deferred()
+        self._start()
 
         def lost(_: object) -> None:
-            self.gone = True
+            self._end()
 
         cast(Request, request).notifyFinish().addBoth(lost)
         self._ping = LoopingCall(self._write, encode_comment("ping"))
         self._ping.clock = clock
         self._ping.start(keepalive_seconds, now=False)
 
+    @property
+    def gone(self) -> bool:
+        """The client went away or was dropped: nothing more is written."""
+        return self.over
+
     def _write(self, data: bytes) -> None:
-        if not self.gone:
+        if not self.over and not self._paused:
             self._request.write(data)
 
-    def send(self, data: Any, event: str | None = None) -> None:
+    @staticmethod
+    def _frame(data: Any, event: str | None) -> bytes:
         text = data if isinstance(data, str) else compact(data)
         head = f"event: {event}\n" if event else ""
-        self._write(f"{head}data: {text}\n\n".encode())
+        return f"{head}data: {text}\n\n".encode()
+
+    def send(self, data: Any, event: str | None = None) -> None:
+        if self.over:
+            return
+        frame = self._frame(data, event)
+        if self._paused or self._waiting:
+            self._waiting.append(frame)
+            self._behind(len(frame))
+            return
+        self._request.write(frame)
+
+    def _pump(self) -> None:
+        while self._waiting and not self._paused and not self.over:
+            self._request.write(self._waiting.popleft())
+        if not self._waiting and not self._flushed.called and not self._ping.running:
+            self._flushed.callback(None)
+
+    def _last_words(self, message: str) -> bytes:
+        return self._frame(*self._last(message))
+
+    def _end(self) -> None:
+        super()._end()
+        self._waiting.clear()
+        if not self._flushed.called:
+            self._flushed.callback(None)
 
     def close(self) -> None:
+        """No more frames: stop the keep-alives (what waits is still written, see :meth:`flushed`)."""
         if self._ping.running:
             self._ping.stop()
         if self._open_streams is not None:
             self._open_streams.dec()
             self._open_streams = None
+
+    async def flushed(self) -> None:
+        """Wait until every frame is written (or the client is gone), then stop being the producer."""
+        self.close()
+        self._pump()
+        await self._flushed
+        self._unregister()
 
 
 def register_models(api: API) -> None:

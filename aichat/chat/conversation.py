@@ -2,19 +2,20 @@
 
 A stored session is the reference API's (and ``/v1/responses``'): history read from the store, every step
 written to it. A memory conversation is ``/v1/chat/completions``' (and ``store: false``): the client's
-messages are the context, and the turn's own steps (tool calls and results) live only as long as the turn.
+messages are the context, and the turn's own steps (tool calls and results) live only as long as the turn;
+given an :class:`ExecutionLog` (chat completions), the tool executions among them are stored there.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from datetime import datetime
 from typing import Any, Protocol
 
 from twisted.internet.defer import Deferred, gatherResults
 
 from aichat.chat.context import build_messages
-from aichat.store.base import Message, Store
+from aichat.store.base import History, Message, Store, ToolExecution
 
 #: No trimming: in memory, the context is what the client sent.
 UNLIMITED = 2**62
@@ -29,8 +30,9 @@ class Conversation(Protocol):
     @property
     def stored(self) -> bool: ...
 
-    async def history(self) -> list[Message]:
-        """The stored steps, oldest first (for a memory conversation, only this turn's)."""
+    async def history(self, budget_chars: int) -> History:
+        """The stored steps, oldest first: a stored session's tail for ``budget_chars`` (for a memory
+        conversation, only this turn's steps)."""
         ...
 
     def messages(
@@ -54,7 +56,7 @@ class StoredConversation:
         self,
         store: Store,
         session_id: str,
-        first_history: list[Message] | None = None,
+        first_history: History | None = None,
         instructions: str | None = None,
     ) -> None:
         self._store = store
@@ -66,11 +68,11 @@ class StoredConversation:
     def session_id(self) -> str:
         return self._session_id
 
-    async def history(self) -> list[Message]:
+    async def history(self, budget_chars: int) -> History:
         if self._first is not None:
             history, self._first = self._first, None
             return history
-        return await self._store.history(self._session_id)
+        return await self._store.recent_history(self._session_id, budget_chars)
 
     def messages(
         self, history: Sequence[Message], system_prompt: str, budget: int, now: datetime
@@ -85,24 +87,39 @@ class StoredConversation:
         await _store_all(self._store, messages)
 
 
+#: Stores the tool executions (the reference's ``ToolExecution`` JSON) of a conversation kept in memory.
+ExecutionLog = Callable[[list[dict[str, Any]]], Awaitable[None]]
+
+
+def store_executions(store: Store, user_id: str, request_id: str) -> ExecutionLog:
+    """An :data:`ExecutionLog` writing to the store's executions of requests without a session."""
+
+    async def record(executions: list[dict[str, Any]]) -> None:
+        await store.add_tool_executions([ToolExecution.of(user_id, request_id, e) for e in executions])
+
+    return record
+
+
 class MemoryConversation:
-    """The client's messages (Chat Completions shape) followed by this turn's steps, kept in memory.
+    """The client's messages (Chat Completions shape) followed by this turn's steps, kept in memory; the
+    tool executions among the steps go to ``executions`` when given.
 
     The daemon's system prompt is sent only when the client sent no ``system``/``developer`` message.
     """
 
     stored = False
 
-    def __init__(self, client_messages: Sequence[dict[str, Any]]) -> None:
+    def __init__(self, client_messages: Sequence[dict[str, Any]], executions: ExecutionLog | None = None) -> None:
         self._client = list(client_messages)
         self._steps: list[Message] = []
+        self._executions = executions
 
     @property
     def session_id(self) -> str:
         return ""
 
-    async def history(self) -> list[Message]:
-        return list(self._steps)
+    async def history(self, budget_chars: int) -> History:
+        return History(list(self._steps))
 
     def messages(
         self, history: Sequence[Message], system_prompt: str, budget: int, now: datetime
@@ -114,6 +131,9 @@ class MemoryConversation:
 
     async def add(self, *messages: Message) -> None:
         self._steps.extend(messages)
+        ran = [execution for m in messages for execution in m.tool_executions or ()]
+        if ran and self._executions is not None:
+            await self._executions(ran)
 
 
 async def _store_all(store: Store, messages: Iterable[Message]) -> None:

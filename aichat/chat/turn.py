@@ -25,13 +25,23 @@ from twisted.python.failure import Failure
 
 from aichat.chat import events
 from aichat.chat.approvals import ApprovalPolicy
-from aichat.chat.conversation import Conversation, MemoryConversation, StoredConversation
+from aichat.chat.conversation import Conversation, MemoryConversation, StoredConversation, store_executions
 from aichat.chat.streams import ReferencePresenter, Stream, StreamRegistry
 from aichat.chat.titles import clean_title, fallback_title, is_automatic, title_prompt
 from aichat.config import ChatSettings
 from aichat.llm.provider import LLMError, Provider, Usage
 from aichat.metrics import Metrics, observe_usage
-from aichat.store.base import Approval, Attachment, Message, Session, Store, StoreError, StoreUnavailable, new_id
+from aichat.store.base import (
+    Approval,
+    Attachment,
+    History,
+    Message,
+    Session,
+    Store,
+    StoreError,
+    StoreUnavailable,
+    new_id,
+)
 
 log = Logger(namespace="aichat.chat")
 
@@ -345,18 +355,19 @@ class Turn:
         self.state = TurnState.FAILED
         self.emit(events.Failed(self.result))
 
-    async def _loop(self) -> tuple[list[Message], str] | None:
+    async def _loop(self) -> tuple[History, str] | None:
         """Ask the model and run its tools until it answers, asks for approval, hands calls to the client or
         reaches the round cap.
 
-        Returns the history of the last round and the model's last text, from which a title is made, or
+        Returns the history (tail) of the last round and the model's last text, from which a title is made, or
         ``None`` when the turn waits for an approval or the client."""
         chat = self._chat
         settings = chat.settings
         conversation = self.conversation
         first_round = True
         while True:
-            history = await conversation.history()
+            tail = await conversation.history(settings.history_budget_chars)
+            history = tail.messages
             if first_round and self.message is not None and all(m.id != self.message.id for m in history):
                 history.append(self.message)
             first_round = False
@@ -368,7 +379,7 @@ class Turn:
             assistant = await self._complete(messages, specs)
             if not assistant.tool_calls:
                 self.state = TurnState.ANSWERED
-                return history, assistant.content
+                return tail, assistant.content
             calls = assistant.tool_calls
             if rounds >= settings.max_tool_rounds:
                 await self.store_refusals(calls, ROUND_LIMIT)
@@ -380,7 +391,7 @@ class Turn:
                 self.result.text.append(notice)
                 self.emit(events.RoundLimit(notice))
                 self.state = TurnState.ANSWERED
-                return history, assistant.content
+                return tail, assistant.content
             client = [c for c in calls if c["function"]["name"] in self.scope.client_names]
             if client:
                 # The client runs these; server-side calls of the same round are left to a later round.
@@ -500,7 +511,7 @@ class Turn:
         )
         self.result.executions.extend(executions)
         if not self.conversation.stored:
-            # Nothing else keeps a record of what ran for a turn kept in memory.
+            # A turn kept in memory has no session whose messages show what ran.
             for execution in executions:
                 log.info(
                     "Tool {tool_name} ran for user {user_id} ({outcome}, {duration_ms} ms)",
@@ -620,12 +631,12 @@ class ChatService:
         stamp = _iso(now.timestamp())
         return Session(session_id, user_id, title, stamp, stamp)
 
-    async def resume(self, user_id: str, session_id: str) -> tuple[Session, list[Message]]:
-        """The user's session ``session_id`` and its history, or a new empty one when ``session_id`` is
-        empty; another user's session is 404."""
+    async def resume(self, user_id: str, session_id: str) -> tuple[Session, History]:
+        """The user's session ``session_id`` and its history's budgeted tail, or a new empty one when
+        ``session_id`` is empty; another user's session is 404."""
         if not session_id:
-            return self.new_session(user_id), []
-        session, history = await self.store.session_history(user_id, session_id)
+            return self.new_session(user_id), History()
+        session, history = await self.store.session_history(user_id, session_id, self.settings.history_budget_chars)
         if session is None:
             raise ChatError("Session not found", 404)
         return session, history
@@ -638,13 +649,13 @@ class ChatService:
         session: Session,
         text: str,
         attachments: Sequence[Attachment] = (),
-        history: list[Message] | None = None,
+        history: History | None = None,
         *,
         scope: ToolScope | None = None,
         listener: events.Listener | None = None,
         instructions: str | None = None,
     ) -> Turn:
-        """Begin a turn for a new user message; ``history``, if given, is the session's as just read.
+        """Begin a turn for a new user message; ``history``, if given, is the session's tail as just read.
 
         Without a ``listener`` the turn reports to a new reference stream (``turn.stream``); ``instructions``
         replace the system prompt for this turn."""
@@ -653,10 +664,18 @@ class ChatService:
         return self._start(user_id, conversation, scope, listener, message, _nothing)
 
     def start_stateless(
-        self, user_id: str, messages: Sequence[dict[str, Any]], scope: ToolScope, listener: events.Listener
+        self,
+        user_id: str,
+        messages: Sequence[dict[str, Any]],
+        scope: ToolScope,
+        listener: events.Listener,
+        *,
+        request_id: str | None = None,
     ) -> Turn:
-        """Begin a turn whose context is ``messages`` (Chat Completions shape) and that stores nothing."""
-        return self._start(user_id, MemoryConversation(messages), scope, listener, None, _nothing)
+        """Begin a turn whose context is ``messages`` (Chat Completions shape) and that keeps no session; with
+        a ``request_id`` its tool executions are stored under it, else nothing is stored."""
+        executions = None if request_id is None else store_executions(self.store, user_id, request_id)
+        return self._start(user_id, MemoryConversation(messages, executions), scope, listener, None, _nothing)
 
     async def start_resolution(
         self,
@@ -758,10 +777,10 @@ class ChatService:
 
     # -- titles -------------------------------------------------------------------------------------
 
-    def maybe_title(self, user_id: str, session_id: str, history: list[Message], answer: str) -> None:
+    def maybe_title(self, user_id: str, session_id: str, history: History, answer: str) -> None:
         """Title the session after its first turn (however that turn ended), in the background."""
-        users = [m for m in history if m.role == "user"]
-        if not self.settings.title_generation or len(users) != 1:
+        users = [m for m in history.messages if m.role == "user"]
+        if not self.settings.title_generation or not history.complete or len(users) != 1:
             return
         work = Deferred.fromCoroutine(self._title(user_id, session_id, users[0].content, answer))
         self._background.add(work)

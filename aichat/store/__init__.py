@@ -3,12 +3,14 @@
 from aichat.store.base import (
     Approval,
     Attachment,
+    History,
     Message,
     Session,
     Store,
     StoreError,
     StoreFull,
     StoreUnavailable,
+    ToolExecution,
     new_id,
     utc_now,
 )
@@ -16,12 +18,14 @@ from aichat.store.base import (
 __all__ = [
     "Approval",
     "Attachment",
+    "History",
     "Message",
     "Session",
     "Store",
     "StoreError",
     "StoreFull",
     "StoreUnavailable",
+    "ToolExecution",
     "new_id",
     "utc_now",
 ]

@@ -7,6 +7,7 @@ the model needs to see history correctly: the ``tool_call_id`` of each tool resu
 from __future__ import annotations
 
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Protocol
@@ -129,6 +130,15 @@ class Message:
 
 
 @dataclass(frozen=True)
+class History:
+    """The newest messages of a session, oldest first (see :mod:`aichat.store.tail`); ``complete`` when
+    they start at the session's first message."""
+
+    messages: list[Message] = field(default_factory=list)
+    complete: bool = True
+
+
+@dataclass(frozen=True)
 class Approval:
     """A set of tool calls waiting for (or resolved by) the user who owns the session."""
 
@@ -140,6 +150,60 @@ class Approval:
     created_at: str
     expires_at: str
     resolved_at: str | None = None
+
+
+@dataclass(frozen=True)
+class ToolExecution:
+    """A tool call run server-side for a request that keeps no session (a chat completion), stored by the
+    user it ran for and the id of the request (``request_id``, the completion's ``chatcmpl_...`` id)."""
+
+    id: str
+    user_id: str
+    request_id: str
+    tool_call_id: str
+    tool_name: str
+    arguments: str
+    result: str
+    error: str | None
+    start_time: str
+    end_time: str
+    duration_ms: int
+    created_at: str = field(default_factory=utc_now)
+
+    @classmethod
+    def of(cls, user_id: str, request_id: str, execution: dict[str, Any]) -> ToolExecution:
+        """A record of one of a turn's executions (the reference's ``ToolExecution`` JSON)."""
+        return cls(
+            id=new_id("exec"),
+            user_id=user_id,
+            request_id=request_id,
+            tool_call_id=str(execution["id"]),
+            tool_name=str(execution["tool_name"]),
+            arguments=str(execution.get("arguments", "")),
+            result=str(execution.get("result", "")),
+            error=execution.get("error"),
+            start_time=str(execution["start_time"]),
+            end_time=str(execution["end_time"]),
+            duration_ms=int(execution["duration_ms"]),
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        """The reference's ``ToolExecution`` JSON, with the request it ran for."""
+        out: dict[str, Any] = {
+            "id": self.tool_call_id,
+            "tool_name": self.tool_name,
+            "arguments": self.arguments,
+            "result": self.result,
+            "start_time": self.start_time,
+            "end_time": self.end_time,
+            "duration_ms": self.duration_ms,
+            "request_id": self.request_id,
+            "user_id": self.user_id,
+            "created_at": self.created_at,
+        }
+        if self.error is not None:
+            out["error"] = self.error
+        return out
 
 
 class Store(Protocol):
@@ -186,13 +250,27 @@ class Store(Protocol):
         """A page of the session's messages in order, or ``None`` if not found for this user."""
 
     async def history(self, session_id: str) -> list[Message]:
-        """Every message of the session in order, for building the model's context."""
+        """Every message of the session in order (copies and checks; a turn reads :meth:`recent_history`)."""
 
-    async def session_history(self, user_id: str, session_id: str) -> tuple[Session | None, list[Message]]:
-        """The user's session and its history in one read; ``(None, [])`` if not found for this user."""
+    async def recent_history(self, session_id: str, budget_chars: int) -> History:
+        """The session's budgeted tail (:mod:`aichat.store.tail`), for building the model's context."""
+
+    async def session_history(
+        self, user_id: str, session_id: str, budget_chars: int
+    ) -> tuple[Session | None, History]:
+        """The user's session and its budgeted tail in one read; ``(None, History())`` if not found for
+        this user."""
 
     async def clear_messages(self, user_id: str, session_id: str) -> bool:
         """Delete every message of the session (and pending approvals); ``False`` if not found."""
+
+    async def add_tool_executions(self, executions: Sequence[ToolExecution]) -> None:
+        """Store the executions of a request that keeps no session, committed together."""
+
+    async def list_tool_executions(
+        self, user_id: str | None, request_id: str | None, limit: int, offset: int
+    ) -> list[ToolExecution]:
+        """Stored executions, newest first, of one user and/or one request (``None``: any)."""
 
     async def create_approval(self, approval: Approval) -> None:
         """Store a pending approval."""

@@ -1,5 +1,5 @@
-"""``aichat-backend db copy --from SRC --to DST``: move every session, message, attachment and approval
-between databases (SQLite and PostgreSQL, either way).
+"""``aichat-backend db copy --from SRC --to DST``: move every session, message, attachment and approval,
+and the tool executions of requests without a session, between databases (SQLite and PostgreSQL, either way).
 
 Both databases are first brought to the current schema, as the daemon would do at start. Sessions are
 copied whole, one transaction per batch of sessions, with the target keeping the source's order, ids and
@@ -23,21 +23,25 @@ from aichat.store.dsn import DSNError, mask_password, parse_dsn
 from aichat.store.engines import Engine, PostgresEngine, SQLiteEngine, Txn
 from aichat.store.sql import (
     APPROVAL_COLUMNS,
+    EXECUTION_COLUMNS,
     INSERT_APPROVAL,
     INSERT_ATTACHMENT,
+    INSERT_EXECUTION,
     INSERT_MESSAGE,
     INSERT_SESSION,
     SESSION_COLUMNS,
     approval_from_row,
     approval_params,
     attachment_params,
+    execution_from_row,
+    execution_params,
     message_params,
     select_messages,
     session_from_row,
     session_params,
 )
 
-TABLES = ("chat_sessions", "chat_messages", "chat_attachments", "tool_approvals")
+TABLES = ("chat_sessions", "chat_messages", "chat_attachments", "tool_approvals", "tool_executions")
 SKIP_EXISTING = " ON CONFLICT DO NOTHING"
 #: Messages per target transaction (whole sessions only, so a session is never half copied).
 BATCH_MESSAGES = 2000
@@ -173,6 +177,19 @@ def _copy_session(source: Database, target: Txn, session_id: str, progress: Prog
     progress.approvals += len(approvals)
 
 
+def _copy_executions(source: Database, target: Database) -> None:
+    """The tool executions of requests without a session, a batch per target transaction."""
+    txn = source.txn()
+    txn.execute(f"SELECT {EXECUTION_COLUMNS} FROM tool_executions ORDER BY created_at, id")
+    rows = [execution_from_row(source.engine, row) for row in txn.fetchall()]
+    source.commit()
+    into = target.txn()
+    for start in range(0, len(rows), BATCH_MESSAGES):
+        for execution in rows[start:start + BATCH_MESSAGES]:
+            into.execute(INSERT_EXECUTION + SKIP_EXISTING, execution_params(execution))
+        target.commit()
+
+
 def copy(source_dsn: str, target_dsn: str, *, force: bool = False, out: TextIO = sys.stderr) -> dict[str, int]:
     """Copy everything from ``source_dsn`` to ``target_dsn``; return the verified counts per table."""
     if source_dsn == target_dsn:
@@ -197,6 +214,7 @@ def copy(source_dsn: str, target_dsn: str, *, force: bool = False, out: TextIO =
                     batch = progress.messages
                     progress.tick()
             target.commit()
+            _copy_executions(source, target)
         except Exception as e:
             target.connection.rollback()
             raise CopyError(f"copy failed (nothing of the current batch was kept; run again with --force): {e}") from e
@@ -228,7 +246,8 @@ def _opened(dsn: str) -> Iterator[Database]:
 
 USAGE = """Usage: aichat-backend db copy --from SRC --to DST [--force]
 
-Copy every session, message, attachment and tool approval from SRC to DST. Each is a database URL:
+Copy every session, message, attachment and tool approval (and the tool executions of chat completions)
+from SRC to DST. Each is a database URL:
 postgres://USER[:PASSWORD]@HOST[:PORT]/DBNAME[?OPTIONS] (the password may come from $PGPASSWORD or
 ~/.pgpass), postgresql://..., or sqlite:PATH. Both are brought to the current schema first. The target
 must be empty unless --force is given; rows the target already has (by id) are skipped, so an
@@ -276,7 +295,8 @@ def main(argv: Sequence[str]) -> int:
         return 1
     print(
         f"copied and verified: {counts['chat_sessions']} sessions, {counts['chat_messages']} messages, "
-        f"{counts['chat_attachments']} attachments, {counts['tool_approvals']} approvals in "
+        f"{counts['chat_attachments']} attachments, {counts['tool_approvals']} approvals, "
+        f"{counts['tool_executions']} tool executions in "
         f"{mask_password(options['to'])}"
     )
     return 0

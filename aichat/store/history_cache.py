@@ -1,8 +1,10 @@
-"""A write-through cache of sessions and their message histories, kept by the store that owns the writes.
+"""A write-through cache of sessions and the tails of their histories, kept by the store that owns the writes.
 
-Every turn reads its session's whole history to build the model's context, and that read is on the path to
-the first token. The store keeps recently used sessions here, updated by its own committed writes, so a
-turn finds its history without a database round trip. The database stays the truth: the cache only holds
+Every turn reads its session's budgeted tail (:mod:`aichat.store.tail`) to build the model's context, and
+that read is on the path to the first token. The store keeps recently used sessions here, updated by its
+own committed writes, so a turn finds its history without a database round trip. An entry holds only the
+tail for the context budget it was read with: each append trims the messages older than the tail needs, so
+an entry's size follows the budget, not the session's length. The database stays the truth: the cache only holds
 what a read returned or a commit wrote, and drops an entry whenever it cannot be sure.
 
 A read that misses fills the cache only if no write to that session was queued or committing while it
@@ -10,7 +12,7 @@ ran: the read might otherwise have seen the database before that write and store
 already stale. Writes update an entry when they commit, in commit order. A write that fails drops the entry.
 
 Size is bounded by an approximate byte budget (text, tool calls and attachments of the messages held);
-the least recently used sessions go first, and a session larger than a quarter of the budget is not kept.
+the least recently used sessions go first, and a tail larger than a quarter of the budget is not kept.
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ import json
 from collections import OrderedDict
 from dataclasses import dataclass, field, replace
 
-from aichat.store.base import Message, Session
+from aichat.store.base import History, Message, Session
+from aichat.store.tail import tail_start
 
 #: Rough overheads of the objects themselves, beyond their text.
 MESSAGE_OVERHEAD = 400
@@ -40,9 +43,28 @@ def message_size(message: Message) -> int:
 
 @dataclass
 class _Entry:
+    """A session and its newest messages: every one when ``complete``, else the tail for ``budget``
+    (0 until a read names one)."""
+
     session: Session
     messages: list[Message]
     size: int
+    complete: bool = True
+    budget: int = 0
+
+    def serves(self, budget: int) -> bool:
+        return self.complete or self.budget >= budget
+
+    def trim(self) -> int:
+        """Drop the messages older than the tail for ``budget`` needs; the bytes freed."""
+        start = tail_start(self.messages, self.budget) if self.budget else None
+        if not start:
+            return 0
+        freed = sum(message_size(m) for m in self.messages[:start])
+        del self.messages[:start]
+        self.complete = False
+        self.size -= freed
+        return freed
 
 
 @dataclass
@@ -84,13 +106,16 @@ class HistoryCache:
         self._entries.move_to_end(session_id)
         return entry.session
 
-    def history(self, session_id: str) -> tuple[Session, list[Message]] | None:
-        """The cached session and a copy of its history, or ``None`` when it is not cached."""
+    def history(self, session_id: str, budget: int) -> tuple[Session, History] | None:
+        """The cached session and a copy of its tail for ``budget``, or ``None`` when that is not cached."""
         entry = self._entries.get(session_id)
-        if entry is None:
+        if entry is None or not entry.serves(budget):
             return None
         self._entries.move_to_end(session_id)
-        return entry.session, list(entry.messages)
+        if budget > entry.budget:
+            entry.budget = budget
+            self._bytes -= entry.trim()
+        return entry.session, History(list(entry.messages), entry.complete)
 
     def begin_read(self, session_id: str) -> Read:
         """Note a database read of ``session_id``'s history; pass it to :meth:`fill` or :meth:`abandon`."""
@@ -98,15 +123,18 @@ class HistoryCache:
         self._reads.setdefault(session_id, []).append(read)
         return read
 
-    def fill(self, read: Read, session: Session, messages: list[Message]) -> None:
-        """Keep what ``read`` returned, unless a write to the session may have overtaken it."""
+    def fill(self, read: Read, session: Session, history: History, budget: int) -> None:
+        """Keep the tail for ``budget`` that ``read`` returned, unless a write to the session may have
+        overtaken it."""
         self.abandon(read)
-        if read.stale or not self.max_bytes or read.session_id in self._entries:
+        held = self._entries.get(read.session_id)
+        if read.stale or not self.max_bytes or (held is not None and held.serves(budget)):
             return
-        size = SESSION_OVERHEAD + sum(message_size(m) for m in messages)
+        size = SESSION_OVERHEAD + sum(message_size(m) for m in history.messages)
         if size > self.max_bytes // 4:
             return
-        self._entries[read.session_id] = _Entry(session, list(messages), size)
+        self.drop(read.session_id)
+        self._entries[read.session_id] = _Entry(session, list(history.messages), size, history.complete, budget)
         self._bytes += size
         self._evict()
 
@@ -150,7 +178,7 @@ class HistoryCache:
         entry.messages.append(message)
         entry.session = replace(entry.session, updated_at=updated_at)
         entry.size += size
-        self._bytes += size
+        self._bytes += size - entry.trim()
         if entry.size > self.max_bytes // 4:
             self.drop(message.session_id)
         else:
@@ -169,6 +197,7 @@ class HistoryCache:
             self._bytes -= entry.size - SESSION_OVERHEAD
             entry.messages = []
             entry.size = SESSION_OVERHEAD
+            entry.complete = True
             entry.session = replace(entry.session, updated_at=updated_at)
 
     def drop(self, session_id: str) -> None:

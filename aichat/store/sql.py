@@ -12,15 +12,28 @@ updated by this store's own commits; it assumes this process is the only writer 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import replace
 from typing import Any
 
 from twisted.logger import Logger
 
 from aichat.metrics import Metrics
-from aichat.store.base import Approval, Attachment, Message, Session, StoreError, StoreFull, new_id, utc_now
+from aichat.store.base import (
+    Approval,
+    Attachment,
+    History,
+    Message,
+    Session,
+    StoreError,
+    StoreFull,
+    ToolExecution,
+    new_id,
+    utc_now,
+)
 from aichat.store.engines import Engine, Txn, dump_json
 from aichat.store.history_cache import HistoryCache, Read
+from aichat.store.tail import context_chars, tail_start
 from aichat.store.text import storable, storable_approval, storable_message
 
 log = Logger(namespace="aichat.store")
@@ -38,6 +51,11 @@ INSERT_ATTACHMENT = (
     "INSERT INTO chat_attachments (id, message_id, filename, mime_type, size, content, created_at) "
     "VALUES (?, ?, ?, ?, ?, ?, ?)"
 )
+EXECUTION_COLUMNS = (
+    "id, user_id, request_id, tool_call_id, tool_name, arguments, result, error, start_time, end_time, "
+    "duration_ms, created_at"
+)
+INSERT_EXECUTION = f"INSERT INTO tool_executions ({EXECUTION_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 APPROVAL_COLUMNS = "id, session_id, user_id, tool_calls, status, created_at, expires_at, resolved_at"
 INSERT_APPROVAL = f"INSERT INTO tool_approvals ({APPROVAL_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
 
@@ -97,6 +115,44 @@ def approval_params(approval: Approval) -> tuple[Any, ...]:
     )
 
 
+def execution_params(execution: ToolExecution) -> tuple[Any, ...]:
+    """Parameters of :data:`INSERT_EXECUTION` (text that cannot be stored made storable)."""
+    error = None if execution.error is None else storable(execution.error)
+    return (
+        execution.id,
+        execution.user_id,
+        execution.request_id,
+        storable(execution.tool_call_id),
+        storable(execution.tool_name),
+        storable(execution.arguments),
+        storable(execution.result),
+        error,
+        execution.start_time,
+        execution.end_time,
+        execution.duration_ms,
+        execution.created_at,
+    )
+
+
+def execution_from_row(engine: Engine, row: Any) -> ToolExecution:
+    """A :class:`ToolExecution` from ``SELECT EXECUTION_COLUMNS``."""
+    load_time = engine.load_time
+    return ToolExecution(
+        id=row[0],
+        user_id=row[1],
+        request_id=row[2],
+        tool_call_id=row[3],
+        tool_name=row[4],
+        arguments=row[5],
+        result=row[6],
+        error=row[7],
+        start_time=load_time(row[8]),
+        end_time=load_time(row[9]),
+        duration_ms=int(row[10]),
+        created_at=load_time(row[11]),
+    )
+
+
 def session_from_row(engine: Engine, row: Any) -> Session:
     """A :class:`Session` from ``SELECT SESSION_COLUMNS``."""
     return Session(row[0], row[1], row[2], engine.load_time(row[3]), engine.load_time(row[4]))
@@ -119,41 +175,105 @@ def approval_from_row(engine: Engine, row: Any) -> Approval:
 def select_messages(
     engine: Engine, txn: Txn, session_id: str, limit: int | None = None, offset: int = 0
 ) -> list[Message]:
-    """The session's messages in order (a page of them when ``limit`` is given), with their attachments.
-
-    Attachments come from one fixed statement joined on the page's ``seq`` range, so the statement text
-    does not grow with the number of messages.
-    """
+    """The session's messages in order (a page of them when ``limit`` is given), with their attachments."""
     page = "" if limit is None else " LIMIT ? OFFSET ?"
     params: tuple[Any, ...] = (session_id,) if limit is None else (session_id, limit, offset)
     txn.execute(f"SELECT seq, {MESSAGE_COLUMNS} FROM chat_messages WHERE session_id = ? ORDER BY seq{page}", params)
     rows = txn.fetchall()
+    attachments = select_attachments(engine, txn, session_id, rows[0][0], rows[-1][0]) if rows else {}
+    return [message_from_row(engine, row, attachments.get(row[1], ())) for row in rows]
+
+
+def select_attachments(
+    engine: Engine, txn: Txn, session_id: str, first_seq: int, last_seq: int
+) -> dict[str, list[Attachment]]:
+    """The attachments of the session's messages from ``first_seq`` to ``last_seq``, by message id.
+
+    One fixed statement joined on the ``seq`` range, so the statement text does not grow with the number
+    of messages.
+    """
+    txn.execute(
+        "SELECT a.message_id, a.id, a.filename, a.mime_type, a.size, a.content FROM chat_attachments a "
+        "JOIN chat_messages m ON m.id = a.message_id WHERE m.session_id = ? AND m.seq BETWEEN ? AND ? "
+        f"ORDER BY m.seq, {engine.attachment_order}",
+        (session_id, first_seq, last_seq),
+    )
     attachments: dict[str, list[Attachment]] = {}
-    if rows:
+    for message_id, *fields in txn.fetchall():
+        attachments.setdefault(message_id, []).append(Attachment(*fields))
+    return attachments
+
+
+def message_from_row(engine: Engine, row: Any, attachments: Sequence[Attachment] = ()) -> Message:
+    """A :class:`Message` from ``SELECT seq, MESSAGE_COLUMNS``."""
+    return Message(
+        id=row[1],
+        session_id=row[2],
+        role=row[3],
+        content=row[4],
+        created_at=engine.load_time(row[5]),
+        tool_calls=engine.load_json(row[6]),
+        tool_call_id=row[7],
+        tool_executions=engine.load_json(row[8]),
+        approval_request=engine.load_json(row[9]),
+        attachments=tuple(attachments),
+    )
+
+
+#: Newer than any message: the first page of a tail starts below it.
+_NEWEST = 2**62
+#: Rows of the first page of a tail; a further page is sized from the characters per row read so far (a
+#: quarter more than the budget seems to need, or twice the last one while no user message starts a tail that
+#: measures enough), at least :data:`_PAGE_FIRST` and at most :data:`_PAGE_MAX`.
+_PAGE_FIRST = 128
+_PAGE_MAX = 8192
+
+
+def select_tail(engine: Engine, txn: Txn, session_id: str, budget_chars: int) -> History:
+    """The session's budgeted tail (:func:`~aichat.store.tail.tail_start`), read newest first in pages, with
+    its attachments.
+
+    Every page is the same statement (its bound and size are parameters), and the attachments are read
+    once for the tail's ``seq`` range.
+    """
+    rows: list[Any] = []
+    messages: list[Message] = []
+    below, size = _NEWEST, _PAGE_FIRST
+    complete = False
+    start: int | None = None
+    while True:
         txn.execute(
-            "SELECT a.message_id, a.id, a.filename, a.mime_type, a.size, a.content FROM chat_attachments a "
-            "JOIN chat_messages m ON m.id = a.message_id WHERE m.session_id = ? AND m.seq BETWEEN ? AND ? "
-            f"ORDER BY m.seq, {engine.attachment_order}",
-            (session_id, rows[0][0], rows[-1][0]),
+            f"SELECT seq, {MESSAGE_COLUMNS} FROM chat_messages WHERE session_id = ? AND seq < ? "
+            "ORDER BY seq DESC LIMIT ?",
+            (session_id, below, size),
         )
-        for message_id, *fields in txn.fetchall():
-            attachments.setdefault(message_id, []).append(Attachment(*fields))
-    load_json, load_time = engine.load_json, engine.load_time
-    return [
-        Message(
-            id=row[1],
-            session_id=row[2],
-            role=row[3],
-            content=row[4],
-            created_at=load_time(row[5]),
-            tool_calls=load_json(row[6]),
-            tool_call_id=row[7],
-            tool_executions=load_json(row[8]),
-            approval_request=load_json(row[9]),
-            attachments=tuple(attachments.get(row[1], ())),
-        )
-        for row in rows
-    ]
+        page = txn.fetchall()
+        page.reverse()
+        rows[:0] = page
+        messages[:0] = [message_from_row(engine, row) for row in page]
+        if len(page) < size:
+            complete = True
+            break
+        start = tail_start(messages, budget_chars)
+        if start is not None:
+            break
+        measured = sum(context_chars(messages))
+        per_row = max(1.0, measured / len(messages))
+        wanted = int(max(0, budget_chars - measured) / per_row * 1.25) + _PAGE_FIRST
+        if measured > budget_chars:  # enough characters, but no user message yet: look further back, faster
+            wanted = max(wanted, size * 2)
+        below, size = page[0][0], min(wanted, _PAGE_MAX)
+    if complete:
+        start = tail_start(messages, budget_chars)
+        complete = not start
+    if start:
+        rows, messages = rows[start:], messages[start:]
+    if not rows:
+        return History([], complete)
+    attachments = select_attachments(engine, txn, session_id, rows[0][0], rows[-1][0])
+    if attachments:
+        messages = [replace(m, attachments=tuple(attachments[m.id])) if m.id in attachments else m for m in messages]
+    return History(messages, complete)
 
 
 def insert_message(txn: Txn, message: Message, now: str) -> None:
@@ -352,25 +472,30 @@ class SQLStore:
             effect=lambda _: self.cache.appended(message, now),
         )
 
-    async def session_history(self, user_id: str, session_id: str) -> tuple[Session | None, list[Message]]:
-        session, history = await self._session_history(session_id)
+    async def session_history(
+        self, user_id: str, session_id: str, budget_chars: int
+    ) -> tuple[Session | None, History]:
+        session, history = await self._session_tail(session_id, budget_chars)
         if session is None or session.user_id != user_id:
-            return None, []
+            return None, History()
         return session, history
 
-    async def _session_history(self, session_id: str) -> tuple[Session | None, list[Message]]:
-        """Any user's session and its history, from the cache or else from the database (then cached)."""
-        cached = self.cache.history(session_id)
+    async def recent_history(self, session_id: str, budget_chars: int) -> History:
+        return (await self._session_tail(session_id, budget_chars))[1]
+
+    async def _session_tail(self, session_id: str, budget_chars: int) -> tuple[Session | None, History]:
+        """Any user's session and its budgeted tail, from the cache or else from the database (then cached)."""
+        cached = self.cache.history(session_id, budget_chars)
         if cached is not None:
             return cached
         engine = self.engine
 
-        def select(txn: Txn) -> tuple[Session | None, list[Message]]:
+        def select(txn: Txn) -> tuple[Session | None, History]:
             txn.execute(f"SELECT {SESSION_COLUMNS} FROM chat_sessions WHERE id = ?", (session_id,))
             row = txn.fetchone()
             if row is None:
-                return None, []
-            return session_from_row(engine, row), select_messages(engine, txn, session_id)
+                return None, History()
+            return session_from_row(engine, row), select_tail(engine, txn, session_id, budget_chars)
 
         read: Read = self.cache.begin_read(session_id)
         try:
@@ -381,7 +506,7 @@ class SQLStore:
         if session is None:
             self.cache.abandon(read)
         else:
-            self.cache.fill(read, session, history)
+            self.cache.fill(read, session, history, budget_chars)
         return session, history
 
     async def list_messages(self, user_id: str, session_id: str, limit: int, offset: int) -> list[Message] | None:
@@ -397,7 +522,13 @@ class SQLStore:
         return found
 
     async def history(self, session_id: str) -> list[Message]:
-        return (await self._session_history(session_id))[1]
+        engine = self.engine
+
+        def select(txn: Txn) -> list[Message]:
+            return select_messages(engine, txn, session_id)
+
+        found: list[Message] = await self._read(select)
+        return found
 
     async def clear_messages(self, user_id: str, session_id: str) -> bool:
         now = utc_now()
@@ -422,6 +553,37 @@ class SQLStore:
                 self.cache.cleared(session_id, now)
 
         return bool(await self._write(clear, session_id=session_id, effect=effect))
+
+    # -- executions of requests without a session ----------------------------------------------------
+
+    async def add_tool_executions(self, executions: Sequence[ToolExecution]) -> None:
+        rows = [execution_params(e) for e in executions]
+        if not rows:
+            return
+
+        def insert(txn: Txn) -> None:
+            for row in rows:
+                txn.execute(INSERT_EXECUTION, row)
+
+        await self._write(insert)
+
+    async def list_tool_executions(
+        self, user_id: str | None, request_id: str | None, limit: int, offset: int
+    ) -> list[ToolExecution]:
+        engine = self.engine
+        # NULL filters match every row: one statement for every combination.
+        statement = (
+            f"SELECT {EXECUTION_COLUMNS} FROM tool_executions WHERE (CAST(? AS TEXT) IS NULL OR user_id = ?) "
+            "AND (CAST(? AS TEXT) IS NULL OR request_id = ?) "
+            "ORDER BY created_at DESC, start_time DESC, id LIMIT ? OFFSET ?"
+        )
+
+        def select(txn: Txn) -> list[ToolExecution]:
+            txn.execute(statement, (user_id, user_id, request_id, request_id, limit, offset))
+            return [execution_from_row(engine, row) for row in txn.fetchall()]
+
+        found: list[ToolExecution] = await self._read(select)
+        return found
 
     # -- approvals ------------------------------------------------------------------------------------
 
