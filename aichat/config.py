@@ -125,6 +125,17 @@ class AuthSettings:
 
 
 @dataclass(frozen=True)
+class MetricsSettings:
+    """Who may scrape ``GET /metrics``: peers in ``allowed_networks``, or the bearer token (kept as a digest)."""
+
+    allowed_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = (
+        ipaddress.ip_network("127.0.0.0/8"),
+        ipaddress.ip_network("::1/128"),
+    )
+    token_digest: str = field(default="", repr=False)
+
+
+@dataclass(frozen=True)
 class CORSSettings:
     """Origins whose pages may read responses: none by default; ``*`` any, without credentials."""
 
@@ -187,6 +198,7 @@ class Settings:
     cors: CORSSettings = field(default_factory=CORSSettings)
     limits: LimitSettings = field(default_factory=LimitSettings)
     chat: ChatSettings = field(default_factory=ChatSettings)
+    metrics: MetricsSettings = field(default_factory=MetricsSettings)
     warnings: tuple[str, ...] = ()
 
 
@@ -466,14 +478,17 @@ def _build(
         logging_doc["file"] = _resolve(base, logging_doc["file"])
     logging = LoggingSettings(**logging_doc)
 
+    def networks_of(doc: dict[str, Any], dotted: str) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+        networks = []
+        for index, cidr in enumerate(doc.get(dotted.rsplit(".", 1)[1], ["127.0.0.0/8", "::1/128"])):
+            try:
+                networks.append(ipaddress.ip_network(cidr, strict=False))
+            except ValueError:
+                problems.append(Problem(shown_path or "config", f"$.{dotted}[{index}]", f"not an IP network: {cidr!r}"))
+        return networks
+
     auth_doc = section("auth")
-    networks = []
-    for index, cidr in enumerate(auth_doc.get("trusted_proxies", ["127.0.0.0/8", "::1/128"])):
-        try:
-            networks.append(ipaddress.ip_network(cidr, strict=False))
-        except ValueError:
-            problems.append(Problem(shown_path or "config", f"$.auth.trusted_proxies[{index}]",
-                                    f"not an IP network: {cidr!r}"))
+    networks = networks_of(auth_doc, "auth.trusted_proxies")
     digests: dict[str, str] = {}
     for entry in auth_doc.get("tokens", []):
         digests[token_digest(entry["token"])] = str(entry["user_id"])
@@ -486,6 +501,12 @@ def _build(
     approval_doc = chat_doc.pop("approval", {})
     approval = ApprovalSettings(**{**approval_doc, "auto_approve": tuple(approval_doc.get("auto_approve", ()))})
     chat = ChatSettings(**chat_doc, approval=approval)
+    metrics_doc = section("metrics")
+    token = metrics_doc.get("token", "")
+    metrics = MetricsSettings(
+        allowed_networks=tuple(networks_of(metrics_doc, "metrics.allowed_networks")),
+        token_digest=token_digest(token) if token else "",
+    )
     return Settings(
         config_path=shown_path,
         server=server,
@@ -497,6 +518,7 @@ def _build(
         cors=cors,
         limits=limits,
         chat=chat,
+        metrics=metrics,
     )
 
 
@@ -525,6 +547,8 @@ def summary(settings: Settings) -> list[str]:
         f"format={settings.logging.format}",
         f"auth:           trusted proxies {', '.join(map(str, settings.auth.trusted_proxies)) or 'none'}; "
         f"{len(settings.auth.token_digests)} bearer token(s)",
+        f"metrics:        /metrics from {', '.join(map(str, settings.metrics.allowed_networks)) or 'no network'}"
+        f"{' or with its bearer token' if settings.metrics.token_digest else ''}",
         f"approvals:      policy={settings.chat.approval.policy} max_tool_rounds={settings.chat.max_tool_rounds}",
     ]
 

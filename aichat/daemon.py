@@ -35,6 +35,7 @@ from aichat.llm.provider import Provider
 from aichat.llm.unconfigured import UnconfiguredProvider
 from aichat.logs import ReopenableFile, make_observer
 from aichat.mcp import MCPHost, ServerConfig, load_servers_file_if_present
+from aichat.metrics import Metrics
 from aichat.store.factory import build_store
 from aichat.transport import make_http_client, make_pool
 from aichat.validation import ConfigError
@@ -72,13 +73,16 @@ class AichatService(Service):
     ``logging.*`` settings apply whether it runs under ``twistd`` or ``aichat-backend``.
     """
 
-    def __init__(self, settings: Settings, reactor: Any) -> None:
+    def __init__(self, settings: Settings, reactor: Any, metrics: Metrics | None = None) -> None:
         self.settings = settings
         self.reactor = reactor
+        #: The daemon's own metrics registry (the composition root's; a fresh one when not given).
+        self.metrics = metrics if metrics is not None else Metrics()
         self.observer, self.log_file = make_observer(
             settings.logging.file, settings.logging.level, settings.logging.format
         )
         self.store = build_store(settings.database, reactor)
+        self.store.metrics = self.metrics
         # One connection pool for every outbound HTTP request: the model's and the remote MCP servers'.
         self._pool = make_pool(reactor, settings.llm.max_idle_connections)
         self.mcp = MCPHost(
@@ -86,6 +90,7 @@ class AichatService(Service):
             self._servers() or [],
             http_client=make_http_client(reactor, connect_timeout=MCP_CONNECT_TIMEOUT, pool=self._pool),
             max_line_bytes=settings.mcp.max_line_bytes,
+            metrics=self.metrics,
         )
         self.provider = self._provider()
         self.streams = StreamRegistry(reactor, settings.chat.stream_keep_seconds)
@@ -99,6 +104,7 @@ class AichatService(Service):
             settings.llm.system_prompt,
             self.streams,
             coordinator=self.coordinator,
+            metrics=self.metrics,
         )
         self.api = API(
             settings=settings,
@@ -106,12 +112,15 @@ class AichatService(Service):
             clock=reactor,
             version=__version__,
             services={"chat": self.chat, "mcp": self.mcp},
+            metrics=self.metrics,
         )
         self.site = APISite(
             build_resource(self.api),
             self._limit_for,
             reactor=reactor,
             request_timeout=settings.server.request_timeout_seconds,
+            metrics=self.metrics,
+            route_of=self.api.route_of,
         )
         self.port: IListeningPort | None = None
         self._previous_hup: Any = None
@@ -162,7 +171,7 @@ class AichatService(Service):
             http = make_http_client(
                 self.reactor, connect_timeout=self.settings.llm.connect_timeout_seconds, pool=self._pool
             )
-            return build_provider(self.settings.llm, self.reactor, http=http)
+            return build_provider(self.settings.llm, self.reactor, http=http, metrics=self.metrics)
         except ValueError as e:
             log.error("LLM provider not usable: {error}; chat turns will fail until it is configured", error=str(e))
             return UnconfiguredProvider(self.settings.llm.provider, self.settings.llm.model, str(e))

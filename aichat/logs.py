@@ -11,6 +11,7 @@ import json
 import os
 import sys
 import threading
+from contextvars import ContextVar
 from datetime import UTC, datetime
 from typing import IO, Any
 
@@ -27,6 +28,10 @@ from twisted.logger import (
 )
 from twisted.python.failure import Failure
 from zope.interface import implementer
+
+#: The id of the HTTP request being served, set by the API site around each request's handling; coroutines
+#: and turns started while serving it keep it (Twisted runs each coroutine in a copy of its creator's context).
+REQUEST_ID: ContextVar[str | None] = ContextVar("request_id", default=None)
 
 LEVELS = {
     "debug": LogLevel.debug,
@@ -102,17 +107,22 @@ def json_line(event: LogEvent) -> str:
 
 @implementer(ILogObserver)
 class LineObserver:
-    """Writes each event as one text or JSON line to ``out``."""
+    """Writes each event as one text or JSON line to ``out``, with the id of the request being served, if any."""
 
     def __init__(self, out: Any, fmt: str = "text") -> None:
         self.out = out
         self.fmt = fmt
 
     def __call__(self, event: LogEvent) -> None:
+        request_id = event.get("request_id") or REQUEST_ID.get()
+        if request_id and "request_id" not in event:
+            event = {**event, "request_id": request_id}
         if self.fmt == "json":
             line: str | None = json_line(event)
         else:
             line = formatEventAsClassicLogText(event)
+            if line and request_id:
+                line = f"{line.rstrip(chr(10))} [request_id={request_id}]\n"
         if line:
             self.out.write(line)
             flush = getattr(self.out, "flush", None)

@@ -111,5 +111,6 @@ def makeService(options: Options) -> IService:
     from twisted.internet import reactor
 
     from aichat.daemon import AichatService
+    from aichat.metrics import Metrics
 
-    return AichatService(options.settings, reactor)
+    return AichatService(options.settings, reactor, Metrics())

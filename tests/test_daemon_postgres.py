@@ -151,7 +151,8 @@ def test_database_outage_is_503_then_recovers_without_a_restart(tmp_path: Path) 
 
         started = time.monotonic()
         status, body = chat.request("GET", "/v1/chat/sessions")
-        assert (status, body) == (503, {"error": "Database unavailable; try again shortly"})
+        assert (status, body["error"]) == (503, "Database unavailable; try again shortly")
+        assert body["request_id"]
         assert time.monotonic() - started < 2 + 1.5
         status, body = chat.request("GET", "/health", user=None)
         assert status == 503 and body["status"] == "unavailable"

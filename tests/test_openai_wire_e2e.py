@@ -169,9 +169,11 @@ def test_upstream_429_passes_through_and_failures_are_502(wire: Chat, upstream: 
 
 
 def test_errors_have_openais_shape(wire: Chat) -> None:
-    status, _, raw = post(wire, "/v1/chat/completions", {"model": MODEL, "messages": []}, token=None)
+    status, headers, raw = post(wire, "/v1/chat/completions", {"model": MODEL, "messages": []}, token=None)
     assert status == 401
-    assert set(json.loads(raw)["error"]) == {"message", "type", "param", "code"}
+    error = json.loads(raw)["error"]
+    assert set(error) == {"message", "type", "param", "code", "request_id"}
+    assert error["request_id"] == headers["x-request-id"]
     status, _, raw = post(
         wire, "/v1/chat/completions", {"model": MODEL, "messages": [{"role": "robot", "content": "x"}]}
     )

@@ -187,6 +187,29 @@ def test_clear_messages_keeps_session_and_expires_approvals(store: SQLStore) -> 
     assert stored.status == "expired"
 
 
+def test_pending_approvals_are_counted_and_store_operations_timed(store: SQLStore) -> None:
+    """count_pending_approvals counts every user's pending approvals and no resolved one; each operation's
+    duration is recorded under its method's name and the engine's OpenTelemetry system name."""
+    from aichat.metrics import Metrics
+
+    store.metrics = Metrics()
+    assert run(store.count_pending_approvals()) == 0
+    ids = []
+    for user in ("1", "2", "2"):
+        session = run(store.create_session(user, "t"))
+        approval = Approval(new_id("approval"), session.id, user, [{"id": "c"}], "pending", utc_now(), utc_now())
+        run(store.create_approval(approval))
+        ids.append(approval.id)
+    assert run(store.count_pending_approvals()) == 3
+    run(store.resolve_approval(ids[0], "approved"))
+    assert run(store.count_pending_approvals()) == 2
+    system = {"sqlite": "sqlite", "postgres": "postgresql"}[store.engine.name]
+    registry = store.metrics.registry
+    for operation, count in (("count_pending_approvals", 3), ("create_approval", 3), ("resolve_approval", 1)):
+        labels = {"db_system_name": system, "db_operation_name": operation, "error_type": ""}
+        assert registry.get_sample_value("db_client_operation_duration_seconds_count", labels) == count
+
+
 def test_approval_resolves_once_and_is_user_bound(store: SQLStore) -> None:
     """An approval belongs to its user and leaves 'pending' exactly once."""
     session = run(store.create_session("1", "t"))

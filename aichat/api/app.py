@@ -24,10 +24,12 @@ from twisted.web.iweb import IRequest
 from werkzeug.exceptions import HTTPException
 
 from aichat import __version__
+from aichat.api.contract import check_body, matched_template
 from aichat.api.errors import APIError, BadRequest, UnsupportedMediaType
 from aichat.api.identity import Identity
 from aichat.config import Settings
 from aichat.jsonfmt import compact
+from aichat.metrics import UNMATCHED_ROUTE, Metrics
 from aichat.store.base import Store, StoreUnavailable
 from aichat.store.text import unstorable
 
@@ -49,6 +51,15 @@ def json_response(request: IRequest, body: Any, status: int = 200) -> bytes:
     request.setHeader(b"Content-Type", b"application/json; charset=utf-8")
     request.setHeader(b"Cache-Control", b"no-store")
     return compact(body).encode("utf-8")
+
+
+def error_body(request: IRequest, message: str) -> dict[str, Any]:
+    """The reference's error shape, ``{"error": message}``, with the request's id."""
+    body: dict[str, Any] = {"error": message}
+    request_id = getattr(request, "request_id", "")
+    if request_id:
+        body["request_id"] = request_id
+    return body
 
 
 def media_type(request: IRequest) -> str:
@@ -89,8 +100,8 @@ def read_json(request: IRequest, *, required: bool = True) -> dict[str, Any]:
 
     400 when empty (if ``required``) or malformed, 415 when the body is not declared ``application/json``
     (so a cross-site form post, which cannot declare it without a CORS preflight, is never taken as JSON),
-    400 for text that cannot be stored (NUL, lone surrogates), numbers past Python's digit limit, or nesting
-    past the parser's depth.
+    400 for text that cannot be stored (NUL, lone surrogates), numbers past Python's digit limit, nesting
+    past the parser's depth, or a body that breaks its route's schema in the OpenAPI document.
     """
     raw = request.content.read() if request.content is not None else b""
     if not raw.strip():
@@ -112,6 +123,7 @@ def read_json(request: IRequest, *, required: bool = True) -> dict[str, Any]:
     if _SUSPECT_ESCAPE.search(raw) and not _storable(body):
         raise BadRequest("Invalid request format: the text contains a NUL character or a lone surrogate "
                          "(\\ud800-\\udfff), which cannot be stored")
+    check_body(request, body)
     return body
 
 
@@ -178,6 +190,7 @@ class API:
     version: str = __version__
     services: dict[str, Any] = field(default_factory=dict)
     app: Klein = field(default_factory=Klein)
+    metrics: Metrics = field(default_factory=Metrics)
 
     def __post_init__(self) -> None:
         auth = self.settings.auth
@@ -185,6 +198,10 @@ class API:
         self.app.handle_errors(Exception)(self._error)
         # ``%2F`` in a path parameter arrives as ``/``; merging slashes would redirect to the same URL forever.
         self.app.url_map.merge_slashes = False
+
+    def route_of(self, request: IRequest) -> str:
+        """The route template ``request`` matched (for the metrics), or ``unmatched``."""
+        return matched_template(request) or UNMATCHED_ROUTE
 
     def user(self, request: IRequest) -> str:
         """The caller's user id, or 401."""
@@ -195,11 +212,11 @@ class API:
             return b""
         error = failure.value
         if isinstance(error, APIError):
-            return json_response(request, {"error": error.message}, error.status)
+            return json_response(request, error_body(request, error.message), error.status)
         if isinstance(error, StoreUnavailable):
             log.warn("{method} {path}: {error}", method=request.method.decode("ascii", "replace"),
                      path=request.path.decode("utf-8", "replace"), error=str(error))
-            return json_response(request, {"error": error.public}, error.status)
+            return json_response(request, error_body(request, error.public), error.status)
         if isinstance(error, HTTPException):
             status = error.code or 500
             messages = {404: "Not found", 405: "Method not allowed"}
@@ -208,14 +225,14 @@ class API:
                 valid = getattr(error, "valid_methods", None)
                 if valid:
                     request.setHeader(b"Allow", ", ".join(valid).encode())
-            return json_response(request, {"error": message}, status)
+            return json_response(request, error_body(request, message), status)
         log.failure(
             "Unhandled error in {method} {path}",
             failure,
             method=request.method.decode("ascii", "replace"),
             path=request.path.decode("utf-8", "replace"),
         )
-        return json_response(request, {"error": "Internal server error"}, 500)
+        return json_response(request, error_body(request, "Internal server error"), 500)
 
     def route(self, path: str, methods: list[str]) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
         """Register a handler on this instance's app."""

@@ -121,6 +121,7 @@ def register_chat(api: API) -> None:
                 keepalive_seconds=chat_settings.keepalive_seconds,
                 max_lag_bytes=chat_settings.max_reader_lag_bytes,
                 after=after,
+                open_streams=api.metrics.sse_streams.labels("reference"),
             )
             await reader.run()
         finally:

@@ -288,7 +288,8 @@ def register_chat_completions(api: API) -> None:
             }
             return json_response(request, answer)
         settings = api.settings.chat
-        out = EventStream(request, api.clock, settings.keepalive_seconds, settings.max_reader_lag_bytes, lagged)
+        out = EventStream(request, api.clock, settings.keepalive_seconds, settings.max_reader_lag_bytes, lagged,
+                          api.metrics.sse_streams.labels("openai"))
         writer = ChunkWriter(out, completion_id, created, model, include_usage)
         writer.chunk({"role": "assistant", "content": "", "refusal": None})
         try:

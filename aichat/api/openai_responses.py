@@ -611,7 +611,8 @@ async def _answer(
             raise turn_error(result)
         return json_response(request, builder.response("completed", result))
     settings = api.settings.chat
-    out = EventStream(request, api.clock, settings.keepalive_seconds, settings.max_reader_lag_bytes, builder.lagged)
+    out = EventStream(request, api.clock, settings.keepalive_seconds, settings.max_reader_lag_bytes, builder.lagged,
+                      api.metrics.sse_streams.labels("openai"))
     builder.attach(out)
     try:
         # A client that goes away stops reading: a stored turn goes on and is stored, one kept in memory

@@ -84,7 +84,7 @@ def invalid(message: str, param: str) -> OpenAIError:
 def as_openai(error: APIError) -> OpenAIError:
     if isinstance(error, OpenAIError):
         return error
-    return OpenAIError(error.message, error.status)
+    return OpenAIError(error.message, error.status, param=getattr(error, "param", None))
 
 
 def turn_error(result: TurnResult) -> OpenAIError:
@@ -102,7 +102,11 @@ def turn_error(result: TurnResult) -> OpenAIError:
 def error_response(request: IRequest, error: OpenAIError) -> bytes:
     if error.retry_after is not None:
         request.setHeader(b"Retry-After", str(max(0, round(error.retry_after))).encode())
-    return json_response(request, error.body(), error.status)
+    body = error.body()
+    request_id = getattr(request, "request_id", "")
+    if request_id:
+        body["error"]["request_id"] = request_id
+    return json_response(request, body, error.status)
 
 
 Handler = Callable[..., Awaitable[bytes]]
@@ -186,8 +190,13 @@ class EventStream(PacedResponse):
         keepalive_seconds: float,
         max_lag_bytes: int,
         last_words: LastWords,
+        open_streams: Any = None,
     ) -> None:
         super().__init__(request, max_lag_bytes)
+        #: The gauge of open SSE responses this one counts in until :meth:`close`.
+        self._open_streams = open_streams
+        if open_streams is not None:
+            open_streams.inc()
         self._last = last_words
         self._waiting: deque[bytes] = deque()
         self._flushed: Deferred[None] = Deferred()
@@ -245,6 +254,9 @@ class EventStream(PacedResponse):
         """No more frames: stop the keep-alives (what waits is still written, see :meth:`flushed`)."""
         if self._ping.running:
             self._ping.stop()
+        if self._open_streams is not None:
+            self._open_streams.dec()
+            self._open_streams = None
 
     async def flushed(self) -> None:
         """Wait until every frame is written (or the client is gone), then stop being the producer."""

@@ -15,6 +15,8 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import re
+import uuid
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -28,6 +30,9 @@ from twisted.web import http
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
+from aichat.logs import REQUEST_ID
+from aichat.metrics import UNMATCHED_ROUTE, Metrics
+
 LimitFor = Callable[[bytes], int]
 
 
@@ -36,17 +41,54 @@ class _Discard(io.BytesIO):
         return len(data)
 
 
+#: A client's ``X-Request-ID`` is kept when it is 1-128 of these characters; otherwise one is generated.
+_CLIENT_REQUEST_ID = re.compile(rb"[A-Za-z0-9._:@/+=-]{1,128}")
+#: Methods counted by name in the metrics; others are ``_OTHER``, as OpenTelemetry names them.
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PATCH"})
+
+
+def request_id_for(values: Sequence[bytes] | None) -> str:
+    """The client's ``X-Request-ID`` when it is a plain token, else a new random one."""
+    if values and _CLIENT_REQUEST_ID.fullmatch(values[0]):
+        return values[0].decode("ascii")
+    return uuid.uuid4().hex
+
+
 class LimitedRequest(Request):
-    """A request whose body may not exceed ``site.limit_for(path)`` bytes."""
+    """A request whose body may not exceed ``site.limit_for(path)`` bytes, served under its request id.
+
+    The id (the client's ``X-Request-ID`` or a new one) is the response's ``X-Request-ID``, ``REQUEST_ID``
+    while it is handled (so log lines and error bodies carry it), and ``request_id``; once the response
+    is finished its duration is counted by route template, method and status.
+    """
 
     _rejected = False
     _received = 0
     _multipart_type: Sequence[bytes] | None = None
+    request_id = ""
 
     def process(self) -> None:
         if self._multipart_type is not None:
             self.requestHeaders.setRawHeaders(b"content-type", self._multipart_type)
-        super().process()
+        self.request_id = request_id_for(self.requestHeaders.getRawHeaders(b"x-request-id"))
+        self.setHeader(b"X-Request-ID", self.request_id.encode("ascii"))
+        site = getattr(self.channel, "site", None)
+        if isinstance(site, APISite) and site.metrics is not None:
+            started = site.clock.seconds()
+            self.notifyFinish().addBoth(self._count, site, started)
+        token = REQUEST_ID.set(self.request_id)
+        try:
+            super().process()
+        finally:
+            REQUEST_ID.reset(token)
+
+    def _count(self, result: object, site: APISite, started: float) -> None:
+        assert site.metrics is not None
+        method = self.method.decode("latin-1")
+        route = site.route_of(self) if site.route_of is not None else UNMATCHED_ROUTE
+        site.metrics.http_duration.labels(
+            method if method in _METHODS else "_OTHER", route, str(self.code)
+        ).observe(site.clock.seconds() - started)
 
     def _limit(self) -> int:
         limit_for: LimitFor | None = getattr(getattr(self.channel, "site", None), "limit_for", None)
@@ -93,17 +135,24 @@ class LimitedRequest(Request):
         self.content = _Discard()
         transport = self.channel.transport
         assert transport is not None
+        request_id = request_id_for(self.requestHeaders.getRawHeaders(b"x-request-id"))
         transport.write(_raw_json_error(413, b"Request Entity Too Large",
-                                        f"Request body too large: the limit is {self._max_body} bytes"))
+                                        f"Request body too large: the limit is {self._max_body} bytes", request_id))
         transport.loseConnection()
 
 
-def _raw_json_error(status: int, reason: bytes, message: str) -> bytes:
-    """A whole HTTP/1.1 error response that closes the connection, for answers given outside a request."""
-    body = json.dumps({"error": message}).encode()
+def _raw_json_error(status: int, reason: bytes, message: str, request_id: str = "") -> bytes:
+    """A whole HTTP/1.1 error response that closes the connection, for answers given outside a request
+    (with the request's id once its headers were read)."""
+    fields: dict[str, str] = {"error": message}
+    extra = b""
+    if request_id:
+        fields["request_id"] = request_id
+        extra = b"X-Request-ID: %s\r\n" % request_id.encode("ascii")
+    body = json.dumps(fields).encode()
     return (
-        b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nConnection: close\r\n"
-        b"Content-Length: %d\r\n\r\n%s" % (status, reason, len(body), body)
+        b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nConnection: close\r\n%s"
+        b"Content-Length: %d\r\n\r\n%s" % (status, reason, extra, len(body), body)
     )
 
 
@@ -184,7 +233,11 @@ def _json_error(request: Request, status: int, message: str) -> bytes:
     request.setResponseCode(status)
     request.setHeader(b"Content-Type", b"application/json; charset=utf-8")
     request.setHeader(b"Cache-Control", b"no-store")
-    return json.dumps({"error": message}).encode()
+    body = {"error": message}
+    request_id = getattr(request, "request_id", "")
+    if request_id:
+        body["request_id"] = request_id
+    return json.dumps(body).encode()
 
 
 class EdgeResource(Resource):
@@ -203,7 +256,9 @@ class EdgeResource(Resource):
 
     isLeaf = True
     METHODS = b"GET, POST, PUT, DELETE, OPTIONS"
-    HEADERS = b"Origin, Content-Type, Accept, Authorization, X-Requested-With, X-User-ID, Last-Event-ID"
+    HEADERS = (
+        b"Origin, Content-Type, Accept, Authorization, X-Requested-With, X-User-ID, Last-Event-ID, X-Request-ID"
+    )
 
     def __init__(self, wrapped: IResource, origins: Sequence[str]) -> None:
         super().__init__()
@@ -257,13 +312,27 @@ class APISite(Site):
         *,
         reactor: IReactorTime | None = None,
         request_timeout: float = 30.0,
+        metrics: Metrics | None = None,
+        route_of: Callable[[Request], str] | None = None,
     ) -> None:
         super().__init__(resource, requestFactory=LimitedRequest, reactor=reactor)
         self.limit_for = limit_for
+        #: Where request durations are counted, and the route template a request matched.
+        self.metrics = metrics
+        self.route_of = route_of
+        self.clock: IReactorTime = self.reactor
         self.request_timeout = request_timeout
         self.active: set[Request] = set()
         self.channels: set[APIChannel] = set()
         self._all_closed: list[Deferred[None]] = []
+
+    def log(self, request: http.Request) -> None:
+        """The access log line, with the request's id."""
+        token = REQUEST_ID.set(getattr(request, "request_id", "") or None)
+        try:
+            super().log(request)
+        finally:
+            REQUEST_ID.reset(token)
 
     def buildProtocol(self, addr: Any) -> Any:
         channel = super().buildProtocol(addr)

@@ -72,8 +72,11 @@ class StreamReader(PacedResponse):
         keepalive_seconds: float,
         max_lag_bytes: int,
         after: int = 0,
+        open_streams: Any = None,
     ) -> None:
         super().__init__(request, max_lag_bytes)
+        #: The gauge of open SSE responses this reader counts in while it runs.
+        self._open_streams = open_streams
         self._stream = stream
         self._clock = clock
         self._keepalive = keepalive_seconds
@@ -89,6 +92,8 @@ class StreamReader(PacedResponse):
         ping = LoopingCall(self._ping)
         ping.clock = self._clock
         unsubscribe = self._stream.subscribe(self._on_event)
+        if self._open_streams is not None:
+            self._open_streams.inc()
         if self._stream.ended and self._cursor >= len(self._stream.events):
             self._end()  # resumed after the last event: nothing more will come
         try:
@@ -101,6 +106,8 @@ class StreamReader(PacedResponse):
             if ping.running:
                 ping.stop()
             self._unregister()
+            if self._open_streams is not None:
+                self._open_streams.dec()
 
     # -- writing ------------------------------------------------------------------------------------
 

@@ -31,6 +31,7 @@ from aichat.chat.streams import ReferencePresenter, Stream, StreamRegistry
 from aichat.chat.titles import clean_title, fallback_title, is_automatic, title_prompt
 from aichat.config import ChatSettings
 from aichat.llm.provider import LLMError, Provider, Usage
+from aichat.metrics import Metrics, observe_usage
 from aichat.store.base import (
     Approval,
     Attachment,
@@ -140,6 +141,16 @@ class TurnState(Enum):
     FAILED = "failed"
 
 
+#: The metrics' outcome of a turn that ended in each state.
+_OUTCOMES = {
+    TurnState.RUNNING: "error",
+    TurnState.ANSWERED: "done",
+    TurnState.AWAITING_APPROVAL: "approval_pending",
+    TurnState.CLIENT_TOOLS: "client_tools",
+    TurnState.FAILED: "error",
+}
+
+
 @dataclass
 class TurnResult:
     """What a turn produced, for HTTP: the text, the tool executions, a pending approval, the calls handed
@@ -245,6 +256,8 @@ class Turn:
         #: Fires once the turn may run (``None``) or with the :class:`ChatError` that stopped it first.
         self.ready: Deferred[ChatError | None] = Deferred()
         self._claimed = False
+        self._began = 0.0
+        self._first_token = False
 
     @property
     def session_id(self) -> str:
@@ -313,6 +326,22 @@ class Turn:
             self.done.cancel()
 
     async def run(self, first: First, gate: Gate | None = None) -> None:
+        """Run the turn (see :meth:`_run`), counted in the metrics: started, live, finished by outcome."""
+        chat = self._chat
+        metrics = chat.metrics
+        self._began = chat.clock.seconds()
+        metrics.turns_started.inc()
+        metrics.turns_live.inc()
+        outcome = "cancelled"
+        try:
+            await self._run(first, gate)
+            outcome = _OUTCOMES[self.state]
+        finally:
+            metrics.turns_live.dec()
+            metrics.turns_finished.labels(outcome).inc()
+            metrics.turn_duration.labels(outcome).observe(chat.clock.seconds() - self._began)
+
+    async def _run(self, first: First, gate: Gate | None) -> None:
         """Pass ``gate``, run ``first`` (running approved calls, say), then the loop; report how it ended."""
         result = self.result
         chat = self._chat
@@ -432,10 +461,16 @@ class Turn:
 
     async def _complete(self, messages: list[dict[str, Any]], specs: list[dict[str, Any]] | None) -> Message:
         chat = self._chat
+        provider = chat.provider
         session_id = self.session_id
         said: list[str] = []
 
         def on_text(delta: str) -> None:
+            if not self._first_token:
+                self._first_token = True
+                chat.metrics.time_to_first_token.labels(provider.name, provider.model).observe(
+                    chat.clock.seconds() - self._began
+                )
             said.append(delta)
             self.result.text.append(delta)
             self.emit(events.TextDelta(delta))
@@ -461,6 +496,7 @@ class Turn:
                 await self.conversation.add(partial)
             raise
         await self._committed()
+        observe_usage(chat.metrics, provider.name, provider.model, completion.usage)
         self.result.add_usage(completion.usage)
         self.result.finish_reason = completion.finish_reason
         calls = [call.to_openai() for call in completion.tool_calls]
@@ -579,10 +615,12 @@ class ChatService:
         streams: StreamRegistry,
         now: Callable[[], datetime] | None = None,
         coordinator: Coordinator | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.clock = clock
         #: With many instances: claims, leases and the shared event log (``None`` on SQLite).
         self.coordinator = coordinator
+        self.metrics = metrics if metrics is not None else Metrics()
         self.store = store
         self.provider = provider
         self.tools = tools

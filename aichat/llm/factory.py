@@ -28,6 +28,7 @@ from aichat.llm.gemini import GeminiProvider
 from aichat.llm.mock import MockProvider
 from aichat.llm.openai import OpenAIProvider
 from aichat.llm.provider import LLMError, Provider
+from aichat.metrics import Metrics
 from aichat.transport import DEFAULT_MAX_IDLE_CONNECTIONS, HTTPClient, Limits, RetryPolicy, StreamingClient
 
 OLLAMA_BASE_URL = "http://localhost:11434/v1"
@@ -42,11 +43,13 @@ def _get(settings: Any, key: str, default: Any) -> Any:
     return default if value is None else value
 
 
-def build_provider(settings: Any, reactor: Any, *, http: HTTPClient | None = None) -> Provider:
+def build_provider(
+    settings: Any, reactor: Any, *, http: HTTPClient | None = None, metrics: Metrics | None = None
+) -> Provider:
     """The provider ``settings`` describe. ``reactor`` is the real reactor (or, with ``http`` given, any
     ``IReactorTime``); ``http`` is the daemon's shared client (without it the provider makes its own pool).
-    Raises :class:`ValueError` when a provider that needs a key has none (the OpenAI client also accepts
-    a ``base_url`` of its own instead)."""
+    ``metrics`` counts the model requests. Raises :class:`ValueError` when a provider that needs a key has
+    none (the OpenAI client also accepts a ``base_url`` of its own instead)."""
     asked = str(_get(settings, "provider", "openai") or "openai").lower()
     kind = resolve(asked)
     if lookup(asked) is None:
@@ -87,6 +90,7 @@ def build_provider(settings: Any, reactor: Any, *, http: HTTPClient | None = Non
             max_response_bytes=max_response_bytes,
             max_attempts=max_attempts,
             max_idle_connections=max_idle_connections,
+            metrics=metrics,
         )
     else:
         if not api_key:
@@ -101,6 +105,7 @@ def build_provider(settings: Any, reactor: Any, *, http: HTTPClient | None = Non
             connect_timeout=connect_timeout,
             max_idle_connections=max_idle_connections,
             error_type=LLMError,
+            metrics=metrics,
         )
         if kind.wire == "anthropic":
             provider = ClaudeProvider(

@@ -29,6 +29,7 @@ from twisted.web.http_headers import Headers
 
 from aichat.llm.provider import Completion, LLMError, ToolCall, ToolCallAssembler, Usage
 from aichat.llm.streaming import StreamingProvider
+from aichat.metrics import Metrics
 from aichat.sse import SSEEvent
 from aichat.transport.client import DEFAULT_MAX_IDLE_CONNECTIONS, HTTPClient, body_producer, make_http_client
 from aichat.transport.exchange import ERROR_BODY_LIMIT, Errors, Limits, RetryPolicy, StreamingClient, error_fields
@@ -208,6 +209,7 @@ class OpenAIProvider(StreamingProvider):
         backoff_max: float = 8.0,
         retry_after_max: float = 30.0,
         max_idle_connections: int = DEFAULT_MAX_IDLE_CONNECTIONS,
+        metrics: Metrics | None = None,
     ) -> None:
         client = StreamingClient(
             reactor,
@@ -218,6 +220,7 @@ class OpenAIProvider(StreamingProvider):
             connect_timeout=connect_timeout,
             max_idle_connections=max_idle_connections,
             error_type=LLMError,
+            metrics=metrics,
         )
         self._configure(client, name=name, model=model, api_key=api_key, base_url=base_url,
                         default_base_url=DEFAULT_BASE_URL, temperature=temperature, extra_body=extra_body)

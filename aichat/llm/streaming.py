@@ -50,6 +50,7 @@ class StreamingProvider:
         self.extra_body = dict(extra_body or {})
         self._api_key = api_key
         self._client = client
+        client.provider_name, client.model = name, model
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r}, model={self.model!r}, base_url={self.base_url!r})"

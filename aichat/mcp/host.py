@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, DeferredList, gatherResults, succeed
+from twisted.internet.defer import CancelledError, Deferred, DeferredList, gatherResults, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorProcess, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -21,6 +21,7 @@ from aichat.mcp.registry import ServerTools, Tool, ToolNotFound, ToolRegistry, f
 from aichat.mcp.session import ToolResult
 from aichat.mcp.stdio import DEFAULT_MAX_LINE_BYTES, StdioConnection
 from aichat.mcp.supervisor import Connection, Connector, ServerSupervisor, State, ToolCallError
+from aichat.metrics import Metrics
 
 log = Logger()
 
@@ -51,8 +52,11 @@ class MCPHost(Service):
         stdin_grace: float = 1.0,
         term_grace: float = 5.0,
         initial_backoff: float = 1.0,
+        metrics: Metrics | None = None,
     ) -> None:
         self._reactor = reactor
+        self._metrics = metrics if metrics is not None else Metrics()
+        self._metrics.mcp_servers.servers = lambda: list(self._supervisors.values())
         self._clock = IReactorTime(reactor)
         self._http_client = http_client
         self._max_line_bytes = max_line_bytes
@@ -129,17 +133,35 @@ class MCPHost(Service):
         ready, crashes, times out or answers a protocol error. A tool's own failure (``isError``) is a
         result with ``is_error``. Cancelling the caller sends ``notifications/cancelled`` to the server.
         """
-        if not isinstance(arguments, dict):
-            raise ToolCallError(f"arguments of {function_name} must be a JSON object, not {type(arguments).__name__}")
+        started = self._clock.seconds()
+        # A name the model made up is counted as "unknown": labels never take the model's (or a client's) words.
+        server, tool_name, outcome, error_type = "unknown", "unknown", "error", "not_found"
         try:
-            tool = self._registry.lookup(function_name)
-        except ToolNotFound:
-            self._raise_if_server_down(function_name)
+            if not isinstance(arguments, dict):
+                raise ToolCallError(
+                    f"arguments of {function_name} must be a JSON object, not {type(arguments).__name__}"
+                )
+            try:
+                tool = self._registry.lookup(function_name)
+            except ToolNotFound:
+                self._raise_if_server_down(function_name)
+                raise
+            supervisor = self._supervisors.get(tool.server)
+            if supervisor is None:
+                raise ToolNotFound(function_name)
+            server, tool_name, error_type = tool.server, tool.name, "tool_call_error"
+            result = await supervisor.call_tool(tool.name, arguments)
+            outcome, error_type = ("tool_error", "tool_error") if result.is_error else ("ok", "")
+            return result
+        except CancelledError:
+            outcome, error_type = "cancelled", "cancelled"
             raise
-        supervisor = self._supervisors.get(tool.server)
-        if supervisor is None:
-            raise ToolNotFound(function_name)
-        return await supervisor.call_tool(tool.name, arguments)
+        finally:
+            metrics = self._metrics
+            metrics.tool_calls.labels(server, tool_name, outcome).inc()
+            metrics.tool_duration.labels("tools/call", server, tool_name, error_type).observe(
+                self._clock.seconds() - started
+            )
 
     def _raise_if_server_down(self, function_name: str) -> None:
         """A tool of a known server that is not ready: say so, rather than "not found"."""

@@ -121,6 +121,16 @@ class ServerSupervisor:
         return self._connection.pid if self._connection is not None else None
 
     @property
+    def state_name(self) -> str:
+        """The state as status and the metrics report it."""
+        return self.state.value
+
+    @property
+    def tool_count(self) -> int:
+        """How many tools the server offers now (none unless it is ready)."""
+        return len(self.tools) if self.state is State.READY else 0
+
+    @property
     def uptime(self) -> float | None:
         """Seconds since the server became ready, while it is ready."""
         return None if self._ready_since is None else self._clock.seconds() - self._ready_since

@@ -278,5 +278,8 @@ class Store(Protocol):
     async def get_approval(self, user_id: str, approval_id: str) -> Approval | None:
         """The approval if it belongs to ``user_id``."""
 
+    async def count_pending_approvals(self) -> int:
+        """How many approvals wait for a decision."""
+
     async def resolve_approval(self, approval_id: str, status: str) -> bool:
         """Move a pending approval to ``status``; ``False`` if it was no longer pending."""

@@ -252,14 +252,14 @@ class PostgresStore(SQLStore):
             except UnicodeEncodeError as e:
                 raise StoreError(f"text that cannot be stored: {e.reason}") from None
 
-    async def _read(self, work: Callable[..., Any], *args: Any) -> Any:
+    async def _run_read(self, work: Callable[..., Any], *args: Any) -> Any:
         return await self._run(self._transaction, work, args, False)
 
     async def transact(self, work: Callable[..., Any], *args: Any, write: bool = True) -> Any:
         """Run ``work(txn, *args)`` on the pool, in one transaction if ``write`` (for the turn log)."""
         return await self._run(self._transaction, work, args, write)
 
-    async def _write(
+    async def _run_write(
         self,
         work: Callable[..., Any],
         *args: Any,

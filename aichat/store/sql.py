@@ -1,8 +1,9 @@
 """The store's queries, written once for both engines, and the history cache they keep current.
 
 :class:`SQLStore` implements :class:`~aichat.store.base.Store` on top of two primitives each engine's
-store provides: ``_write`` (run a transaction function so that writes take effect in call order, then apply
-its effect on the cache) and ``_read`` (run a read-only transaction function). Transaction functions take a
+store provides: ``_run_write`` (run a transaction function so that writes take effect in call order, then apply
+its effect on the cache) and ``_run_read`` (run a read-only transaction function), which ``_write`` and
+``_read`` time for the metrics. Transaction functions take a
 :class:`~aichat.store.engines.Txn` and may be run again whole, so they touch nothing outside the database.
 Recently used sessions and their histories are kept in a :class:`~aichat.store.history_cache.HistoryCache`
 updated by this store's own commits; it assumes this process is the only writer of the database.
@@ -10,12 +11,14 @@ updated by this store's own commits; it assumes this process is the only writer 
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import Any
 
 from twisted.logger import Logger
 
+from aichat.metrics import Metrics
 from aichat.store.base import (
     Approval,
     Attachment,
@@ -55,6 +58,10 @@ EXECUTION_COLUMNS = (
 INSERT_EXECUTION = f"INSERT INTO tool_executions ({EXECUTION_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 APPROVAL_COLUMNS = "id, session_id, user_id, tool_calls, status, created_at, expires_at, resolved_at"
 INSERT_APPROVAL = f"INSERT INTO tool_approvals ({APPROVAL_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+
+
+#: OpenTelemetry's ``db.system.name`` of each engine.
+DB_SYSTEMS = {"sqlite": "sqlite", "postgres": "postgresql"}
 
 
 class MissingSession(StoreError):
@@ -280,12 +287,14 @@ def insert_message(txn: Txn, message: Message, now: str) -> None:
 
 
 class SQLStore:
-    """:class:`~aichat.store.base.Store` over an engine's ``_write`` and ``_read``."""
+    """:class:`~aichat.store.base.Store` over an engine's ``_run_write`` and ``_run_read``."""
 
     engine: Engine
 
     def __init__(self, engine: Engine, cache_bytes: int) -> None:
         self.engine = engine
+        #: Where operation durations are counted (set by the daemon).
+        self.metrics: Metrics | None = None
         self.cache = HistoryCache(cache_bytes)
         self._full = False
 
@@ -326,11 +335,48 @@ class SQLStore:
         session_id: str | None = None,
         effect: Callable[[Any], None] | None = None,
     ) -> Any:
-        """Run ``work(txn, *args)`` atomically; return once committed (see the engines' stores)."""
-        raise NotImplementedError
+        """Run ``work(txn, *args)`` atomically; return once committed (timed; see :meth:`_run_write`)."""
+        started = time.monotonic()
+        error_type = ""
+        try:
+            return await self._run_write(work, *args, session_id=session_id, effect=effect)
+        except BaseException as e:
+            error_type = type(e).__name__
+            raise
+        finally:
+            self._observe(work, started, error_type)
 
     async def _read(self, work: Callable[..., Any], *args: Any) -> Any:
-        """Run ``work(txn, *args)`` in a read transaction and return its result."""
+        """Run ``work(txn, *args)`` in a read transaction and return its result (timed)."""
+        started = time.monotonic()
+        error_type = ""
+        try:
+            return await self._run_read(work, *args)
+        except BaseException as e:
+            error_type = type(e).__name__
+            raise
+        finally:
+            self._observe(work, started, error_type)
+
+    def _observe(self, work: Callable[..., Any], started: float, error_type: str) -> None:
+        """Count one operation's duration, named by the store method whose transaction ``work`` is."""
+        if self.metrics is not None:
+            operation = work.__qualname__.split(".<locals>", 1)[0].rsplit(".", 1)[-1]
+            system = DB_SYSTEMS.get(self.engine.name, self.engine.name)
+            self.metrics.db_duration.labels(system, operation, error_type).observe(time.monotonic() - started)
+
+    async def _run_write(
+        self,
+        work: Callable[..., Any],
+        *args: Any,
+        session_id: str | None = None,
+        effect: Callable[[Any], None] | None = None,
+    ) -> Any:
+        """The engine's write: see the engines' stores."""
+        raise NotImplementedError
+
+    async def _run_read(self, work: Callable[..., Any], *args: Any) -> Any:
+        """The engine's read transaction."""
         raise NotImplementedError
 
     def _settle_cache(self, session_id: str | None, effect: Callable[[Any], None] | None, ok: bool, value: Any) -> None:
@@ -562,6 +608,16 @@ class SQLStore:
 
         found: Approval | None = await self._read(select)
         return found
+
+    async def count_pending_approvals(self) -> int:
+        """How many approvals wait for a decision (expired ones not yet marked are counted too)."""
+
+        def count_pending_approvals(txn: Txn) -> int:
+            txn.execute("SELECT COUNT(*) FROM tool_approvals WHERE status = 'pending'")
+            row = txn.fetchone()
+            return int(row[0]) if row is not None else 0
+
+        return int(await self._read(count_pending_approvals))
 
     async def resolve_approval(self, approval_id: str, status: str) -> bool:
         now = utc_now()

@@ -169,7 +169,7 @@ class SQLiteStore(SQLStore):
             return False
         return bool(rows == [(1,)])
 
-    async def _write(
+    async def _run_write(
         self,
         work: Callable[..., Any],
         *args: Any,
@@ -250,7 +250,7 @@ class SQLiteStore(SQLStore):
             running = fail(e)
         running.addCallbacks(committed, failed).addBoth(next_batch)
 
-    async def _read(self, work: Callable[..., Any], *args: Any) -> Any:
+    async def _run_read(self, work: Callable[..., Any], *args: Any) -> Any:
         def transaction(cursor: Cursor) -> Any:
             return work(Txn(cursor, self.engine), *args)
 

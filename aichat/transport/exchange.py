@@ -33,6 +33,7 @@ from twisted.python.failure import Failure
 from twisted.web.client import RequestTransmissionFailed, ResponseFailed, ResponseNeverReceived
 from twisted.web.http_headers import Headers
 
+from aichat.metrics import Metrics, ModelCall
 from aichat.sse import SSEDecoder, SSEEvent, SSETooLargeError
 from aichat.transport.body import BodyReader
 from aichat.transport.client import DEFAULT_MAX_IDLE_CONNECTIONS, HTTPClient, make_http_client, make_pool
@@ -182,8 +183,13 @@ class StreamingClient:
         connect_timeout: float = 10.0,
         max_idle_connections: int = DEFAULT_MAX_IDLE_CONNECTIONS,
         error_type: type[UpstreamError] = UpstreamError,
+        metrics: Metrics | None = None,
     ) -> None:
         self.reactor = reactor
+        self.metrics = metrics
+        #: The provider and model named in the metrics (set by the provider that owns this client).
+        self.provider_name = ""
+        self.model = ""
         self.pool: HTTPConnectionPool | None = None
         if http is None:
             self.pool = make_pool(reactor, max_idle_connections)
@@ -208,6 +214,31 @@ class StreamingClient:
         """Send the request until one attempt succeeds (retrying before any output) and return its sink.
 
         ``where`` names the upstream in connection errors (its base URL). Raises ``error_type``."""
+        if self.metrics is None:
+            return await self._attempts(url, headers, body, make_sink, where, method, None)
+        call = self.metrics.model_call(self.provider_name, self.model)
+        started = self.reactor.seconds()
+        try:
+            sink = await self._attempts(url, headers, body, make_sink, where, method, call)
+        except CancelledError:
+            call.ended(self.reactor.seconds() - started, "cancelled")
+            raise
+        except UpstreamError as error:
+            call.ended(self.reactor.seconds() - started, "error", error_class(error))
+            raise
+        call.ended(self.reactor.seconds() - started, "ok")
+        return sink
+
+    async def _attempts(
+        self,
+        url: str,
+        headers: Headers,
+        body: bytes,
+        make_sink: Callable[[Errors], StreamSink],
+        where: str,
+        method: str,
+        call: ModelCall | None,
+    ) -> StreamSink:
         attempt = 1
         attempts = max(1, self.retries.max_attempts)
         while True:
@@ -237,6 +268,8 @@ class StreamingClient:
                     message=error.detail,
                     status=error.status,
                 )
+            if call is not None:
+                call.retried()
             await deferLater(self.reactor, delay)
             attempt += 1
 
@@ -423,6 +456,16 @@ class _Exchange:
             retryable=response.code in RETRYABLE_STATUSES and code not in PERMANENT_CODES,
             retry_after=retry_after(response.headers, self._reactor.seconds()),
         )
+
+
+def error_class(error: UpstreamError) -> str:
+    """The metrics' class of a failed exchange: ``timeout``, ``connection``, ``status`` (the upstream answered
+    an error status) or ``other`` (an unreadable, oversized or empty answer)."""
+    if error.code in ("timeout", "connection"):
+        return error.code
+    if error.status is not None and error.status != 200:
+        return "status"
+    return "other"
 
 
 def is_cancellation(error: BaseException) -> bool:
