@@ -191,7 +191,8 @@ def test_a_session_busy_on_one_instance_is_409_on_another(trio: Cluster) -> None
     running = a.ok(a.send("take your time", user, session, streaming=True))
     for streaming in (True, False):
         status, body = b.send("me too", user, session, streaming=streaming)
-        assert (status, body) == (409, {"error": "A turn is already running in this session"})
+        assert (status, body["error"]) == (409, "A turn is already running in this session")
+        assert body["request_id"]
     events = read_sse(b, running["stream_url"], user)
     assert events[-1][1]["type"] == "done"
     after = b.ok(b.send("now me", user, session))
