@@ -130,7 +130,7 @@ def test_streaming_send_then_sse_replays_everything(tmp_path: Path) -> None:
 
 def test_last_event_id_resumes_after_that_event(tmp_path: Path) -> None:
     """A client reconnecting with ``Last-Event-ID: n`` (SQLite, one instance) gets exactly the events after
-    the n-th, numbered on; after the last one it gets none; an id that is not a number is 400 JSON."""
+    the n-th, numbered on; after the last one it gets none; an id that is not an ASCII number of ours is 400 JSON."""
     f = Fixture(tmp_path, Script(["a", "b", "c"]))
     status, handle, _ = f.client.call("POST", "/v1/chat/send?streaming=true", {"message": "hi"}, USER)
     assert status == 200
@@ -141,8 +141,9 @@ def test_last_event_id_resumes_after_that_event(tmp_path: Path) -> None:
         status, body, _ = f.raw("GET", handle["stream_url"], {**USER, "Last-Event-ID": str(after)})
         assert status == 200
         assert sse_events(body, after) == everything[after:]
-    status, body, _ = f.raw("GET", handle["stream_url"], {**USER, "Last-Event-ID": "x1"})
-    assert status == 400 and "Last-Event-ID" in json.loads(body)["error"]
+    for bad in ("x1", "\u00b2", "1" * 10):  # not a number, a Unicode digit int() refuses, not one of ours
+        status, body, _ = f.raw("GET", handle["stream_url"], {**USER, "Last-Event-ID": bad})
+        assert status == 400 and "Last-Event-ID" in json.loads(body)["error"]
 
 
 def test_legacy_stream_endpoint_is_off_by_default(tmp_path: Path) -> None:

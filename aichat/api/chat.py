@@ -100,7 +100,7 @@ def _last_event_id(request: IRequest) -> int:
     if raw is None or not raw.strip():
         return 0
     text = raw.strip()
-    if not text.isdigit() or len(text) > 9:
+    if not (text.isascii() and text.isdigit()) or len(text) > 9:
         raise BadRequest("Invalid Last-Event-ID: send back the id of an event of this stream")
     return int(text)
 
