@@ -30,11 +30,17 @@ def pg_config(folder: Path, port: int, url: str, extra: str = "") -> Path:
     return config
 
 
-def launch_pg(folder: Path, url: str, extra: str = "", servers: bool = True) -> Chat:
-    """A daemon on ``url`` with server-everything, waiting until its tools are offered."""
+def launch_pg(
+    folder: Path, url: str, extra: str = "", servers: bool = True, upstream_url: str | None = None
+) -> Chat:
+    """A daemon on ``url`` with server-everything, waiting until its tools are offered; with
+    ``upstream_url``, asking that OpenAI-compatible upstream instead of the mock model."""
     folder.mkdir(parents=True, exist_ok=True)
     port = free_port()
     config = pg_config(folder, port, url, extra)
+    if upstream_url is not None:
+        llm = f"llm:\n  provider: openai\n  base_url: {upstream_url}\n  api_key: sk-test\n  max_retries: 0\n"
+        config.write_text(config.read_text().replace("llm:\n  provider: mock\n", llm))
     if servers:
         everything = {"command": "node", "args": [str(MODULES / "server-everything/dist/index.js"), "stdio"]}
         (folder / "mcp-servers.json").write_text(json.dumps({"mcpServers": {"everything": everything}}))

@@ -19,9 +19,9 @@ from typing import Any
 import pytest
 
 from tests.support import BIN, daemon_env, free_port
-from tests.test_chat_e2e import ECHO, MODULES, SUM, Chat, ThreadedUpstream, roles, user_id
+from tests.test_chat_e2e import ECHO, SUM, Chat, ThreadedUpstream, roles, user_id
 from tests.test_daemon import start, write_daemon_config
-from tests.test_daemon_postgres import pg_config
+from tests.test_daemon_postgres import launch_pg
 from tests.upstream import text_stream
 
 pytestmark = pytest.mark.slow
@@ -33,30 +33,11 @@ TIMEOUT = 30.0
 
 def launch_instance(folder: Path, url: str, upstream: ThreadedUpstream) -> Chat:
     """A daemon on ``url`` asking the scripted upstream, with server-everything and approvals always asked."""
-    folder.mkdir(parents=True, exist_ok=True)
-    port = free_port()
-    config = pg_config(
-        folder,
-        port,
-        url,
+    extra = (
         "chat:\n  title_generation: false\n  keepalive_seconds: 0.2\n"
-        f"  turn_lease_seconds: {LEASE}\n  approval:\n    policy: always\n",
+        f"  turn_lease_seconds: {LEASE}\n  approval:\n    policy: always\n"
     )
-    config.write_text(
-        config.read_text().replace(
-            "llm:\n  provider: mock\n",
-            f"llm:\n  provider: openai\n  base_url: {upstream.base_url}\n  api_key: sk-test\n  max_retries: 0\n",
-        )
-    )
-    everything = {"command": "node", "args": [str(MODULES / "server-everything/dist/index.js"), "stdio"]}
-    (folder / "mcp-servers.json").write_text(json.dumps({"mcpServers": {"everything": everything}}))
-    chat = Chat(folder, config, port, start(folder, [str(BIN / "aichat-backend"), "-config", str(config)], port))
-    try:
-        chat.wait_for_tools("everything__echo")
-    except AssertionError:
-        chat.close()
-        raise
-    return chat
+    return launch_pg(folder, url, extra, upstream_url=upstream.base_url)
 
 
 @dataclass
