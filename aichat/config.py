@@ -1,6 +1,8 @@
 """Load ``config.yaml``: expand ``${VAR}``, validate against the schema, apply env and flags, build settings.
 
 Precedence, highest first: command-line flag, ``AICHAT_*`` environment variable, YAML file, default.
+Which flags and variables set which keys is declared once, in :mod:`aichat.settings_table`; the defaults
+are those of the records below, and nowhere else.
 The provider's own key variables (``OPENAI_API_KEY``; ``ANTHROPIC_API_KEY`` for Claude;
 ``GEMINI_API_KEY`` then ``GOOGLE_API_KEY`` for Gemini) are fallbacks for ``llm.api_key``. Relative paths
 in the file are resolved against the file's own folder. Every problem found is reported at once (see
@@ -20,7 +22,8 @@ from typing import Any
 
 import yaml
 
-from aichat.llm.catalog import DEFAULT_MODELS, lookup, mask_url, resolve
+from aichat.llm.catalog import lookup, mask_url, resolve
+from aichat.settings_table import by_key, default_of, environment_values
 from aichat.store.dsn import DSNError, mask_password, parse_dsn
 from aichat.validation import SECRET_KEYS, ConfigError, Problem, validate
 
@@ -76,7 +79,8 @@ class LLMSettings:
 
     provider: str = "openai"
     api_key: str = field(default="", repr=False)
-    model: str = "gpt-4o-mini"
+    #: Empty: the provider's default model (from :mod:`aichat.llm.catalog`).
+    model: str = ""
     base_url: str = ""
     system_prompt: str = DEFAULT_SYSTEM_PROMPT
     temperature: float = 0.7
@@ -89,6 +93,10 @@ class LLMSettings:
     #: Claude's required ``max_tokens`` when ``options`` gives none.
     max_tokens: int = 4096
     options: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.model:
+            object.__setattr__(self, "model", resolve(self.provider).default_model)
 
 
 @dataclass(frozen=True)
@@ -202,41 +210,9 @@ class Settings:
     warnings: tuple[str, ...] = ()
 
 
-@dataclass(frozen=True)
-class Overrides:
-    """Values given on the command line; ``None`` means not given."""
+#: Settings given on the command line, by dotted key (see :func:`aichat.settings_table.flag_values`).
+Overrides = Mapping[str, Any]
 
-    port: int | None = None
-    host: str | None = None
-    log_level: str | None = None
-    log_json: bool = False
-    log_file: str | None = None
-    database_path: str | None = None
-    database_url: str | None = None
-    llm_provider: str | None = None
-    llm_model: str | None = None
-    api_key: str | None = None
-    base_url: str | None = None
-    system_prompt: str | None = None
-    mcp_servers_file: str | None = None
-
-
-# (environment variable, dotted key, type)
-ENVIRONMENT: tuple[tuple[str, str, type], ...] = (
-    ("AICHAT_HOST", "server.host", str),
-    ("AICHAT_PORT", "server.port", int),
-    ("AICHAT_DATABASE_PATH", "database.path", str),
-    ("AICHAT_DATABASE_URL", "database.dsn", str),
-    ("AICHAT_LLM_PROVIDER", "llm.provider", str),
-    ("AICHAT_LLM_MODEL", "llm.model", str),
-    ("AICHAT_API_KEY", "llm.api_key", str),
-    ("AICHAT_LLM_BASE_URL", "llm.base_url", str),
-    ("AICHAT_SYSTEM_PROMPT", "llm.system_prompt", str),
-    ("AICHAT_MCP_SERVERS_FILE", "mcp.servers_file", str),
-    ("AICHAT_LOG_FILE", "logging.file", str),
-    ("AICHAT_LOG_LEVEL", "logging.level", str),
-    ("AICHAT_LOG_JSON", "logging.format", bool),
-)
 
 _PLACEHOLDER = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
@@ -299,47 +275,6 @@ def _read_yaml(path: Path) -> Any:
         raise ConfigError([Problem(str(path), "$", f"invalid YAML: {where}{problem}")]) from None
 
 
-def _environment_overrides(environ: Mapping[str, str], problems: list[Problem]) -> dict[str, Any]:
-    overrides: dict[str, Any] = {}
-    for name, dotted, kind in ENVIRONMENT:
-        raw = environ.get(name, "")
-        if raw == "":
-            continue
-        if kind is int:
-            try:
-                overrides[dotted] = int(raw)
-            except ValueError:
-                problems.append(Problem("environment", name, f"not an integer: {raw!r}"))
-        elif kind is bool:
-            if raw.lower() in ("1", "true", "yes", "on"):
-                overrides[dotted] = "json"
-        else:
-            overrides[dotted] = raw
-    return overrides
-
-
-def _flag_overrides(flags: Overrides) -> dict[str, Any]:
-    pairs = {
-        "server.port": flags.port,
-        "server.host": flags.host,
-        "logging.level": flags.log_level,
-        "logging.file": flags.log_file,
-        "logging.format": "json" if flags.log_json else None,
-        "database.path": flags.database_path,
-        "database.dsn": flags.database_url,
-        "llm.provider": flags.llm_provider,
-        "llm.model": flags.llm_model,
-        "llm.api_key": flags.api_key,
-        "llm.base_url": flags.base_url,
-        "llm.system_prompt": flags.system_prompt,
-        "mcp.servers_file": flags.mcp_servers_file,
-    }
-    given = {key: value for key, value in pairs.items() if value not in (None, "")}
-    if flags.database_path and not flags.database_url:
-        given["database.dsn"] = ""  # -database-path names the database, whatever the file or environment say
-    return given
-
-
 def token_digest(token: str) -> str:
     """The form in which bearer tokens are kept and compared."""
     return hashlib.sha256(token.encode("utf-8")).hexdigest()
@@ -358,7 +293,7 @@ def load_settings(
     (then defaults apply, as in the reference). Raises :class:`ConfigError` listing every problem.
     """
     environ = os.environ if environ is None else environ
-    flags = flags or Overrides()
+    flags = flags or {}
     explicit = path is not None or bool(environ.get("AICHAT_CONFIG"))
     config_path = Path(path or environ.get("AICHAT_CONFIG") or DEFAULT_CONFIG_PATH)
     problems: list[Problem] = []
@@ -375,11 +310,11 @@ def load_settings(
             raise ConfigError([Problem(str(config_path), "$", "the top level must be a mapping of sections")])
         problems.extend(validate(document, "config", str(config_path)))
     merged: dict[str, Any] = {k: (dict(v) if isinstance(v, dict) else v) for k, v in document.items()}
-    env_values = _environment_overrides(environ, problems)
-    for dotted, value in {**env_values, **_flag_overrides(flags)}.items():
+    env_values = environment_values(environ, problems)
+    for dotted, value in {**env_values, **flags}.items():
         _set(merged, dotted, value)
     llm_doc: dict[str, Any] = merged["llm"] if isinstance(merged.get("llm"), dict) else {}
-    asked = llm_doc.get("provider", "openai")
+    asked = llm_doc.get("provider", LLMSettings.provider)
     notes: list[str] = []
     if isinstance(asked, str):
         if not llm_doc.get("api_key"):
@@ -404,10 +339,11 @@ def load_settings(
 
 def _dsn_source(flags: Overrides, environ: Mapping[str, str], shown_path: str | None) -> tuple[str, str]:
     """Where the effective ``database.dsn`` came from, as (file, key) for a :class:`Problem`."""
-    if flags.database_url:
-        return "flags", "-database-url"
-    if environ.get("AICHAT_DATABASE_URL"):
-        return "environment", "AICHAT_DATABASE_URL"
+    row = by_key("database.dsn")
+    if flags.get(row.key):
+        return "flags", f"-{row.flag}"
+    if row.env and environ.get(row.env):
+        return "environment", row.env
     return shown_path or "config", "$.database.dsn"
 
 
@@ -467,12 +403,10 @@ def _build(
 
     server = ServerSettings(**section("server"))
     database = _database(section("database"), base, problems, dsn_source)
-    llm_doc = dict(section("llm"))
-    provider = llm_doc.get("provider", "openai")
-    llm_doc.setdefault("model", DEFAULT_MODELS.get(provider.lower(), DEFAULT_MODELS["openai"]))
-    llm = LLMSettings(**llm_doc)
+    llm = LLMSettings(**section("llm"))
     mcp_doc = dict(section("mcp"))
-    mcp = MCPSettings(**{**mcp_doc, "servers_file": _resolve(base, mcp_doc.get("servers_file", "mcp-servers.json"))})
+    servers_file = _resolve(base, mcp_doc.get("servers_file", MCPSettings.servers_file))
+    mcp = MCPSettings(**{**mcp_doc, "servers_file": servers_file})
     logging_doc = dict(section("logging"))
     if logging_doc.get("file"):
         logging_doc["file"] = _resolve(base, logging_doc["file"])
@@ -480,7 +414,8 @@ def _build(
 
     def networks_of(doc: dict[str, Any], dotted: str) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
         networks = []
-        for index, cidr in enumerate(doc.get(dotted.rsplit(".", 1)[1], ["127.0.0.0/8", "::1/128"])):
+        default = [str(network) for network in default_of(dotted, Settings)]
+        for index, cidr in enumerate(doc.get(dotted.rsplit(".", 1)[1], default)):
             try:
                 networks.append(ipaddress.ip_network(cidr, strict=False))
             except ValueError:

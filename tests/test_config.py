@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from aichat.config import Overrides, load_settings, token_digest
+from aichat.config import load_settings, token_digest
+from aichat.settings_table import flag_values
 from aichat.validation import ConfigError
 from tests.support import write_config
 
@@ -98,7 +99,7 @@ def test_precedence_flag_over_env_over_yaml(tmp_path: Path) -> None:
     env = {"AICHAT_PORT": "4001", "AICHAT_LLM_MODEL": "env-model"}
     settings = load_settings(str(path), environ=env)
     assert (settings.server.port, settings.llm.model) == (4001, "env-model")
-    settings = load_settings(str(path), environ=env, flags=Overrides(port=4002))
+    settings = load_settings(str(path), environ=env, flags=flag_values({"port": 4002}))
     assert (settings.server.port, settings.llm.model) == (4002, "env-model")
     assert load_settings(str(path), environ={}).server.port == 4000
 
@@ -257,12 +258,12 @@ def test_postgres_url_from_file_environment_and_flag(tmp_path: Path) -> None:
         None,
         env_only=True,
         environ={"AICHAT_DATABASE_URL": "postgresql://u@db/x"},
-        flags=Overrides(database_url="postgres://v@other/y"),
+        flags=flag_values({"database-url": "postgres://v@other/y"}),
     )
     assert flagged.database.dsn == "postgres://v@other/y"
     by_path = load_settings(
         None, env_only=True, environ={"AICHAT_DATABASE_URL": "postgresql://u@db/x"},
-        flags=Overrides(database_path=str(tmp_path / "f.db")),
+        flags=flag_values({"database-path": str(tmp_path / "f.db")}),
     )
     assert (by_path.database.engine, by_path.database.path) == ("sqlite", str(tmp_path / "f.db"))
 

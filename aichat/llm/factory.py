@@ -7,68 +7,57 @@ so any OpenAI-compatible server works; ``ollama`` is the same client with the ba
 API client; ``gemini`` | ``google`` the native Gemini client; ``mock`` is the offline provider. An unknown
 name falls back to the OpenAI client with a warning, as the reference does.
 
-Settings are read by attribute or key, with these names and defaults: ``provider``, ``api_key``, ``model``,
-``base_url``, ``temperature`` (None: not sent), ``timeout_seconds`` (deadline to the first byte, 60),
-``connect_timeout_seconds`` (10), ``idle_timeout_seconds`` (60), ``max_response_bytes`` (8 MiB),
-``max_retries`` (2: three attempts in all), ``max_idle_connections`` (256), ``max_tokens`` (Claude's
-required ``max_tokens`` when ``options`` has none, 4096), ``options`` (extra request fields such as
-``max_tokens``), and for the mock ``mock_delay_seconds`` (0).
+The settings are the typed :class:`aichat.config.LLMSettings` record, whose defaults are the only ones.
+``max_retries`` is the number of retries after the first attempt.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from twisted.logger import Logger
 
-from aichat.llm.anthropic import DEFAULT_MAX_TOKENS, ClaudeProvider
-from aichat.llm.catalog import DEFAULT_MODELS, lookup, mask_url, resolve
+from aichat.llm.anthropic import ClaudeProvider
+from aichat.llm.catalog import lookup, mask_url, resolve
 from aichat.llm.gemini import GeminiProvider
 from aichat.llm.mock import MockProvider
 from aichat.llm.openai import OpenAIProvider
 from aichat.llm.provider import LLMError, Provider
 from aichat.metrics import Metrics
-from aichat.transport import DEFAULT_MAX_IDLE_CONNECTIONS, HTTPClient, Limits, RetryPolicy, StreamingClient
+from aichat.transport import HTTPClient, Limits, RetryPolicy, StreamingClient
 
-OLLAMA_BASE_URL = "http://localhost:11434/v1"
+if TYPE_CHECKING:
+    from aichat.config import LLMSettings
 
 log = Logger()
 
-__all__ = ["DEFAULT_MODELS", "OLLAMA_BASE_URL", "build_provider"]
-
-
-def _get(settings: Any, key: str, default: Any) -> Any:
-    value = settings.get(key) if isinstance(settings, Mapping) else getattr(settings, key, None)
-    return default if value is None else value
+__all__ = ["build_provider"]
 
 
 def build_provider(
-    settings: Any, reactor: Any, *, http: HTTPClient | None = None, metrics: Metrics | None = None
+    settings: LLMSettings, reactor: Any, *, http: HTTPClient | None = None, metrics: Metrics | None = None
 ) -> Provider:
     """The provider ``settings`` describe. ``reactor`` is the real reactor (or, with ``http`` given, any
     ``IReactorTime``); ``http`` is the daemon's shared client (without it the provider makes its own pool).
     ``metrics`` counts the model requests. Raises :class:`ValueError` when a provider that needs a key has
     none (the OpenAI client also accepts a ``base_url`` of its own instead)."""
-    asked = str(_get(settings, "provider", "openai") or "openai").lower()
+    asked = settings.provider.lower()
     kind = resolve(asked)
     if lookup(asked) is None:
         log.warn("Unknown LLM provider {provider!r}: using the OpenAI-compatible client", provider=asked)
-    model = str(_get(settings, "model", "") or DEFAULT_MODELS[kind.name])
+    model = settings.model
     if kind.wire == "mock":
-        return MockProvider(reactor, model=model, delay=float(_get(settings, "mock_delay_seconds", 0.0)))
-    api_key = str(_get(settings, "api_key", ""))
-    base_url = str(_get(settings, "base_url", ""))
-    options = _get(settings, "options", {})
-    extra = dict(options) if isinstance(options, Mapping) else None
-    temperature = _get(settings, "temperature", None)
-    temperature = None if temperature is None else float(temperature)
-    connect_timeout = float(_get(settings, "connect_timeout_seconds", 10.0))
-    first_byte_timeout = float(_get(settings, "timeout_seconds", 60.0))
-    idle_timeout = float(_get(settings, "idle_timeout_seconds", 60.0))
-    max_response_bytes = int(_get(settings, "max_response_bytes", 8 * 1024 * 1024))
-    max_attempts = 1 + int(_get(settings, "max_retries", 2))
-    max_idle_connections = int(_get(settings, "max_idle_connections", DEFAULT_MAX_IDLE_CONNECTIONS))
+        return MockProvider(reactor, model=model)
+    api_key = settings.api_key
+    base_url = settings.base_url
+    extra = dict(settings.options)
+    temperature = settings.temperature
+    connect_timeout = settings.connect_timeout_seconds
+    first_byte_timeout = settings.timeout_seconds
+    idle_timeout = settings.idle_timeout_seconds
+    max_response_bytes = settings.max_response_bytes
+    max_attempts = 1 + settings.max_retries
+    max_idle_connections = settings.max_idle_connections
     provider: Any
     if kind.wire == "openai":
         if kind.name == "openai" and not api_key and not base_url:
@@ -114,7 +103,7 @@ def build_provider(
                 model=model,
                 api_key=api_key,
                 base_url=base_url or kind.default_base_url,
-                max_tokens=int(_get(settings, "max_tokens", DEFAULT_MAX_TOKENS)),
+                max_tokens=settings.max_tokens,
                 temperature=temperature,
                 extra_body=extra,
             )

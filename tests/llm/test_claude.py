@@ -66,7 +66,7 @@ class ClaudeUpstreamTests(WireTestCase):
         """POST /v1/messages with x-api-key and anthropic-version; system on top, tools as input_schema,
         max_tokens (default 4096, or llm.max_tokens), temperature, stream."""
         await self.complete(tools=TOOLS)
-        await self.complete(provider=self.provider(max_tokens=77, anthropic="alias"))
+        await self.complete(provider=self.provider(max_tokens=77))
         first, second = self.upstream.requests
         self.assertEqual((first.path, first.headers["x-api-key"]), ("/v1/messages", KEY))
         self.assertEqual(first.headers["anthropic-version"], "2023-06-01")

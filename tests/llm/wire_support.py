@@ -11,6 +11,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
 
+from aichat.config import LLMSettings
 from aichat.llm.factory import build_provider
 from aichat.llm.provider import Completion, LLMError, Provider
 from tests.upstream import Event, Raw, Script, Send, Upstream, Wire
@@ -83,9 +84,10 @@ class WireTestCase(TestCase):
             "base_url": self.upstream.root_url,
             "model": "test-model",
             "temperature": 0.2,
+            "max_retries": 2,
         }
         options.update(settings)
-        provider = build_provider(options, reactor)
+        provider = build_provider(LLMSettings(**options), reactor)
         client = getattr(provider, "_client", None)
         if client is not None:
             object.__setattr__(client, "retries", type(client.retries)(client.retries.max_attempts, 0.01, 0.05, 0.2))
