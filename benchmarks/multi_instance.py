@@ -11,7 +11,9 @@ cluster (default durability), the scripted upstream (``tests.upstream``: 40 delt
 - delivery: 1, then 100 turns started at once on instance A (``POST /v1/chat/send?streaming=true``, answers streaming
   at once), each stream read at the same time on A (where it runs: events arrive as they happen) and on B
   (events come through the database: written, ``NOTIFY``, read back); the delay is B's arrival time of
-  each event minus A's, matched by SSE ``id``: median and p99.
+  each event minus A's, matched by SSE ``id``: median and p99. Beside it, the floor: the same traffic
+  through the database alone, no daemon and no HTTP (:mod:`benchmarks.bus_floor`: group-committed rows
+  and ``NOTIFY``, ``LISTEN``, read back), read-back time minus production time.
 
 Targets (2 cores): delivery p50 <= 5 ms and p99 <= 50 ms; 0 errors; printed as PASS or MISS
 (``--strict``: exit status 1 on a miss).
@@ -32,6 +34,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from benchmarks.bus_floor import delivery_floor
 from benchmarks.chat_stream import (
     HOST,
     ROOT,
@@ -172,6 +175,7 @@ async def run_all(strict: bool) -> int:
     load = os.getloadavg()
     rows: list[dict[str, Any]] = []
     deliveries: dict[int, tuple[list[float], int]] = {}
+    floors: dict[int, list[float]] = {}
     upstream, upstream_port = start_upstream(LEVEL.chunks, LEVEL.delay)
     cluster = Cluster(settings=())
     try:
@@ -201,6 +205,9 @@ async def run_all(strict: bool) -> int:
                 finally:
                     for process, _ in daemons:
                         stop(process)
+        floor_url = cluster.create_database("floor")
+        for turns in deliveries:
+            floors[turns] = delivery_floor(floor_url, turns, LEVEL.chunks, LEVEL.delay)
     finally:
         cluster.stop()
         stop(upstream)
@@ -210,10 +217,11 @@ async def run_all(strict: bool) -> int:
         print(f"{row['label']:>26}{row['turns']:>7}{row['throughput']:>9.1f}{ms(row['added_median']):>11}"
               f"{ms(row['added_p99']):>11}{row['errors']:>8}")
     print("\ncross-instance delivery: turns run on A at once, each read on A and B at the same time; B - A per event")
-    print(f"{'turns at once':>14}{'events':>8}{'p50 ms':>9}{'p99 ms':>9}{'max ms':>9}{'errors':>8}")
+    print(f"{'':>24}{'turns at once':>14}{'events':>8}{'p50 ms':>9}{'p99 ms':>9}{'max ms':>9}{'errors':>8}")
     for turns, (delays, errors) in deliveries.items():
-        print(f"{turns:>14}{len(delays):>8}{ms(quantile(delays, 0.5)):>9}{ms(quantile(delays, 0.99)):>9}"
-              f"{ms(max(delays) if delays else float('nan')):>9}{errors:>8}")
+        for label, found, failed in (("two daemons", delays, errors), ("floor: database alone", floors[turns], 0)):
+            print(f"{label:>24}{turns:>14}{len(found):>8}{ms(quantile(found, 0.5)):>9}{ms(quantile(found, 0.99)):>9}"
+                  f"{ms(max(found) if found else float('nan')):>9}{failed:>8}")
     delays = deliveries[DELIVERY_TURNS][0]
     p50, p99 = quantile(delays, 0.5), quantile(delays, 0.99)
     print(f"{os.cpu_count()} CPUs; load average {load[0]:.2f} before, {os.getloadavg()[0]:.2f} after "
