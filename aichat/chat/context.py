@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from aichat.llm.tools import Failed, execution_from_json
 from aichat.store.base import Attachment, Message
 
 NOT_EXECUTED = "Tool call was not executed (no result was recorded for it)."
@@ -105,7 +106,7 @@ def to_openai(message: Message) -> dict[str, Any] | None:
         return out
     if message.role == "tool" and message.tool_call_id:
         out = {"role": "tool", "tool_call_id": message.tool_call_id, "content": message.content}
-        if any("error" in execution for execution in message.tool_executions or ()):
+        if any(isinstance(execution_from_json(row), Failed) for row in message.tool_executions or ()):
             # Claude and Gemini are told a result is a failure; the Chat Completions codec leaves it out.
             out["is_error"] = True
         return out
