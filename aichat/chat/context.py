@@ -1,10 +1,11 @@
 """What the model sees: the system prompt with a current-time block, then the session's stored history.
 
 History is converted to the provider-neutral shapes, those of Chat Completions (assistant ``tool_calls``,
-``tool`` messages with ``tool_call_id`` and ``is_error`` when the call failed), which every codec in
-:mod:`aichat.llm` translates to its own wire format; it is repaired so every server we know accepts it
-(every tool call answered, no orphan results, assistant content never ``null``, no empty assistant
-message), and trimmed to a character budget keeping the newest messages without splitting a tool call from its results.
+``tool`` messages with ``tool_call_id`` and ``is_error`` when the stored execution reads back as a
+:class:`~aichat.llm.tools.Failed`), which every codec in :mod:`aichat.llm` translates to its own wire
+format; it is repaired so every server we know accepts it (every tool call answered, no orphan results,
+assistant content never ``null``, no empty assistant message), and trimmed to a character budget keeping
+the newest messages without splitting a tool call from its results.
 """
 
 from __future__ import annotations

@@ -3,7 +3,8 @@
 A stored session is the reference API's (and ``/v1/responses``'): history read from the store, every step
 written to it. A memory conversation is ``/v1/chat/completions``' (and ``store: false``): the client's
 messages are the context, and the turn's own steps (tool calls and results) live only as long as the turn;
-given an :class:`ExecutionLog` (chat completions), the tool executions among them are stored there.
+given an :class:`ExecutionLog` (chat completions), the tool executions among them are stored there (as
+:class:`~aichat.store.base.ToolExecution` rows made from the execution records).
 """
 
 from __future__ import annotations

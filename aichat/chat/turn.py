@@ -7,6 +7,12 @@ lifecycle, its :class:`TurnResult`) and reports what happens as :mod:`aichat.cha
 listener; the reference API's listener writes a :class:`~aichat.chat.streams.Stream`. Where its context
 comes from and where its steps go is its :class:`~aichat.chat.conversation.Conversation`: a stored
 session, or (``/v1/chat/completions``) memory only.
+
+The loop works on the records of :mod:`aichat.llm.tools`: the tools offered are
+:class:`~aichat.llm.tools.ToolSpec`, the model's calls :class:`~aichat.llm.tools.ToolCall`, each run ends
+as :class:`~aichat.llm.tools.Succeeded` or :class:`~aichat.llm.tools.Failed`. Rows are written only for
+the store (an assistant message's ``tool_calls``, a tool message's ``tool_executions``, an approval's
+calls) and for the reference's JSON (:meth:`TurnResult.response`).
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """The store's records and the small interface callers use, so another database can follow.
 
 Records mirror the reference's JSON shapes (``ChatSession``, ``Message``, ``Attachment``) and add what
-the model needs to see history correctly: the ``tool_call_id`` of each tool result.
+the model needs to see history correctly: the ``tool_call_id`` of each tool result. An approval's state
+is an :data:`ApprovalStatus`.
 """
 
 from __future__ import annotations
@@ -94,7 +95,9 @@ class Message:
     """One stored message of a session.
 
     ``tool_calls`` are OpenAI-shaped calls on assistant messages; ``tool_call_id`` ties a ``tool``
-    message to the call it answers; ``tool_executions`` holds timings and errors.
+    message to the call it answers; ``tool_executions`` holds timings and errors. Both are the stored
+    JSON of the records in :mod:`aichat.llm.tools` (``ToolCall.to_openai``, ``Succeeded``/``Failed``
+    ``to_json``), which read them back.
     """
 
     id: str
