@@ -140,11 +140,11 @@ class _Block:
     """A content block of the answer as it streams: its type and, for a ``tool_use`` block, the call's id,
     name and input (whole in the start event, or in ``input_json_delta`` pieces)."""
 
-    type: Any
+    type: object
     id: str = ""
     name: str = ""
     input: dict[str, Any] | None = None
-    json: list[str] = field(default_factory=list)
+    pieces: list[str] = field(default_factory=list)
     stopped: bool = False
 
 
@@ -181,7 +181,7 @@ class EventStream:
             block = self._blocks[index]
             if block.type != "tool_use":
                 continue
-            arguments = "".join(block.json) if block.json else json.dumps(block.input or {})
+            arguments = "".join(block.pieces) if block.pieces else json.dumps(block.input or {})
             calls.append(ToolCall(block.id, block.name, arguments if arguments.strip() else "{}"))
         return calls
 
@@ -260,7 +260,7 @@ class EventStream:
         elif kind == "input_json_delta" and isinstance(delta.get("partial_json"), str):
             block = self._blocks.get(index)
             if block is not None and block.type == "tool_use":
-                block.json.append(delta["partial_json"])
+                block.pieces.append(delta["partial_json"])
         # thinking_delta, signature_delta, citations_delta: not part of the answer's text.
 
     def _read_usage(self, usage: Any) -> None:

@@ -21,6 +21,7 @@ from aichat.llm.tools import (
     execution_from_json,
     specs_from_openai,
 )
+from tests.llm.fakes import FakeHTTP
 
 SCHEMA = {"type": "object", "properties": {"message": {"type": "string"}}, "required": ["message"]}
 ECHO = ToolSpec("everything__echo", "Echoes back the input", SCHEMA)
@@ -122,7 +123,7 @@ def test_each_codec_writes_the_tools_offered_in_its_own_shape() -> None:
     A tool without a description or a schema is sent ``""`` and an empty object schema where one is
     required."""
     empty = ToolSpec("f", None, {})
-    openai_body = OpenAIProvider(reactor=Clock(), model="m", http=object()).request_body(  # type: ignore[arg-type]
+    openai_body = OpenAIProvider(reactor=Clock(), model="m", http=FakeHTTP()).request_body(
         [{"role": "user", "content": "x"}], [ECHO, empty]
     )
     assert openai_body["tools"] == [ECHO.to_openai(), {"type": "function", "function": {"name": "f", "parameters": {}}}]
