@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -21,6 +21,7 @@ from aichat.chat.titles import clean_title, fallback_title
 from aichat.chat.turn import ChatError, ChatService, Turn
 from aichat.config import ApprovalSettings, ChatSettings
 from aichat.llm.provider import Completion, LLMError, ToolCall
+from aichat.llm.tools import ToolSpec
 from aichat.store import Attachment, History, Message, Session, new_id
 from aichat.store.sqlite import SQLiteStore
 from tests.support import inline_store
@@ -46,12 +47,12 @@ class ScriptedModel:
 
     def __init__(self, *scripts: Script) -> None:
         self.scripts = list(scripts)
-        self.requests: list[tuple[list[dict[str, Any]], list[dict[str, Any]] | None]] = []
+        self.requests: list[tuple[list[dict[str, Any]], Sequence[ToolSpec] | None]] = []
 
     async def complete(
         self,
         messages: list[dict[str, Any]],
-        tools: list[dict[str, Any]] | None = None,
+        tools: Sequence[ToolSpec] | None = None,
         *,
         on_text: Callable[[str], None] | None = None,
     ) -> Completion:
@@ -312,7 +313,7 @@ def test_plain_turn_streams_and_stores(tmp_path: Path) -> None:
     assert [(m.role, m.content) for m in h.history(session)] == [("user", "hi"), ("assistant", "Hello")]
     sent, tools = h.model.requests[0]
     assert sent[-1] == {"role": "user", "content": "hi"}
-    assert tools is not None and [t["function"]["name"] for t in tools] == [
+    assert tools is not None and [t.to_openai()["function"]["name"] for t in tools] == [
         "everything__echo", "everything__fail", "fs__read"]
 
 
@@ -404,7 +405,7 @@ def test_tool_call_waits_for_approval_then_runs(tmp_path: Path) -> None:
     assert h.tools.calls == [("everything__echo", {"m": 1})]
     assert kinds(resumed) == ["tool_execution", "message", "message", "done"]
     assert resumed.result.response()["message"]["content"] == "Done."
-    assert resumed.result.executions[0]["result"] == 'echo {"m": 1}'
+    assert resumed.result.executions[0].to_json()["result"] == 'echo {"m": 1}'
     follow_up = h.model.requests[1][0]
     assert follow_up[-2]["tool_calls"][0]["id"] == "c1"
     assert follow_up[-1] == {"role": "tool", "tool_call_id": "c1", "content": 'echo {"m": 1}'}
@@ -460,7 +461,7 @@ def test_tool_errors_go_back_to_the_model(tmp_path: Path) -> None:
     h = make(tmp_path, Script([], calls), Script(["noted"]), approval=ApprovalSettings(policy="never"))
     record = h.send(h.session(), "x")
     assert kinds(record)[-1] == "done"
-    errors = [e["error"] for e in record.result.executions]
+    errors = [e.to_json()["error"] for e in record.result.executions]
     assert errors[0] == "Tool returned an error: it broke"
     assert errors[1].startswith("Error executing tool:") and "nope__tool" in errors[1]
     assert errors[2].startswith("Error executing tool: failed to parse tool arguments")

@@ -10,6 +10,7 @@ from aichat.chat import events
 from aichat.chat.approvals import ApprovalPolicy
 from aichat.chat.turn import ToolScope, TurnState
 from aichat.config import ApprovalSettings
+from aichat.llm.tools import specs_from_openai
 from tests.test_chat import FakeTool, Script, call, done, make
 
 ECHO = FakeTool("echo", "everything")
@@ -72,21 +73,23 @@ def test_a_stateless_turn_with_a_request_id_stores_its_executions(tmp_path: Path
     assert sorted((e.tool_call_id, e.result, e.error is not None) for e in stored) == [
         ("c1", 'echo {"m": 1}', False), ("c2", "", True)
     ]
-    assert [e["id"] for e in result.executions] == ["c1", "c2"]
+    assert [e.to_json()["id"] for e in result.executions] == ["c1", "c2"]
     assert done(h.store.list_sessions("1", 10, 0)) == []
 
 
 def test_client_tool_calls_end_the_turn_unrun(tmp_path: Path) -> None:
     h = make(tmp_path, Script(calls=[call("c1", "get_weather", "{}")]), approval=ApprovalSettings(policy="never"))
-    client = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
+    client = specs_from_openai(
+        [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
+    )
     scope = ToolScope(h.service.policy, client_tools=client)
     turn = h.service.start_stateless("1", [{"role": "user", "content": "weather?"}], scope, lambda e: None)
     result = done(h.service.wait(turn))
     assert turn.state is TurnState.CLIENT_TOOLS
-    assert [c["function"]["name"] for c in result.client_calls] == ["get_weather"]
+    assert [c.to_openai()["function"]["name"] for c in result.client_calls] == ["get_weather"]
     assert result.finish_reason == "tool_calls"
     assert h.tools.calls == []
-    assert "get_weather" in {t["function"]["name"] for t in h.model.requests[0][1] or []}
+    assert "get_weather" in {t.to_openai()["function"]["name"] for t in h.model.requests[0][1] or []}
 
 
 def test_a_known_tool_not_offered_is_never_run(tmp_path: Path) -> None:
@@ -101,5 +104,6 @@ def test_a_known_tool_not_offered_is_never_run(tmp_path: Path) -> None:
     turn = h.service.start_stateless("1", [{"role": "user", "content": "read"}], scope, lambda e: None)
     result = done(h.service.wait(turn))
     assert h.tools.calls == []
-    assert result.executions[0]["error"] == "Error executing tool: tool not offered to this request: fs__read"
-    assert {t["function"]["name"] for t in h.model.requests[0][1] or []} == {"everything__echo", "everything__fail"}
+    assert result.executions[0].to_json()["error"] == "Error executing tool: tool not offered to this request: fs__read"
+    assert {t.to_openai()["function"]["name"] for t in h.model.requests[0][1] or []} == {
+        "everything__echo", "everything__fail"}

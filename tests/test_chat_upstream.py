@@ -100,7 +100,7 @@ class LlamaShapedTests(TestCase):
                                        repeat_id_and_name=True))
         record = await self.turn(service, session_id, "echo hi")
         self.assertIsNone(record.result.error, record.result.error)
-        self.assertEqual([e["result"] for e in record.result.executions], ['echo {"message": "hi"}'])
+        self.assertEqual([e.to_json()["result"] for e in record.result.executions], ['echo {"message": "hi"}'])
         follow_up = self.upstream.requests[1].body["messages"]
         self.assertEqual([m["role"] for m in follow_up[-3:]], ["user", "assistant", "tool"])
         self.assertEqual(follow_up[-2]["content"], "")

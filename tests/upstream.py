@@ -366,12 +366,13 @@ def _as_completion(script: Script) -> Script:
 def echo(chunks: int = 0, delay: float = 0.0, first_delay: float = 0.0, model: str = MODEL) -> Callable[[Any], Script]:
     """The default responder: the mock model's tool calls and summaries, otherwise ``Echo: <text>``."""
     from aichat.llm.mock import plan_reply, text_of, words
+    from aichat.llm.tools import specs_from_openai
 
     def respond(body: Any) -> Script:
         messages = body.get("messages") if isinstance(body, dict) else None
         messages = [m for m in messages if isinstance(m, dict)] if isinstance(messages, list) else []
         tools = body.get("tools") if isinstance(body.get("tools"), list) else None
-        reply = plan_reply(messages, tools)
+        reply = plan_reply(messages, None if tools is None else specs_from_openai(tools))
         if reply.tool_calls:
             calls = [(c.id, c.name, c.arguments) for c in reply.tool_calls]
             return tool_stream(calls, delay=delay, model=model)

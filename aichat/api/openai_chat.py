@@ -31,6 +31,7 @@ from aichat.api.openai_wire import (
 )
 from aichat.chat import events
 from aichat.chat.turn import ChatService, ToolScope, TurnResult
+from aichat.llm.tools import ToolSpec
 
 #: Request fields we accept and do not act on (sampling is the operator's ``llm.options``).
 IGNORED = frozenset(
@@ -110,7 +111,7 @@ def _messages(body: dict[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
-def _client_tools(body: dict[str, Any], chat: ChatService) -> list[dict[str, Any]]:
+def _client_tools(body: dict[str, Any], chat: ChatService) -> list[ToolSpec]:
     tools = body.get("tools")
     if tools is None:
         return []
@@ -131,10 +132,14 @@ def _client_tools(body: dict[str, Any], chat: ChatService) -> list[dict[str, Any
                 f"{where}.function.name '{name}' is the name of one of this server's own tools",
                 f"{where}.function.name",
             )
-        spec: dict[str, Any] = {"name": name, "parameters": function.get("parameters") or {"type": "object"}}
-        if isinstance(function.get("description"), str):
-            spec["description"] = function["description"]
-        out.append({"type": "function", "function": spec})
+        description = function.get("description")
+        out.append(
+            ToolSpec(
+                name,
+                description if isinstance(description, str) else None,
+                function.get("parameters") or {"type": "object"},
+            )
+        )
     return out
 
 
@@ -154,7 +159,7 @@ def _refuse_unsupported(body: dict[str, Any]) -> None:
         raise invalid("only text output is supported", "modalities")
 
 
-def _scope(chat: ChatService, body: dict[str, Any], client_tools: list[dict[str, Any]]) -> ToolScope:
+def _scope(chat: ChatService, body: dict[str, Any], client_tools: list[ToolSpec]) -> ToolScope:
     """The MCP tools no person needs to approve, plus the client's; ``tool_choice: "none"`` offers none."""
     choice = body.get("tool_choice", "auto")
     if choice not in ("auto", "none", None):
@@ -223,7 +228,7 @@ class ChunkWriter:
             self.chunk(
                 {
                     "tool_calls": [
-                        {"index": n, "id": c["id"], "type": "function", "function": c["function"]}
+                        {"index": n, "id": c.id, "type": "function", "function": c.to_openai()["function"]}
                         for n, c in enumerate(result.client_calls)
                     ]
                 }
@@ -274,7 +279,7 @@ def register_chat_completions(api: API) -> None:
                 "annotations": [],
             }
             if result.client_calls:
-                message["tool_calls"] = result.client_calls
+                message["tool_calls"] = [call.to_openai() for call in result.client_calls]
             answer = {
                 "id": completion_id,
                 "object": "chat.completion",

@@ -38,7 +38,9 @@ from aichat.api.openai_wire import (
     turn_error,
 )
 from aichat.chat import events
+from aichat.chat.approvals import approval_calls
 from aichat.chat.turn import ChatError, ChatService, ToolInfo, ToolScope, Turn, TurnResult
+from aichat.llm.tools import Failed
 from aichat.store.base import History
 
 APPROVAL_ITEM = "mcpr_"
@@ -404,8 +406,8 @@ class ResponseBuilder:
         elif isinstance(event, events.ToolStarted):
             self._close_message()
             call = event.call
-            server, name = self._tool(call["function"]["name"])
-            arguments = call["function"].get("arguments") or "{}"
+            server, name = self._tool(call.name)
+            arguments = call.arguments or "{}"
             item: dict[str, Any] = {
                 "id": short_id("mcp"),
                 "type": "mcp_call",
@@ -416,39 +418,39 @@ class ResponseBuilder:
                 "error": None,
                 "status": "in_progress",
             }
-            if call["id"] in self._approved:
-                item["approval_request_id"] = self._approved[call["id"]]
-            self._calls[call["id"]] = item
+            if call.id in self._approved:
+                item["approval_request_id"] = self._approved[call.id]
+            self._calls[call.id] = item
             index = self._add(item)
             self._event("response.mcp_call_arguments.delta", item_id=item["id"], output_index=index, delta=arguments)
             self._event("response.mcp_call_arguments.done", item_id=item["id"], output_index=index, arguments=arguments)
             self._event("response.mcp_call.in_progress", item_id=item["id"], output_index=index)
         elif isinstance(event, events.ToolsFinished):
             for call, execution in zip(event.calls, event.executions, strict=True):
-                item = self._calls[call["id"]]
+                item = self._calls[call.id]
                 index = self.output.index(item)
-                if "error" in execution:
+                if isinstance(execution, Failed):
                     item["error"] = {
                         "type": "mcp_tool_execution_error",
-                        "content": [{"type": "text", "text": execution["error"]}],
+                        "content": [{"type": "text", "text": execution.error}],
                     }
                     item["status"] = "failed"
                     self._event("response.mcp_call.failed", item_id=item["id"], output_index=index)
                 else:
-                    item["output"] = execution["result"]
+                    item["output"] = execution.result
                     item["status"] = "completed"
                     self._event("response.mcp_call.completed", item_id=item["id"], output_index=index)
                 self._done(item)
         elif isinstance(event, events.ApprovalRequested):
             self._close_message()
-            for n, call in enumerate(event.approval.tool_calls):
-                server, name = self._tool(call["function"]["name"])
+            for n, call in enumerate(approval_calls(event.approval)):
+                server, name = self._tool(call.name)
                 request = {
                     "id": f"{APPROVAL_ITEM}{event.approval.id}_{n}",
                     "type": "mcp_approval_request",
                     "server_label": server,
                     "name": name,
-                    "arguments": call["function"].get("arguments") or "{}",
+                    "arguments": call.arguments,
                 }
                 self._add(request)
                 self._done(request)
@@ -542,11 +544,11 @@ def register_responses(api: API) -> None:
             approval = await chat.store.get_approval(user, approval_id)
             if approval is None or approval.session_id != session.id:
                 raise OpenAIError(f"approval request {approval_id} not found in this conversation", 404, param="input")
-            calls = approval.tool_calls
+            calls = approval_calls(approval)
             if any(index >= len(calls) for (_, index), _, _ in parsed):
                 raise invalid("approval_request_id names no request of that response", "input")
-            chosen = [calls[index]["id"] for (_, index), approve, _ in parsed if approve]
-            approved = {calls[index]["id"]: item for (_, index), approve, item in parsed if approve}
+            chosen = [calls[index].id for (_, index), approve, _ in parsed if approve]
+            approved = {calls[index].id: item for (_, index), approve, item in parsed if approve}
             builder = ResponseBuilder(chat, response_id, created, model, body, previous, True, approved)
             try:
                 turn = await chat.start_resolution(

@@ -3,6 +3,8 @@
 ``always`` (the reference's behaviour, the default) asks for every call; ``never`` asks for none; ``auto``
 runs the calls whose ``<server>/<tool>`` or function name matches one of the ``auto_approve`` globs and asks
 for the rest. Commands in chat text use the reference's ``[APPROVE_TOOLS:<id>]`` / ``[DENY_TOOLS:<id>]``.
+A stored approval keeps its calls as rows (Chat Completions ``tool_calls`` entries); :func:`approval_calls`
+reads them back as :class:`~aichat.llm.tools.ToolCall` records for the tool loop.
 """
 
 from __future__ import annotations
@@ -11,6 +13,9 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
+
+from aichat.llm.tools import ToolCall, calls_from_openai
+from aichat.store.base import Approval
 
 _COMMAND = re.compile(r"^\[(APPROVE|DENY)_TOOLS:([A-Za-z0-9_.:-]+)\]$")
 
@@ -47,3 +52,8 @@ class ApprovalPolicy:
         if server and tool:
             names.append(f"{server}/{tool}")
         return not any(fnmatchcase(name, pattern) for pattern in self.auto_approve for name in names)
+
+
+def approval_calls(approval: Approval) -> list[ToolCall]:
+    """The calls an approval holds, in order, as records (rows that are not calls are left out)."""
+    return calls_from_openai(approval.tool_calls)

@@ -1,10 +1,11 @@
 """What the model sees: the system prompt with a current-time block, then the session's stored history.
 
 History is converted to the provider-neutral shapes, those of Chat Completions (assistant ``tool_calls``,
-``tool`` messages with ``tool_call_id`` and ``is_error`` when the call failed), which every codec in
-:mod:`aichat.llm` translates to its own wire format; it is repaired so every server we know accepts it
-(every tool call answered, no orphan results, assistant content never ``null``, no empty assistant
-message), and trimmed to a character budget keeping the newest messages without splitting a tool call from its results.
+``tool`` messages with ``tool_call_id`` and ``is_error`` when the stored execution reads back as a
+:class:`~aichat.llm.tools.Failed`), which every codec in :mod:`aichat.llm` translates to its own wire
+format; it is repaired so every server we know accepts it (every tool call answered, no orphan results,
+assistant content never ``null``, no empty assistant message), and trimmed to a character budget keeping
+the newest messages without splitting a tool call from its results.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from aichat.llm.tools import Failed, execution_from_json
 from aichat.store.base import Attachment, Message
 
 NOT_EXECUTED = "Tool call was not executed (no result was recorded for it)."
@@ -105,7 +107,7 @@ def to_openai(message: Message) -> dict[str, Any] | None:
         return out
     if message.role == "tool" and message.tool_call_id:
         out = {"role": "tool", "tool_call_id": message.tool_call_id, "content": message.content}
-        if any("error" in execution for execution in message.tool_executions or ()):
+        if any(isinstance(execution_from_json(row), Failed) for row in message.tool_executions or ()):
             # Claude and Gemini are told a result is a failure; the Chat Completions codec leaves it out.
             out["is_error"] = True
         return out

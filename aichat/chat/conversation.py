@@ -3,7 +3,8 @@
 A stored session is the reference API's (and ``/v1/responses``'): history read from the store, every step
 written to it. A memory conversation is ``/v1/chat/completions``' (and ``store: false``): the client's
 messages are the context, and the turn's own steps (tool calls and results) live only as long as the turn;
-given an :class:`ExecutionLog` (chat completions), the tool executions among them are stored there.
+given an :class:`ExecutionLog` (chat completions), the tool executions among them are stored there (as
+:class:`~aichat.store.base.ToolExecution` rows made from the execution records).
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ from typing import Any, Protocol
 from twisted.internet.defer import Deferred, gatherResults
 
 from aichat.chat.context import build_messages
-from aichat.store.base import History, Message, Store, ToolExecution
+from aichat.llm.tools import Execution, Failed, execution_from_json
+from aichat.store.base import History, Message, Store, ToolExecution, new_id
 
 #: No trimming: in memory, the context is what the client sent.
 UNLIMITED = 2**62
@@ -87,15 +89,32 @@ class StoredConversation:
         await _store_all(self._store, messages)
 
 
-#: Stores the tool executions (the reference's ``ToolExecution`` JSON) of a conversation kept in memory.
-ExecutionLog = Callable[[list[dict[str, Any]]], Awaitable[None]]
+#: Stores the tool executions of a conversation kept in memory.
+ExecutionLog = Callable[[list[Execution]], Awaitable[None]]
+
+
+def execution_row(user_id: str, request_id: str, execution: Execution) -> ToolExecution:
+    """The stored record of one execution of the request ``request_id`` of ``user_id``."""
+    return ToolExecution(
+        id=new_id("exec"),
+        user_id=user_id,
+        request_id=request_id,
+        tool_call_id=execution.call.id,
+        tool_name=execution.call.name,
+        arguments=execution.call.arguments,
+        result="" if isinstance(execution, Failed) else execution.result,
+        error=execution.error if isinstance(execution, Failed) else None,
+        start_time=execution.start_time,
+        end_time=execution.end_time,
+        duration_ms=execution.duration_ms,
+    )
 
 
 def store_executions(store: Store, user_id: str, request_id: str) -> ExecutionLog:
     """An :data:`ExecutionLog` writing to the store's executions of requests without a session."""
 
-    async def record(executions: list[dict[str, Any]]) -> None:
-        await store.add_tool_executions([ToolExecution.of(user_id, request_id, e) for e in executions])
+    async def record(executions: list[Execution]) -> None:
+        await store.add_tool_executions([execution_row(user_id, request_id, e) for e in executions])
 
     return record
 
@@ -131,7 +150,7 @@ class MemoryConversation:
 
     async def add(self, *messages: Message) -> None:
         self._steps.extend(messages)
-        ran = [execution for m in messages for execution in m.tool_executions or ()]
+        ran = [execution_from_json(row) for m in messages for row in m.tool_executions or ()]
         if ran and self._executions is not None:
             await self._executions(ran)
 

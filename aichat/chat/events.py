@@ -2,17 +2,19 @@
 
 The reference API turns them into its ``StreamMessage`` events (:class:`aichat.chat.streams.ReferencePresenter`),
 ``/v1/chat/completions`` into chat-completion chunks, ``/v1/responses`` into Responses stream events. A
-listener is a plain callable; it must not raise.
+listener is a plain callable; it must not raise. Calls and executions are the records of
+:mod:`aichat.llm.tools`; each face writes them in its own JSON.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from aichat.chat.turn import TurnResult
+    from aichat.llm.tools import Execution, ToolCall
     from aichat.store.base import Approval
 
 
@@ -25,25 +27,25 @@ class TextDelta:
 
 @dataclass(frozen=True)
 class RoundAnswered:
-    """The model finished one round: its whole text and the calls it asked for (OpenAI shape)."""
+    """The model finished one round: its whole text and the calls it asked for."""
 
     text: str
-    tool_calls: list[dict[str, Any]]
+    tool_calls: list[ToolCall]
 
 
 @dataclass(frozen=True)
 class ToolStarted:
     """A server-side tool call is about to run."""
 
-    call: dict[str, Any]
+    call: ToolCall
 
 
 @dataclass(frozen=True)
 class ToolsFinished:
-    """A batch of server-side calls ran; ``executions`` are their records, in the calls' order."""
+    """A batch of server-side calls ran; ``executions`` are what each came to, in the calls' order."""
 
-    calls: list[dict[str, Any]]
-    executions: list[dict[str, Any]]
+    calls: list[ToolCall]
+    executions: list[Execution]
 
 
 @dataclass(frozen=True)

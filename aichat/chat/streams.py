@@ -17,6 +17,7 @@ from typing import Any
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 
 from aichat.chat import events as turn
+from aichat.llm.tools import Failed
 
 Subscriber = Callable[["Event"], None]
 
@@ -166,14 +167,14 @@ class ReferencePresenter:
             emit(Event("message", session_id, content=event.text))
         elif isinstance(event, turn.ToolsFinished):
             executions = event.executions
-            failed = sum(1 for e in executions if "error" in e)
+            failed = sum(1 for e in executions if isinstance(e, Failed))
             outcome = "successful" if not failed else "failed" if failed == len(executions) else "partially failed"
             emit(
                 Event(
                     "tool_execution",
                     session_id,
                     content=f"Executed {len(executions)} tool(s) ({outcome})",
-                    tool_executions=executions,
+                    tool_executions=[e.to_json() for e in executions],
                     synthetic=True,
                 )
             )

@@ -7,13 +7,19 @@ lifecycle, its :class:`TurnResult`) and reports what happens as :mod:`aichat.cha
 listener; the reference API's listener writes a :class:`~aichat.chat.streams.Stream`. Where its context
 comes from and where its steps go is its :class:`~aichat.chat.conversation.Conversation`: a stored
 session, or (``/v1/chat/completions``) memory only.
+
+The loop works on the records of :mod:`aichat.llm.tools`: the tools offered are
+:class:`~aichat.llm.tools.ToolSpec`, the model's calls :class:`~aichat.llm.tools.ToolCall`, each run ends
+as :class:`~aichat.llm.tools.Succeeded` or :class:`~aichat.llm.tools.Failed`. Rows are written only for
+the store (an assistant message's ``tool_calls``, a tool message's ``tool_executions``, an approval's
+calls) and for the reference's JSON (:meth:`TurnResult.response`).
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from enum import Enum
 from typing import TYPE_CHECKING, Any, Protocol
@@ -24,13 +30,14 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from aichat.chat import events
-from aichat.chat.approvals import ApprovalPolicy
+from aichat.chat.approvals import ApprovalPolicy, approval_calls
 from aichat.chat.coalesce import DeltaCoalescer
 from aichat.chat.conversation import Conversation, MemoryConversation, StoredConversation, store_executions
 from aichat.chat.streams import ReferencePresenter, Stream, StreamRegistry
 from aichat.chat.titles import clean_title, fallback_title, is_automatic, title_prompt
 from aichat.config import ChatSettings
 from aichat.llm.provider import LLMError, Provider, Usage
+from aichat.llm.tools import Execution, Failed, Succeeded, ToolCall, ToolSpec
 from aichat.metrics import Metrics, observe_usage
 from aichat.store.base import (
     Approval,
@@ -111,15 +118,13 @@ class ToolScope:
         policy: ApprovalPolicy,
         offers: Callable[[ToolInfo], bool] = lambda tool: True,
         ask: Callable[[ToolInfo], bool] = lambda tool: False,
-        client_tools: Sequence[dict[str, Any]] = (),
+        client_tools: Sequence[ToolSpec] = (),
     ) -> None:
         self.policy = policy
         self._offers = offers
         self._ask = ask
         self.client_tools = list(client_tools)
-        self.client_names = frozenset(
-            t["function"]["name"] for t in self.client_tools if isinstance(t.get("function"), dict)
-        )
+        self.client_names = frozenset(tool.name for tool in self.client_tools)
 
     def offers(self, tool: ToolInfo) -> bool:
         return self._offers(tool)
@@ -158,9 +163,9 @@ class TurnResult:
 
     session_id: str
     text: list[str] = field(default_factory=list)
-    executions: list[dict[str, Any]] = field(default_factory=list)
+    executions: list[Execution] = field(default_factory=list)
     approval: Approval | None = None
-    client_calls: list[dict[str, Any]] = field(default_factory=list)
+    client_calls: list[ToolCall] = field(default_factory=list)
     usage: Usage | None = None
     finish_reason: str | None = None
     error: str | None = None
@@ -191,7 +196,7 @@ class TurnResult:
             "timestamp": self.timestamp,
         }
         if self.executions:
-            message["tool_executions"] = self.executions
+            message["tool_executions"] = [execution.to_json() for execution in self.executions]
         body: dict[str, Any] = {"message": message, "session_id": self.session_id}
         if self.approval is not None:
             body["approval_request"] = {
@@ -203,17 +208,14 @@ class TurnResult:
         return body
 
 
-def tool_spec(tool: ToolInfo) -> dict[str, Any]:
-    """An MCP tool as an OpenAI function tool, under its model-facing name."""
+def tool_spec(tool: ToolInfo) -> ToolSpec:
+    """An MCP tool as the model is offered it, under its model-facing name."""
     description = tool.description or tool.name
-    return {
-        "type": "function",
-        "function": {
-            "name": tool.function_name,
-            "description": f"{description} ({tool.server})",
-            "parameters": tool.input_schema or {"type": "object", "properties": {}},
-        },
-    }
+    return ToolSpec(
+        name=tool.function_name,
+        description=f"{description} ({tool.server})",
+        parameters=tool.input_schema or {"type": "object", "properties": {}},
+    )
 
 
 def _iso(seconds: float) -> str:
@@ -419,11 +421,10 @@ class Turn:
             available = [t for t in every if self.scope.offers(t)]
             specs = [tool_spec(t) for t in available] + self.scope.client_tools or None
             messages = conversation.messages(history, chat.system_prompt, settings.history_budget_chars, chat.now())
-            assistant = await self._complete(messages, specs)
-            if not assistant.tool_calls:
+            assistant, calls = await self._complete(messages, specs)
+            if not calls:
                 self.state = TurnState.ANSWERED
                 return tail, assistant.content
-            calls = assistant.tool_calls
             if rounds >= settings.max_tool_rounds:
                 await self.store_refusals(calls, ROUND_LIMIT)
                 notice = (
@@ -435,7 +436,7 @@ class Turn:
                 self.emit(events.RoundLimit(notice))
                 self.state = TurnState.ANSWERED
                 return tail, assistant.content
-            client = [c for c in calls if c["function"]["name"] in self.scope.client_names]
+            client = [c for c in calls if c.name in self.scope.client_names]
             if client:
                 # The client runs these; server-side calls of the same round are left to a later round.
                 self.result.client_calls = client
@@ -455,11 +456,13 @@ class Turn:
                 return None
             self.emit(events.Continuing())
 
-    def _needs_approval(self, call: dict[str, Any], by_name: dict[str, ToolInfo]) -> bool:
-        name = call["function"]["name"]
-        return self.scope.needs_approval(name, by_name.get(name))
+    def _needs_approval(self, call: ToolCall, by_name: dict[str, ToolInfo]) -> bool:
+        return self.scope.needs_approval(call.name, by_name.get(call.name))
 
-    async def _complete(self, messages: list[dict[str, Any]], specs: list[dict[str, Any]] | None) -> Message:
+    async def _complete(
+        self, messages: list[dict[str, Any]], specs: list[ToolSpec] | None
+    ) -> tuple[Message, list[ToolCall]]:
+        """Ask the model once; store and return its answer (the stored message and the calls it asked for)."""
         chat = self._chat
         provider = chat.provider
         session_id = self.session_id
@@ -499,22 +502,23 @@ class Turn:
         observe_usage(chat.metrics, provider.name, provider.model, completion.usage)
         self.result.add_usage(completion.usage)
         self.result.finish_reason = completion.finish_reason
-        calls = [call.to_openai() for call in completion.tool_calls]
-        assistant = Message(new_id("assistant"), session_id, "assistant", completion.text, tool_calls=calls or None)
+        calls = list(completion.tool_calls)
+        rows = [call.to_openai() for call in calls]
+        assistant = Message(new_id("assistant"), session_id, "assistant", completion.text, tool_calls=rows or None)
         await self.conversation.add(assistant)
         self.result.assistant_id = assistant.id
         self.result.timestamp = assistant.created_at
         self.emit(events.RoundAnswered(completion.text, calls))
-        return assistant
+        return assistant, calls
 
-    async def _request_approval(self, calls: list[dict[str, Any]]) -> None:
+    async def _request_approval(self, calls: list[ToolCall]) -> None:
         chat = self._chat
         now = chat.clock.seconds()
         approval = Approval(
             id=new_id("approval"),
             session_id=self.session_id,
             user_id=self.user_id,
-            tool_calls=calls,
+            tool_calls=[call.to_openai() for call in calls],
             status="pending",
             created_at=_iso(now),
             expires_at=_iso(now + chat.settings.approval.expire_seconds),
@@ -525,31 +529,31 @@ class Turn:
         self.emit(events.ApprovalRequested(approval))
 
     async def store_refusals(
-        self, calls: list[dict[str, Any]], text: str = "Tool execution was denied by the user."
+        self, calls: Sequence[ToolCall], text: str = "Tool execution was denied by the user."
     ) -> None:
         await self.conversation.add(
-            *(Message(new_id("tool"), self.session_id, "tool", text, tool_call_id=call["id"]) for call in calls)
+            *(Message(new_id("tool"), self.session_id, "tool", text, tool_call_id=call.id) for call in calls)
         )
 
-    async def run_tools(self, calls: list[dict[str, Any]], refuse: set[str] | None = None) -> None:
+    async def run_tools(self, calls: Sequence[ToolCall], refuse: set[str] | None = None) -> None:
         """Run ``calls`` (at most ``chat.tool_concurrency`` at once) and store their results; a call to a
         tool in ``refuse`` (known, but not offered to this turn) is answered with an error, never run."""
         semaphore = DeferredSemaphore(self._chat.settings.tool_concurrency)
         for call in calls:
             self.emit(events.ToolStarted(call))
         runs = [semaphore.run(self._run_tool, call, refuse or set()) for call in calls]
-        executions: list[dict[str, Any]] = await gatherResults(runs, consumeErrors=True)
+        executions: list[Execution] = await gatherResults(runs, consumeErrors=True)
         await self.conversation.add(
             *(
                 Message(
                     new_id("tool"),
                     self.session_id,
                     "tool",
-                    execution["result"] if "error" not in execution else execution["error"],
-                    tool_call_id=call["id"],
-                    tool_executions=[execution],
+                    execution.content,
+                    tool_call_id=execution.call.id,
+                    tool_executions=[execution.to_json()],
                 )
-                for call, execution in zip(calls, executions, strict=True)
+                for execution in executions
             )
         )
         self.result.executions.extend(executions)
@@ -558,47 +562,51 @@ class Turn:
             for execution in executions:
                 log.info(
                     "Tool {tool_name} ran for user {user_id} ({outcome}, {duration_ms} ms)",
-                    tool_name=execution["tool_name"],
+                    tool_name=execution.call.name,
                     user_id=self.user_id,
-                    outcome="error" if "error" in execution else "ok",
-                    duration_ms=execution["duration_ms"],
+                    outcome="error" if isinstance(execution, Failed) else "ok",
+                    duration_ms=execution.duration_ms,
                 )
-        self.emit(events.ToolsFinished(calls, executions))
+        self.emit(events.ToolsFinished(list(calls), executions))
 
-    async def _run_tool(self, call: dict[str, Any], refuse: set[str]) -> dict[str, Any]:
+    async def _run_tool(self, call: ToolCall, refuse: set[str]) -> Execution:
+        """Run one call, unless its arguments are not a JSON object or its tool is unknown or not offered;
+        every way it can end is an :data:`~aichat.llm.tools.Execution`."""
         chat = self._chat
-        name = call["function"]["name"]
-        raw = call["function"].get("arguments") or "{}"
+        name = call.name
+        if not call.arguments:
+            call = replace(call, arguments="{}")
         started = chat.clock.seconds()
-        execution: dict[str, Any] = {"id": call["id"], "tool_name": name, "arguments": raw, "result": ""}
+        error: str | None = None
+        output = ""
         try:
-            arguments = json.loads(raw)
+            arguments = json.loads(call.arguments)
             if not isinstance(arguments, dict):
                 raise ValueError("arguments must be a JSON object")
         except ValueError as e:
-            execution["error"] = f"Error executing tool: failed to parse tool arguments: {e}"
+            error = f"Error executing tool: failed to parse tool arguments: {e}"
         else:
             if chat.tools is None:
-                execution["error"] = f"Error executing tool: tool not found: {name}"
+                error = f"Error executing tool: tool not found: {name}"
             elif name in refuse:
-                execution["error"] = f"Error executing tool: tool not offered to this request: {name}"
+                error = f"Error executing tool: tool not offered to this request: {name}"
             else:
                 try:
                     result = await chat.tools.call_tool(name, arguments)
                 except CancelledError:
                     raise
                 except Exception as e:
-                    execution["error"] = f"Error executing tool: {e}"
+                    error = f"Error executing tool: {e}"
                 else:
                     if result.is_error:
-                        execution["error"] = f"Tool returned an error: {result.text}"
+                        error = f"Tool returned an error: {result.text}"
                     else:
-                        execution["result"] = result.text
+                        output = result.text
         ended = chat.clock.seconds()
-        execution["start_time"] = _iso(started)
-        execution["end_time"] = _iso(ended)
-        execution["duration_ms"] = round((ended - started) * 1000)
-        return execution
+        times = (_iso(started), _iso(ended), round((ended - started) * 1000))
+        if error is not None:
+            return Failed(call, error, *times)
+        return Succeeded(call, output, *times)
 
 
 class ChatService:
@@ -743,7 +751,8 @@ class ChatService:
         if approval.expires_at < _iso(self.clock.seconds()):
             await self.store.resolve_approval(approval_id, "expired")
             raise ChatError(f"approval request {approval_id} has expired", 409)
-        known = [call["id"] for call in approval.tool_calls]
+        calls = approval_calls(approval)
+        known = [call.id for call in calls]
         if tool_call_ids is not None:
             unknown = sorted(set(tool_call_ids) - set(known))
             if unknown:
@@ -751,8 +760,8 @@ class ChatService:
         if approval.session_id in self._running:
             raise ChatError(BUSY, 409)
         chosen = set(known if tool_call_ids is None else tool_call_ids) if approve else set()
-        run = [call for call in approval.tool_calls if call["id"] in chosen]
-        refused = [call for call in approval.tool_calls if call["id"] not in chosen]
+        run = [call for call in calls if call.id in chosen]
+        refused = [call for call in calls if call.id not in chosen]
 
         async def first(turn: Turn) -> None:
             if refused:

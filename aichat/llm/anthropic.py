@@ -20,18 +20,19 @@ while nothing has been passed on. 429 and 529 answers are retried before the fir
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 from twisted.web.http_headers import Headers
 
-from aichat.llm.provider import Completion, LLMError, ToolCall, Usage
+from aichat.llm.provider import Completion, LLMError, Usage
 from aichat.llm.streaming import StreamingProvider
+from aichat.llm.tools import ToolCall, ToolSpec
 from aichat.llm.wire import (
     Image,
     call_names,
     finish_reason,
-    function_tools,
     parts_of,
     system_text,
     text_of,
@@ -52,7 +53,7 @@ RETRYABLE_ERRORS = frozenset({"overloaded_error", "api_error", "rate_limit_error
 def request_body(
     model: str,
     messages: list[dict[str, Any]],
-    tools: list[dict[str, Any]] | None,
+    tools: Sequence[ToolSpec] | None,
     *,
     max_tokens: int = DEFAULT_MAX_TOKENS,
     temperature: float | None = None,
@@ -67,8 +68,8 @@ def request_body(
         body["system"] = system
     if tools:
         body["tools"] = [
-            {"name": name, "description": description, "input_schema": schema}
-            for name, description, schema in function_tools(tools)
+            {"name": tool.name, "description": tool.description or "", "input_schema": tool.schema}
+            for tool in tools
         ]
     if temperature is not None and "temperature" not in body:
         body["temperature"] = temperature
@@ -134,6 +135,19 @@ def _user_block(part: str | Image) -> dict[str, Any]:
     return {"type": "image", "source": {"type": "base64", "media_type": part.mime_type, "data": part.data}}
 
 
+@dataclass
+class _Block:
+    """A content block of the answer as it streams: its type and, for a ``tool_use`` block, the call's id,
+    name and input (whole in the start event, or in ``input_json_delta`` pieces)."""
+
+    type: object
+    id: str = ""
+    name: str = ""
+    input: dict[str, Any] | None = None
+    pieces: list[str] = field(default_factory=list)
+    stopped: bool = False
+
+
 class EventStream:
     """The sink for one Messages API response: named events (or one ``message`` object) to a Completion."""
 
@@ -144,7 +158,7 @@ class EventStream:
         self.done = False
         self.garbage = 0
         self._text: list[str] = []
-        self._blocks: dict[int, dict[str, Any]] = {}
+        self._blocks: dict[int, _Block] = {}
         self._stop_reason: str | None = None
         self._input_tokens = 0
         self._output_tokens = 0
@@ -165,14 +179,14 @@ class EventStream:
         calls = []
         for index in sorted(self._blocks):
             block = self._blocks[index]
-            if block["type"] != "tool_use":
+            if block.type != "tool_use":
                 continue
-            arguments = "".join(block["json"]) if block["json"] else json.dumps(block["input"] or {})
-            calls.append(ToolCall(block["id"], block["name"], arguments if arguments.strip() else "{}"))
+            arguments = "".join(block.pieces) if block.pieces else json.dumps(block.input or {})
+            calls.append(ToolCall(block.id, block.name, arguments if arguments.strip() else "{}"))
         return calls
 
     def end(self, status: int) -> None:
-        open_calls = [b for b in self._blocks.values() if b["type"] == "tool_use" and not b["stopped"]]
+        open_calls = [b for b in self._blocks.values() if b.type == "tool_use" and not b.stopped]
         if open_calls:
             raise self._errors(
                 "the model's stream was cut short inside a tool call (no content_block_stop)",
@@ -217,7 +231,7 @@ class EventStream:
         elif kind == "content_block_stop":
             block = self._blocks.get(payload.get("index"))  # type: ignore[arg-type]
             if block is not None:
-                block["stopped"] = True
+                block.stopped = True
         elif kind == "message_delta":
             delta = payload.get("delta")
             if isinstance(delta, dict) and isinstance(delta.get("stop_reason"), str):
@@ -229,10 +243,10 @@ class EventStream:
 
     def _start_block(self, index: int, block: dict[str, Any]) -> None:
         kind = block.get("type")
-        entry: dict[str, Any] = {"type": kind, "stopped": False, "json": [], "input": None}
+        entry = _Block(kind)
         if kind == "tool_use":
-            entry.update(id=str(block.get("id") or ""), name=str(block.get("name") or ""))
-            entry["input"] = block.get("input") if isinstance(block.get("input"), dict) else None
+            entry.id, entry.name = str(block.get("id") or ""), str(block.get("name") or "")
+            entry.input = block.get("input") if isinstance(block.get("input"), dict) else None
         self._blocks[index] = entry
         if kind == "text" and isinstance(block.get("text"), str) and block["text"]:
             self._emit(block["text"])
@@ -245,8 +259,8 @@ class EventStream:
             self._emit(delta["text"])
         elif kind == "input_json_delta" and isinstance(delta.get("partial_json"), str):
             block = self._blocks.get(index)
-            if block is not None and block["type"] == "tool_use":
-                block["json"].append(delta["partial_json"])
+            if block is not None and block.type == "tool_use":
+                block.pieces.append(delta["partial_json"])
         # thinking_delta, signature_delta, citations_delta: not part of the answer's text.
 
     def _read_usage(self, usage: Any) -> None:
@@ -290,7 +304,7 @@ class EventStream:
         for index, block in enumerate(document.get("content") or ()):
             if isinstance(block, dict):
                 self._start_block(index, block)
-                self._blocks[index]["stopped"] = True
+                self._blocks[index].stopped = True
         if isinstance(document.get("stop_reason"), str):
             self._stop_reason = document["stop_reason"]
         self.done = True
@@ -337,7 +351,7 @@ class ClaudeProvider(StreamingProvider):
             }
         )
 
-    def request_body(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None) -> dict[str, Any]:
+    def request_body(self, messages: list[dict[str, Any]], tools: Sequence[ToolSpec] | None) -> dict[str, Any]:
         """The JSON body sent for one completion."""
         return request_body(
             self.model,

@@ -22,19 +22,19 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 from urllib.parse import quote
 
 from twisted.web.http_headers import Headers
 
-from aichat.llm.provider import Completion, LLMError, ToolCall, Usage
+from aichat.llm.provider import Completion, LLMError, Usage
 from aichat.llm.streaming import StreamingProvider
+from aichat.llm.tools import ToolCall, ToolSpec
 from aichat.llm.wire import (
     Image,
     call_names,
     finish_reason,
-    function_tools,
     parts_of,
     system_text,
     text_of,
@@ -56,7 +56,7 @@ RETRYABLE_ERRORS = frozenset({"RESOURCE_EXHAUSTED", "UNAVAILABLE", "INTERNAL", "
 
 def request_body(
     messages: list[dict[str, Any]],
-    tools: list[dict[str, Any]] | None,
+    tools: Sequence[ToolSpec] | None,
     *,
     temperature: float | None = None,
     extra: Mapping[str, Any] | None = None,
@@ -72,8 +72,8 @@ def request_body(
         body["tools"] = [
             {
                 "functionDeclarations": [
-                    {"name": name, "description": description, "parametersJsonSchema": schema}
-                    for name, description, schema in function_tools(tools)
+                    {"name": tool.name, "description": tool.description or "", "parametersJsonSchema": tool.schema}
+                    for tool in tools
                 ]
             }
         ]
@@ -285,7 +285,7 @@ class GeminiProvider(StreamingProvider):
             }
         )
 
-    def request_body(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None) -> dict[str, Any]:
+    def request_body(self, messages: list[dict[str, Any]], tools: Sequence[ToolSpec] | None) -> dict[str, Any]:
         """The JSON body sent for one completion."""
         return request_body(messages, tools, temperature=self.temperature, extra=self.extra_body)
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,7 +32,8 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
-from aichat.llm.provider import Completion, ToolCall, Usage, check_messages, tool_names
+from aichat.llm.provider import Completion, Usage, check_messages, tool_names
+from aichat.llm.tools import ToolCall, ToolSpec
 
 log = Logger()
 
@@ -75,7 +76,7 @@ def _commands(text: str) -> list[tuple[str, str, str]]:
     return found
 
 
-def plan_reply(messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None) -> Reply:
+def plan_reply(messages: list[dict[str, Any]], tools: Sequence[ToolSpec] | None) -> Reply:
     """The mock model's deterministic answer to ``messages`` (see the module docstring)."""
     offered = tool_names(tools)
     last_user = next((m for m in reversed(messages) if m.get("role") == "user"), None)
@@ -152,7 +153,7 @@ class MockProvider:
     async def complete(
         self,
         messages: list[dict[str, Any]],
-        tools: list[dict[str, Any]] | None = None,
+        tools: Sequence[ToolSpec] | None = None,
         *,
         on_text: Callable[[str], None] | None = None,
     ) -> Completion:

@@ -15,20 +15,22 @@ answer. A connection lost before ``[DONE]`` is a connection error.
 The limits, retries, error classification and key scrubbing are the transport's. The API key goes only
 into the ``Authorization`` header. The messages given are the provider-neutral history
 (:mod:`aichat.llm.provider`), which is Chat Completions already; only what other providers add to a tool
-call (Gemini's thought signature) is left out on the wire.
+call (Gemini's thought signature) is left out on the wire. The tools offered are
+:class:`~aichat.llm.tools.ToolSpec` records, written as function tools.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from twisted.internet.interfaces import IReactorTime
 from twisted.web.http_headers import Headers
 
-from aichat.llm.provider import Completion, LLMError, ToolCall, ToolCallAssembler, Usage
+from aichat.llm.provider import Completion, LLMError, ToolCallAssembler, Usage
 from aichat.llm.streaming import StreamingProvider
+from aichat.llm.tools import ToolCall, ToolSpec
 from aichat.metrics import Metrics
 from aichat.sse import SSEEvent
 from aichat.transport.client import DEFAULT_MAX_IDLE_CONNECTIONS, HTTPClient, body_producer, make_http_client
@@ -260,7 +262,7 @@ class OpenAIProvider(StreamingProvider):
         """The Chat Completions endpoint."""
         return f"{self.base_url}/chat/completions"
 
-    def request_body(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None) -> dict[str, Any]:
+    def request_body(self, messages: list[dict[str, Any]], tools: Sequence[ToolSpec] | None) -> dict[str, Any]:
         """The JSON body sent for one completion."""
         body: dict[str, Any] = {
             key: value
@@ -271,7 +273,7 @@ class OpenAIProvider(StreamingProvider):
         if self.include_usage:
             body["stream_options"] = {"include_usage": True}
         if tools:
-            body["tools"] = tools
+            body["tools"] = [tool.to_openai() for tool in tools]
         if self.temperature is not None:
             body["temperature"] = self.temperature
         return body

@@ -1,5 +1,7 @@
-"""The model-provider interface: what a chat turn sends (OpenAI chat messages and function tools) and what
-it gets back (a :class:`Completion` with text, complete tool calls and usage), plus the one error type.
+"""The model-provider interface: what a chat turn sends (OpenAI chat messages and the
+:class:`~aichat.llm.tools.ToolSpec` records of the tools offered) and what it gets back (a
+:class:`Completion` with text, complete :class:`~aichat.llm.tools.ToolCall` records and usage), plus the
+one error type.
 
 Every provider streams: ``complete`` calls ``on_text`` with each text delta as it arrives and returns the
 assembled :class:`Completion` at the end. Cancelling the Deferred that wraps the coroutine cancels the work.
@@ -13,62 +15,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from aichat.llm.tools import ToolCall, ToolSpec
 from aichat.transport.exchange import UpstreamError
 
 #: Roles the Chat Completions API accepts in ``messages``.
 ALLOWED_ROLES = frozenset({"system", "developer", "user", "assistant", "tool"})
-
-
-@dataclass(frozen=True)
-class ToolCall:
-    """One complete function call requested by the model; ``arguments`` is JSON text as the model sent it."""
-
-    id: str
-    name: str
-    arguments: str
-    #: Gemini's thought signature for this call, sent back with it on the next request; other providers
-    #: neither give nor need one (and never see it).
-    signature: str | None = None
-
-    def to_openai(self) -> dict[str, Any]:
-        """The call as an entry of an assistant message's ``tool_calls`` (how history stores it); a
-        signature goes in ``extra_content.google.thought_signature``, as Google's compatible API puts it."""
-        call: dict[str, Any] = {
-            "id": self.id,
-            "type": "function",
-            "function": {"name": self.name, "arguments": self.arguments},
-        }
-        if self.signature:
-            call["extra_content"] = {"google": {"thought_signature": self.signature}}
-        return call
-
-    @classmethod
-    def from_openai(cls, call: Any) -> ToolCall | None:
-        """Read an entry of ``tool_calls`` (as :meth:`to_openai` writes it); ``None`` when malformed."""
-        if not isinstance(call, dict) or not isinstance(call.get("function"), dict):
-            return None
-        function = call["function"]
-        arguments = function.get("arguments")
-        if isinstance(arguments, dict):
-            arguments = json.dumps(arguments)
-        extra = call.get("extra_content")
-        google = extra.get("google") if isinstance(extra, dict) else None
-        signature = google.get("thought_signature") if isinstance(google, dict) else None
-        return cls(
-            id=str(call.get("id") or ""),
-            name=str(function.get("name") or ""),
-            arguments=arguments if isinstance(arguments, str) and arguments.strip() else "{}",
-            signature=signature if isinstance(signature, str) and signature else None,
-        )
-
-    def parsed_arguments(self) -> dict[str, Any]:
-        """The arguments as an object, for wire formats that send objects; text that is not a JSON object
-        is kept under ``"input"``."""
-        try:
-            value = json.loads(self.arguments)
-        except ValueError:
-            return {"input": self.arguments}
-        return value if isinstance(value, dict) else {"input": value}
 
 
 @dataclass(frozen=True)
@@ -138,7 +89,7 @@ class Provider(Protocol):
     async def complete(
         self,
         messages: list[dict[str, Any]],
-        tools: list[dict[str, Any]] | None = None,
+        tools: Sequence[ToolSpec] | None = None,
         *,
         on_text: Callable[[str], None] | None = None,
     ) -> Completion:
@@ -161,14 +112,18 @@ def check_messages(messages: Sequence[dict[str, Any]]) -> None:
             raise ValueError(f"message {position} is a tool result without a tool_call_id")
 
 
-def tool_names(tools: Sequence[dict[str, Any]] | None) -> list[str]:
-    """The function names offered in OpenAI-style ``tools``."""
-    names = []
-    for tool in tools or ():
-        function = tool.get("function")
-        if isinstance(function, dict) and isinstance(function.get("name"), str):
-            names.append(function["name"])
-    return names
+def tool_names(tools: Sequence[ToolSpec] | None) -> list[str]:
+    """The function names of the tools offered."""
+    return [tool.name for tool in tools or ()]
+
+
+@dataclass
+class _PartialCall:
+    """A tool call being assembled from stream fragments."""
+
+    id: str | None = None
+    name: str = ""
+    arguments: list[str] = field(default_factory=list)
 
 
 class ToolCallAssembler:
@@ -181,7 +136,7 @@ class ToolCallAssembler:
     """
 
     def __init__(self) -> None:
-        self._calls: dict[int, dict[str, Any]] = {}
+        self._calls: dict[int, _PartialCall] = {}
         self._last: int | None = None
 
     def feed(self, fragments: Any) -> None:
@@ -194,24 +149,24 @@ class ToolCallAssembler:
             index = fragment.get("index")
             new_id = fragment.get("id") or None
             if not isinstance(index, int):
-                if self._last is None or (new_id and self._calls[self._last]["id"] not in (None, new_id)):
+                if self._last is None or (new_id and self._calls[self._last].id not in (None, new_id)):
                     index = max(self._calls, default=-1) + 1
                 else:
                     index = self._last
-            call = self._calls.setdefault(index, {"id": None, "name": "", "arguments": []})
+            call = self._calls.setdefault(index, _PartialCall())
             self._last = index
-            if new_id and not call["id"]:
-                call["id"] = str(new_id)
+            if new_id and not call.id:
+                call.id = str(new_id)
             function = fragment.get("function")
             if isinstance(function, dict):
                 name = function.get("name")
-                if isinstance(name, str) and name and not call["name"]:
-                    call["name"] = name
+                if isinstance(name, str) and name and not call.name:
+                    call.name = name
                 arguments = function.get("arguments")
                 if isinstance(arguments, str):
-                    call["arguments"].append(arguments)
+                    call.arguments.append(arguments)
                 elif isinstance(arguments, dict):
-                    call["arguments"].append(json.dumps(arguments))
+                    call.arguments.append(json.dumps(arguments))
 
     def __bool__(self) -> bool:
         return bool(self._calls)
@@ -221,12 +176,26 @@ class ToolCallAssembler:
         result = []
         for index in sorted(self._calls):
             call = self._calls[index]
-            arguments = "".join(call["arguments"])
+            arguments = "".join(call.arguments)
             result.append(
                 ToolCall(
-                    id=call["id"] or f"call_{uuid.uuid4().hex[:24]}",
-                    name=call["name"],
+                    id=call.id or f"call_{uuid.uuid4().hex[:24]}",
+                    name=call.name,
                     arguments=arguments if arguments.strip() else "{}",
                 )
             )
         return result
+
+
+__all__ = [
+    "ALLOWED_ROLES",
+    "Completion",
+    "LLMError",
+    "Provider",
+    "ToolCall",
+    "ToolCallAssembler",
+    "ToolSpec",
+    "Usage",
+    "check_messages",
+    "tool_names",
+]

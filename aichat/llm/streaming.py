@@ -8,12 +8,13 @@ that parses its wire format (OpenAI chunks, Anthropic events, Gemini responses).
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol, cast
 
 from twisted.web.http_headers import Headers
 
 from aichat.llm.provider import Completion, check_messages
+from aichat.llm.tools import ToolSpec
 from aichat.transport import StreamingClient, StreamSink
 
 
@@ -63,7 +64,7 @@ class StreamingProvider:
     def _headers(self) -> Headers:
         raise NotImplementedError
 
-    def request_body(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None) -> dict[str, Any]:
+    def request_body(self, messages: list[dict[str, Any]], tools: Sequence[ToolSpec] | None) -> dict[str, Any]:
         """The JSON body sent for one completion."""
         raise NotImplementedError
 
@@ -74,7 +75,7 @@ class StreamingProvider:
     async def complete(
         self,
         messages: list[dict[str, Any]],
-        tools: list[dict[str, Any]] | None = None,
+        tools: Sequence[ToolSpec] | None = None,
         *,
         on_text: Callable[[str], None] | None = None,
     ) -> Completion:

@@ -5,10 +5,11 @@ The daemon still serves health, sessions and tools; each chat turn fails with th
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from aichat.llm.provider import Completion, LLMError
+from aichat.llm.tools import ToolSpec
 
 
 class UnconfiguredProvider:
@@ -22,7 +23,7 @@ class UnconfiguredProvider:
     async def complete(
         self,
         messages: list[dict[str, Any]],
-        tools: list[dict[str, Any]] | None = None,
+        tools: Sequence[ToolSpec] | None = None,
         *,
         on_text: Callable[[str], None] | None = None,
     ) -> Completion:

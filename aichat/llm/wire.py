@@ -3,7 +3,8 @@
 The history a turn sends is Chat Completions messages (see :mod:`aichat.llm.provider`): ``system``,
 ``user`` (text, or parts of ``text`` and ``image_url``), ``assistant`` (text and ``tool_calls``) and
 ``tool`` (``tool_call_id``, text, ``is_error`` when the call failed). Other wire formats need it grouped:
-the system text apart, tool results with the name of the call they answer, images as bytes.
+the system text apart, tool results with the name of the call they answer, images as bytes. The tools
+offered come as :class:`~aichat.llm.tools.ToolSpec` records, which each codec writes in its own shape.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from aichat.llm.provider import ToolCall
+from aichat.llm.tools import ToolCall, calls_from_openai
 
 _DATA_URL = re.compile(r"^data:([\w.+-]+/[\w.+-]+);base64,(.*)$", re.S)
 
@@ -63,31 +64,12 @@ def parts_of(content: Any) -> list[str | Image]:
 
 def tool_calls_of(message: dict[str, Any]) -> list[ToolCall]:
     """The calls of an assistant message."""
-    calls = (ToolCall.from_openai(call) for call in message.get("tool_calls") or ())
-    return [call for call in calls if call is not None]
+    return calls_from_openai(message.get("tool_calls"))
 
 
 def call_names(messages: list[dict[str, Any]]) -> dict[str, str]:
     """Function name by call id, over the whole history (a tool result names only its call's id)."""
     return {call.id: call.name for m in messages if m.get("role") == "assistant" for call in tool_calls_of(m)}
-
-
-def function_tools(tools: list[dict[str, Any]] | None) -> list[tuple[str, str, dict[str, Any]]]:
-    """``(name, description, JSON Schema of the arguments)`` of each OpenAI-style function tool."""
-    found = []
-    for tool in tools or ():
-        function = tool.get("function") if isinstance(tool, dict) else None
-        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
-            continue
-        schema = function.get("parameters")
-        found.append(
-            (
-                function["name"],
-                str(function.get("description") or ""),
-                schema if isinstance(schema, dict) and schema else {"type": "object", "properties": {}},
-            )
-        )
-    return found
 
 
 FINISH_REASONS = {

@@ -1,7 +1,8 @@
 """The store's records and the small interface callers use, so another database can follow.
 
 Records mirror the reference's JSON shapes (``ChatSession``, ``Message``, ``Attachment``) and add what
-the model needs to see history correctly: the ``tool_call_id`` of each tool result.
+the model needs to see history correctly: the ``tool_call_id`` of each tool result. An approval's state
+is an :data:`ApprovalStatus`.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol, get_args
 
 
 def utc_now() -> str:
@@ -94,7 +95,9 @@ class Message:
     """One stored message of a session.
 
     ``tool_calls`` are OpenAI-shaped calls on assistant messages; ``tool_call_id`` ties a ``tool``
-    message to the call it answers; ``tool_executions`` holds timings and errors.
+    message to the call it answers; ``tool_executions`` holds timings and errors. Both are the stored
+    JSON of the records in :mod:`aichat.llm.tools` (``ToolCall.to_openai``, ``Succeeded``/``Failed``
+    ``to_json``), which read them back.
     """
 
     id: str
@@ -138,15 +141,24 @@ class History:
     complete: bool = True
 
 
+#: Where an approval is: waiting for its user, or decided (approved, denied) or lapsed (expired), for good.
+ApprovalStatus = Literal["pending", "approved", "denied", "expired"]
+APPROVAL_STATUSES: tuple[ApprovalStatus, ...] = get_args(ApprovalStatus)
+
+
 @dataclass(frozen=True)
 class Approval:
-    """A set of tool calls waiting for (or resolved by) the user who owns the session."""
+    """A set of tool calls waiting for (or resolved by) the user who owns the session.
+
+    ``tool_calls`` are the calls as stored (Chat Completions ``tool_calls`` entries, the row's JSON);
+    the tool loop reads them as records with :func:`aichat.chat.approvals.approval_calls`.
+    """
 
     id: str
     session_id: str
     user_id: str
     tool_calls: list[dict[str, Any]]
-    status: str
+    status: ApprovalStatus
     created_at: str
     expires_at: str
     resolved_at: str | None = None
@@ -281,5 +293,5 @@ class Store(Protocol):
     async def count_pending_approvals(self) -> int:
         """How many approvals wait for a decision."""
 
-    async def resolve_approval(self, approval_id: str, status: str) -> bool:
+    async def resolve_approval(self, approval_id: str, status: ApprovalStatus) -> bool:
         """Move a pending approval to ``status``; ``False`` if it was no longer pending."""

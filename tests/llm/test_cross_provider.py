@@ -11,6 +11,7 @@ from twisted.internet.defer import Deferred
 
 from aichat.chat.context import build_messages
 from aichat.llm.provider import ToolCall
+from aichat.llm.tools import specs_from_openai
 from aichat.store.base import Message
 from tests.llm.wire_support import KEY, TOOLS, WireTestCase, reactor
 from tests.upstream import Upstream, strict_server
@@ -54,7 +55,7 @@ class CrossProviderTests(WireTestCase):
         claude.listen()
         self.addCleanup(lambda: Deferred.fromCoroutine(claude.stop()))
         claude_provider = self.provider(provider="claude", base_url=claude.root_url)
-        result = await claude_provider.complete(history, TOOLS)
+        result = await claude_provider.complete(history, specs_from_openai(TOOLS))
         self.assertTrue(result.text.startswith("Echo:"))
         body = claude.requests[0].body
         self.assertIsNone(claude_refusal(body))
@@ -66,7 +67,7 @@ class CrossProviderTests(WireTestCase):
         openai.listen()
         self.addCleanup(lambda: Deferred.fromCoroutine(openai.stop()))
         openai_provider = self.provider(provider="openai", base_url=openai.base_url)
-        await openai_provider.complete(history, TOOLS)
+        await openai_provider.complete(history, specs_from_openai(TOOLS))
         sent = openai.requests[0].body["messages"]
         self.assertEqual(sent[2]["tool_calls"], [
             {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}

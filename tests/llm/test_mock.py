@@ -13,6 +13,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from aichat.llm import mock
 from aichat.llm.mock import MockProvider
 from aichat.llm.provider import Completion, ToolCall
+from aichat.llm.tools import specs_from_openai
 
 TOOLS = [
     {"type": "function", "function": {"name": "echo", "parameters": {}}},
@@ -24,7 +25,8 @@ def complete(
     provider: MockProvider, messages: list[dict[str, Any]], tools: Any = None, **kw: Any
 ) -> Deferred[Completion]:
     """Start one completion."""
-    return Deferred.fromCoroutine(provider.complete(messages, tools, **kw))
+    specs = None if tools is None else specs_from_openai(tools)
+    return Deferred.fromCoroutine(provider.complete(messages, specs, **kw))
 
 
 class MockTests(SynchronousTestCase):

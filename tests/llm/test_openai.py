@@ -20,6 +20,7 @@ from twisted.web.http_headers import Headers
 from aichat.llm import openai
 from aichat.llm.openai import OpenAIProvider, _retry_after
 from aichat.llm.provider import Completion, LLMError, ToolCall, ToolCallAssembler, Usage
+from aichat.llm.tools import specs_from_openai
 from aichat.transport import exchange
 from tests.llm.fakes import HANG, FakeHTTP, FakeResponse, Hang, sse, text_events
 from tests.upstream import chunk
@@ -37,6 +38,8 @@ def provider(http: FakeHTTP, clock: Clock | None = None, **kwargs: Any) -> OpenA
 
 def run(client: OpenAIProvider, messages: list[dict[str, Any]] = USER, **kwargs: Any) -> Deferred[Completion]:
     """Start one completion."""
+    if kwargs.get("tools") is not None:
+        kwargs["tools"] = specs_from_openai(kwargs["tools"])
     return Deferred.fromCoroutine(client.complete(messages, **kwargs))
 
 

@@ -21,6 +21,7 @@ from twisted.web.client import HTTPConnectionPool
 
 from aichat.llm.openai import OpenAIProvider, make_http_client
 from aichat.llm.provider import Completion, LLMError, ToolCall, Usage
+from aichat.llm.tools import specs_from_openai
 from aichat.transport import exchange
 from tests.upstream import (
     LLAMA_NULL_CONTENT,
@@ -73,6 +74,8 @@ class UpstreamTests(TestCase):
         """One completion of a user message; returns it and the text deltas seen."""
         seen: list[str] = []
         messages = kwargs.pop("messages", [{"role": "user", "content": "hi"}])
+        if kwargs.get("tools") is not None:
+            kwargs["tools"] = specs_from_openai(kwargs["tools"])
         result = await (client or self.client()).complete(messages, on_text=seen.append, **kwargs)
         return result, seen
 
@@ -369,7 +372,7 @@ class SubprocessTests(TestCase):
         self.assertEqual(seen, ["Echo: ", "one ", "two", "Echo: ", "one "])
         self.assertEqual(result.finish_reason, "stop")
         message = {"role": "user", "content": 'call echo {"message": "hi"}\ncall get-sum {"a": 1, "b": 2}'}
-        result = await client.complete([message], TOOLS)
+        result = await client.complete([message], specs_from_openai(TOOLS))
         self.assertEqual(
             result.tool_calls,
             [

@@ -14,6 +14,7 @@ from twisted.trial.unittest import TestCase
 from aichat.config import LLMSettings
 from aichat.llm.factory import build_provider
 from aichat.llm.provider import Completion, LLMError, Provider
+from aichat.llm.tools import specs_from_openai
 from tests.upstream import Event, Raw, Script, Send, Upstream, Wire
 
 KEY = "sk-wire-SECRET-31415926"
@@ -98,9 +99,10 @@ class WireTestCase(TestCase):
         self, messages: list[dict[str, Any]] | None = None, provider: Provider | None = None, **kwargs: Any
     ) -> tuple[Completion, list[str]]:
         seen: list[str] = []
+        tools = kwargs.pop("tools", None)
         result = await (provider or self.provider()).complete(
             messages or [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}],
-            kwargs.pop("tools", None),
+            None if tools is None else specs_from_openai(tools),
             on_text=seen.append,
         )
         return result, seen
