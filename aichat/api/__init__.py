@@ -31,7 +31,7 @@ def route_classes(api: API) -> list[object]:
         MCPRoutes(api.mcp, identity, clock),
         ModelRoutes(api.chat, identity),
         CompletionRoutes(api.chat, identity, clock, settings.chat, api.metrics),
-        ResponseRoutes(api.chat, api.mcp, identity, clock, settings.chat, api.metrics),
+        ResponseRoutes(api.chat, identity, clock, settings.chat, api.metrics, api.mcp),
         ExecutionRoutes(api.store, identity),
         ObservabilityRoutes(api.store, api.mcp, clock, api.metrics, settings.metrics),
     ]

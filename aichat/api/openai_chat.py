@@ -17,14 +17,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from klein import Klein
-from twisted.internet.interfaces import IReactorTime
 from twisted.web.iweb import IRequest
 
-from aichat.api.app import json_response, read_json, running_chat
-from aichat.api.identity import Identity
+from aichat.api.app import json_response, read_json
 from aichat.api.openai_wire import (
     EventStream,
     OpenAIError,
+    TurnFace,
     check_model,
     flag,
     invalid,
@@ -35,8 +34,6 @@ from aichat.api.openai_wire import (
 from aichat.api.routing import authorized
 from aichat.chat import events
 from aichat.chat.turn import ChatService, ToolScope, TurnResult
-from aichat.config import ChatSettings
-from aichat.metrics import Metrics
 
 #: Request fields we accept and do not act on (sampling is the operator's ``llm.options``).
 IGNORED = frozenset(
@@ -249,14 +246,9 @@ def lagged(message: str) -> tuple[dict[str, Any], None]:
 
 
 @dataclass
-class CompletionRoutes:
+class CompletionRoutes(TurnFace):
     """``POST /v1/chat/completions``, answered whole or streamed as chunks."""
 
-    service: ChatService | None
-    identity: Identity
-    clock: IReactorTime
-    settings: ChatSettings
-    metrics: Metrics
     app = Klein()
 
     @app.route("/v1/chat/completions", methods=["POST"])
@@ -264,7 +256,7 @@ class CompletionRoutes:
     @authorized
     async def completions(self, request: IRequest, user: str) -> bytes:
         body = read_json(request)
-        chat = running_chat(self.service)
+        chat = self.chat()
         model = check_model(chat, body)
         _refuse_unsupported(body)
         messages = _messages(body)
@@ -301,9 +293,7 @@ class CompletionRoutes:
                 "usage": _usage(result),
             }
             return json_response(request, answer)
-        settings = self.settings
-        out = EventStream(request, self.clock, settings.keepalive_seconds, settings.max_reader_lag_bytes, lagged,
-                          self.metrics.sse_streams.labels("openai"))
+        out = self.event_stream(request, lagged)
         writer = ChunkWriter(out, completion_id, created, model, include_usage)
         writer.chunk({"role": "assistant", "content": "", "refusal": None})
         try:

@@ -24,14 +24,13 @@ from typing import Any
 
 from klein import Klein
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IReactorTime
 from twisted.web.iweb import IRequest
 
-from aichat.api.app import json_response, read_json, running_chat
-from aichat.api.identity import Identity
+from aichat.api.app import json_response, read_json
 from aichat.api.openai_wire import (
     EventStream,
     OpenAIError,
+    TurnFace,
     check_model,
     flag,
     invalid,
@@ -42,9 +41,7 @@ from aichat.api.openai_wire import (
 from aichat.api.routing import authorized
 from aichat.chat import events
 from aichat.chat.turn import ChatError, ChatService, ToolInfo, ToolScope, Turn, TurnResult
-from aichat.config import ChatSettings
 from aichat.mcp import MCPHost
-from aichat.metrics import Metrics
 from aichat.store.base import History
 
 APPROVAL_ITEM = "mcpr_"
@@ -483,17 +480,12 @@ def _configured(host: MCPHost | None, chat: ChatService) -> set[str]:
 
 
 @dataclass
-class ResponseRoutes:
+class ResponseRoutes(TurnFace):
     """``POST /v1/responses``: stored conversations (sessions) or ``store: false``, whole or streamed.
 
     ``host`` is the MCP host whose configured servers a request's ``mcp`` tools may name."""
 
-    service: ChatService | None
     host: MCPHost | None
-    identity: Identity
-    clock: IReactorTime
-    settings: ChatSettings
-    metrics: Metrics
     app = Klein()
 
     @app.route("/v1/responses", methods=["POST"])
@@ -501,7 +493,7 @@ class ResponseRoutes:
     @authorized
     async def responses(self, request: IRequest, user: str) -> bytes:
         body = read_json(request)
-        chat = running_chat(self.service)
+        chat = self.chat()
         model = check_model(chat, body)
         servers = _mcp_tools(body, _configured(self.host, chat))
         given = _input(body)
@@ -611,9 +603,7 @@ class ResponseRoutes:
             if result.error is not None:
                 raise turn_error(result)
             return json_response(request, builder.response("completed", result))
-        settings = self.settings
-        out = EventStream(request, self.clock, settings.keepalive_seconds, settings.max_reader_lag_bytes,
-                          builder.lagged, self.metrics.sse_streams.labels("openai"))
+        out = self.event_stream(request, builder.lagged)
         builder.attach(out)
         try:
             # A client that goes away stops reading: a stored turn goes on and is stored, one kept in memory

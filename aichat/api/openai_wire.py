@@ -29,7 +29,9 @@ from aichat.api.identity import Identity
 from aichat.api.routing import authorized
 from aichat.api.sse_flow import PacedResponse
 from aichat.chat.turn import ChatError, ChatService, TurnResult
+from aichat.config import ChatSettings
 from aichat.jsonfmt import compact
+from aichat.metrics import Metrics
 from aichat.sse import encode_comment
 
 log = Logger(namespace="aichat.api")
@@ -268,6 +270,27 @@ class EventStream(PacedResponse):
         self._pump()
         await self._flushed
         self._unregister()
+
+
+@dataclass
+class TurnFace:
+    """What the OpenAI-compatible routes that run turns are built from: the chat service (503 without), the
+    caller's identity, the clock, the chat settings (keep-alives, reader lag) and the metrics."""
+
+    service: ChatService | None
+    identity: Identity
+    clock: IReactorTime
+    settings: ChatSettings
+    metrics: Metrics
+
+    def chat(self) -> ChatService:
+        """The chat service, or 503."""
+        return running_chat(self.service)
+
+    def event_stream(self, request: IRequest, last_words: LastWords) -> EventStream:
+        """An SSE response for ``request``, counted among the open OpenAI streams."""
+        return EventStream(request, self.clock, self.settings.keepalive_seconds, self.settings.max_reader_lag_bytes,
+                           last_words, self.metrics.sse_streams.labels("openai"))
 
 
 @dataclass
