@@ -1,4 +1,6 @@
-"""What the OpenAI-compatible routes share: OpenAI's error shape, the model check, SSE framing, ``/v1/models``.
+"""What the OpenAI-compatible routes share: OpenAI's error shape (:func:`openai_errors`, above each route's
+guards), the model check, SSE framing, :class:`TurnFace` (what the turn-running route classes are built
+from) and ``/v1/models`` (:class:`ModelRoutes`).
 
 Errors on these routes are ``{"error": {"message", "type", "param", "code"}}`` with OpenAI's statuses, so
 the ``openai`` SDK raises its typed errors (``BadRequestError``, ``AuthenticationError``, ``NotFoundError``,

@@ -3,6 +3,8 @@
 Twisted buffers a whole request body before dispatching it, so the size limit must be enforced while
 the body arrives: a declared ``Content-Length`` over the limit is answered 413 at once and the
 connection closed without reading the body; a chunked body is cut off as soon as it passes the limit.
+The limit is the one the request's route declares (``@body_limit``, else ``limits.max_body_bytes``), found
+by the site's ``limit_for`` from :attr:`APIChannel.request_target` once the headers are in.
 
 Twisted's idle timeout restarts on every byte, so a client sending one byte every few seconds would hold a
 connection for ever: :class:`APIChannel` also bounds the time from a request's first byte until its head
@@ -312,7 +314,8 @@ class EdgeResource(Resource):
 
 
 class APISite(Site):
-    """A ``Site`` with per-path body limits and a request deadline that knows its in-flight requests."""
+    """A ``Site`` with per-route body limits (``limit_for``) and a request deadline that knows its in-flight
+    requests."""
 
     displayTracebacks = False
     noisy = False
