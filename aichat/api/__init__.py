@@ -12,11 +12,12 @@ from aichat.api.observability import ObservabilityRoutes
 from aichat.api.openai_chat import CompletionRoutes
 from aichat.api.openai_responses import ResponseRoutes
 from aichat.api.openai_wire import ModelRoutes
+from aichat.api.routing import Routes
 from aichat.api.sessions import HealthRoutes, SessionRoutes
 from aichat.api.site import EdgeResource
 
 
-def route_classes(api: API) -> list[object]:
+def route_classes(api: API) -> list[Routes]:
     """One instance of each route class, given what its handlers use.
 
     Chat and MCP routes answer 503 while ``api.chat`` or ``api.mcp`` is absent; the OpenAI-compatible face

@@ -29,7 +29,7 @@ from aichat import __version__, content_type
 from aichat.api.contract import check_body, matched_template
 from aichat.api.errors import APIError, BadRequest, ServiceUnavailable, UnsupportedMediaType, from_chat
 from aichat.api.identity import Identity
-from aichat.api.routing import BodyLimits, mount
+from aichat.api.routing import BodyLimits, Routes, mount
 from aichat.chat.turn import ChatError
 from aichat.config import Settings
 from aichat.jsonfmt import compact
@@ -175,7 +175,7 @@ class API:
         # ``%2F`` in a path parameter arrives as ``/``; merging slashes would redirect to the same URL forever.
         self.app.url_map.merge_slashes = False
 
-    def mount(self, *routes: object) -> list[str]:
+    def mount(self, *routes: Routes) -> list[str]:
         """Mount the rules of each route class instance (see :mod:`aichat.api.routing`); return them."""
         mounted: list[str] = []
         for each in routes:

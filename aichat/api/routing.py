@@ -35,6 +35,13 @@ P = ParamSpec("P")
 T = TypeVar("T")
 
 
+class Routes(Protocol):
+    """A route class instance: its class's ``app = Klein()``, which Klein binds to the instance when read."""
+
+    @property
+    def app(self) -> Klein: ...
+
+
 class Guarded(Protocol):
     """A route class whose handlers know who is calling."""
 
@@ -140,9 +147,9 @@ class _Mounted:
         return self._bound.execute_endpoint(self._endpoint, request, *args, **kwargs)
 
 
-def mount(app: Klein, routes: object, limits: BodyLimits, settings: LimitSettings) -> list[str]:
+def mount(app: Klein, routes: Routes, limits: BodyLimits, settings: LimitSettings) -> list[str]:
     """Add every rule of ``routes``' class-bound app to ``app``; return the rules mounted."""
-    bound: Klein = getattr(routes, "app")  # noqa: B009 (the descriptor binds the class's app to ``routes``)
+    bound = routes.app
     prefix = type(routes).__name__
     mounted = []
     for rule in bound.url_map.iter_rules():
@@ -158,4 +165,4 @@ def mount(app: Klein, routes: object, limits: BodyLimits, settings: LimitSetting
     return mounted
 
 
-__all__ = ["BodyLimits", "Guarded", "authorized", "body_limit", "mount", "operator_only"]
+__all__ = ["BodyLimits", "Guarded", "Routes", "authorized", "body_limit", "mount", "operator_only"]
