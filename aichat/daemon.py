@@ -111,12 +111,13 @@ class AichatService(Service):
             store=self.store,
             clock=reactor,
             version=__version__,
-            services={"chat": self.chat, "mcp": self.mcp},
+            chat=self.chat,
+            mcp=self.mcp,
             metrics=self.metrics,
         )
         self.site = APISite(
             build_resource(self.api),
-            self._limit_for,
+            self.api.body_limit,
             reactor=reactor,
             request_timeout=settings.server.request_timeout_seconds,
             metrics=self.metrics,
@@ -175,12 +176,6 @@ class AichatService(Service):
         except ValueError as e:
             log.error("LLM provider not usable: {error}; chat turns will fail until it is configured", error=str(e))
             return UnconfiguredProvider(self.settings.llm.provider, self.settings.llm.model, str(e))
-
-    def _limit_for(self, path: bytes) -> int:
-        limits = self.settings.limits
-        if path.split(b"?", 1)[0].rstrip(b"/").endswith(b"/send-with-files"):
-            return limits.max_upload_bytes
-        return limits.max_body_bytes
 
     def setServiceParent(self, parent: Any) -> None:
         # twistd asks the application for an ILogObserver before it begins logging, so ours replaces

@@ -103,9 +103,11 @@ def inline_pg_store(url: str, **options: Any) -> SQLStore:
     return store
 
 
-def build_api(settings: Settings, store: SQLStore, clock: Clock | None = None) -> tuple[API, Any]:
-    """An :class:`API` over ``store`` and its CORS-wrapped resource."""
-    api = API(settings=settings, store=store, clock=clock or Clock(), version="test")
+def build_api(
+    settings: Settings, store: SQLStore, clock: Clock | None = None, *, chat: Any = None, mcp: Any = None
+) -> tuple[API, Any]:
+    """An :class:`API` over ``store`` (with the chat service and MCP host given) and its CORS-wrapped resource."""
+    api = API(settings=settings, store=store, clock=clock or Clock(), version="test", chat=chat, mcp=mcp)
     return api, build_resource(api)
 
 

@@ -323,9 +323,8 @@ def test_restarting_a_shared_mcp_server_is_an_operator_action(tmp_path: Path) ->
     settings = make_settings(
         tmp_path, f"auth:\n  tokens:\n    - {{token: {TOKEN}, user_id: 42}}\n  admin_tokens: [{ADMIN}]\n"
     )
-    api, resource = build_api(settings, inline_store(settings.database.path), Clock())
     host = FakeHost()
-    api.services["mcp"] = host
+    _, resource = build_api(settings, inline_store(settings.database.path), Clock(), mcp=host)
     client = Client(resource)
     path = "/api/v1/mcp/servers/everything/restart"
     assert client.call("POST", path, headers=USER)[0] == 403

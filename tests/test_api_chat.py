@@ -33,8 +33,7 @@ class Fixture:
         self.streams = StreamRegistry(self.clock, 60)
         provider = model if model is not None else self.model
         chat = ChatService(self.clock, store, provider, FakeTools(), settings.chat, "sys", self.streams)
-        api, resource = build_api(settings, store, self.clock)
-        api.services["chat"] = chat
+        _, resource = build_api(settings, store, self.clock, chat=chat)
         self.client = Client(resource)
 
     def raw(

@@ -99,14 +99,16 @@ class Harness:
             f"auth:\n  tokens:\n    - {{token: {TOKEN}, user_id: 42}}\n"
             "cors:\n  origins: ['https://ui.example']\n",
         )
-        self.api, resource = build_api(self.settings, inline_store(self.settings.database.path))
+        from twisted.internet.task import Clock
+
         from aichat.chat.streams import StreamRegistry
         from aichat.chat.turn import ChatService
 
-        streams = StreamRegistry(self.api.clock, 60)
-        self.api.services["chat"] = ChatService(
-            self.api.clock, self.api.store, ScriptedModel(), FakeTools(), self.settings.chat, "sys", streams
-        )
+        clock = Clock()
+        store = inline_store(self.settings.database.path)
+        streams = StreamRegistry(clock, 60)
+        chat = ChatService(clock, store, ScriptedModel(), FakeTools(), self.settings.chat, "sys", streams)
+        self.api, resource = build_api(self.settings, store, clock, chat=chat)
         self.client = Client(resource)
         # The daemon's own site (its channel and request classes), so request heads and multipart forms are
         # handled as they are behind a real port.

@@ -194,8 +194,7 @@ class Client:
 
         tmp_path.mkdir(parents=True, exist_ok=True)
         settings = make_settings(tmp_path, config)
-        self.api = API(settings=settings, store=inline_store(str(tmp_path / "m.db")), clock=Clock(),
-                       services={"mcp": host} if host is not None else {})
+        self.api = API(settings=settings, store=inline_store(str(tmp_path / "m.db")), clock=Clock(), mcp=host)
         self.treq: Any = StubTreq(build_resource(self.api))
 
     def get(self, path: str, headers: dict[str, str] | None = None) -> tuple[int, bytes]:

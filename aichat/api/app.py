@@ -1,9 +1,11 @@
-"""The Klein application: shared state, the one JSON error path, and request helpers.
+"""The Klein application: what the routes are built from, the one JSON error path, and request helpers.
 
-Route modules (``health``, ``sessions``, ``chat``, ``mcp``) each register their routes on the
-:class:`API` instance's ``app``; handlers raise :class:`~aichat.api.errors.APIError` for client errors.
-Anything else becomes a 500 with a generic body and a logged traceback. Once an SSE stream has begun,
-errors are sent as ``error`` events by the stream writer, never as a status.
+Route classes (see :mod:`aichat.api.routing`) are mounted on the :class:`API` instance's ``app``; handlers
+raise :class:`~aichat.api.errors.APIError` for client errors, and a chat service's
+:class:`~aichat.chat.turn.ChatError` is answered with its status here (translated once, by
+:func:`~aichat.api.errors.from_chat`). Anything else becomes a 500 with a generic body and a logged
+traceback. Once an SSE stream has begun, errors are sent as ``error`` events by the stream writer, never as
+a status.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from klein import Klein
 from twisted.internet.defer import CancelledError
@@ -23,15 +25,21 @@ from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
 from werkzeug.exceptions import HTTPException
 
-from aichat import __version__
+from aichat import __version__, content_type
 from aichat.api.contract import check_body, matched_template
-from aichat.api.errors import APIError, BadRequest, UnsupportedMediaType
+from aichat.api.errors import APIError, BadRequest, ServiceUnavailable, UnsupportedMediaType, from_chat
 from aichat.api.identity import Identity
+from aichat.api.routing import BodyLimits, Routes, mount
+from aichat.chat.turn import ChatError
 from aichat.config import Settings
 from aichat.jsonfmt import compact
 from aichat.metrics import UNMATCHED_ROUTE, Metrics
 from aichat.store.base import Store, StoreUnavailable
 from aichat.store.text import unstorable
+
+if TYPE_CHECKING:
+    from aichat.chat.turn import ChatService
+    from aichat.mcp import MCPHost
 
 log = Logger(namespace="aichat.api")
 
@@ -60,23 +68,6 @@ def error_body(request: IRequest, message: str) -> dict[str, Any]:
     if request_id:
         body["request_id"] = request_id
     return body
-
-
-def media_type(request: IRequest) -> str:
-    """The request's ``Content-Type`` without parameters, lower-cased; ``""`` when absent.
-
-    Header bytes are read as Latin-1, which cannot fail: a value that is not a known type is refused by the
-    caller, never decoded into an error.
-    """
-    values = request.requestHeaders.getRawHeaders(b"content-type")
-    if not values:
-        return ""
-    raw: bytes = values[0]
-    return raw.decode("latin-1").split(";", 1)[0].strip().lower()
-
-
-def _is_json(media: str) -> bool:
-    return media == "application/json" or (media.startswith("application/") and media.endswith("+json"))
 
 
 #: ``\u0000`` and ``\ud800``-``\udfff`` escapes: JSON may spell NUL and lone surrogates, which no database
@@ -108,9 +99,9 @@ def read_json(request: IRequest, *, required: bool = True) -> dict[str, Any]:
         if required:
             raise BadRequest("Invalid request format: a JSON object body is required")
         return {}
-    media = media_type(request)
-    if not _is_json(media):
-        shown = repr(media) if media else "none"
+    media = content_type.of_headers(request.requestHeaders)
+    if not media.is_json:
+        shown = repr(media.media) if media.media else "none"
         raise UnsupportedMediaType(f"Unsupported content type {shown}: send Content-Type: application/json")
     try:
         body = json.loads(raw)
@@ -150,67 +141,57 @@ def query_arg(request: IRequest, name: str) -> str | None:
     return value.decode("utf-8", errors="replace")
 
 
-#: The largest offset a page may reach: SQLite and PostgreSQL take 64-bit signed offsets.
-MAX_OFFSET = 2**63 - 1
-
-
-def page_args(request: IRequest, default_limit: int) -> tuple[int, int, int]:
-    """The reference's pagination: (page, limit, offset).
-
-    Values that are not ASCII integers fall back to the defaults, as Go's ``Atoi`` failing did (``?page=²``
-    is page 1); a page whose offset would pass 64 bits is a 400.
-    """
-
-    def number(name: str) -> int | None:
-        raw = (query_arg(request, name) or "").strip()
-        digits = raw[1:] if raw[:1] in ("-", "+") else raw
-        if not (digits.isascii() and digits.isdigit()):
-            return 0
-        if len(digits.lstrip("0")) > 19:
-            return None
-        return -int(digits) if raw.startswith("-") else int(digits)
-
-    limit = number("limit") or 0
-    if not 1 <= limit <= 100:
-        limit = default_limit
-    page = number("page")
-    if page is None or (max(page, 1) - 1) * limit > MAX_OFFSET:
-        raise BadRequest("Invalid page: the offset it asks for is out of range")
-    page = max(page, 1)
-    return page, limit, (page - 1) * limit
+def running_chat(service: ChatService | None) -> ChatService:
+    """``service``, or 503 while the daemon has no chat service (its routes are mounted either way)."""
+    if service is None:
+        raise ServiceUnavailable("Chat is not running")
+    return service
 
 
 @dataclass
 class API:
-    """The HTTP application and the state its handlers share."""
+    """The HTTP application: what its routes are built from, the one Klein app they are mounted on, and the
+    body limit of each route.
+
+    ``chat`` and ``mcp`` are the services the chat, OpenAI-compatible and MCP routes drive; without them
+    those routes answer 503 (see :func:`aichat.api.build_resource`, which builds and mounts every route).
+    """
 
     settings: Settings
     store: Store
     clock: IReactorTime
     version: str = __version__
-    services: dict[str, Any] = field(default_factory=dict)
+    chat: ChatService | None = None
+    mcp: MCPHost | None = None
     app: Klein = field(default_factory=Klein)
     metrics: Metrics = field(default_factory=Metrics)
 
     def __post_init__(self) -> None:
         auth = self.settings.auth
         self.identity = Identity(auth.trusted_proxies, auth.token_digests, auth.admin_digests)
+        #: The body limit of a request target, for :class:`~aichat.api.site.APISite`.
+        self.body_limit = BodyLimits(self.settings.limits.max_body_bytes)
         self.app.handle_errors(Exception)(self._error)
         # ``%2F`` in a path parameter arrives as ``/``; merging slashes would redirect to the same URL forever.
         self.app.url_map.merge_slashes = False
+
+    def mount(self, *routes: Routes) -> list[str]:
+        """Mount the rules of each route class instance (see :mod:`aichat.api.routing`); return them."""
+        mounted: list[str] = []
+        for each in routes:
+            mounted += mount(self.app, each, self.body_limit, self.settings.limits)
+        return mounted
 
     def route_of(self, request: IRequest) -> str:
         """The route template ``request`` matched (for the metrics), or ``unmatched``."""
         return matched_template(request) or UNMATCHED_ROUTE
 
-    def user(self, request: IRequest) -> str:
-        """The caller's user id, or 401."""
-        return self.identity.user_id(request)
-
     def _error(self, request: IRequest, failure: Failure) -> bytes:
         if failure.check(CancelledError):
             return b""
         error = failure.value
+        if isinstance(error, ChatError):
+            error = from_chat(error)
         if isinstance(error, APIError):
             return json_response(request, error_body(request, error.message), error.status)
         if isinstance(error, StoreUnavailable):
@@ -235,5 +216,5 @@ class API:
         return json_response(request, error_body(request, "Internal server error"), 500)
 
     def route(self, path: str, methods: list[str]) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-        """Register a handler on this instance's app."""
+        """Register a plain function on the app (route classes are mounted with :meth:`mount` instead)."""
         return self.app.route(path, methods=methods)

@@ -3,95 +3,30 @@
 SSE frames are ``event: message`` + ``data: <StreamMessage JSON>``; a ``: ping`` comment goes out every
 ``chat.keepalive_seconds``. A stream is written from its first event, whenever the client connects, and the
 response ends after the ``done`` or ``error`` event. A client that goes away only unsubscribes: the turn
-goes on and is stored.
+goes on and is stored. The upload route takes bodies up to ``limits.max_upload_bytes`` (its
+:func:`~aichat.api.routing.body_limit`); its form is read by :mod:`aichat.api.forms`.
 """
 
 from __future__ import annotations
 
-import base64
-import io
+from dataclasses import dataclass, field
 
-import multipart
+from klein import Klein
+from twisted.internet.interfaces import IReactorTime
 from twisted.web.iweb import IRequest
 
-from aichat.api.app import API, json_response, media_type, query_arg, read_json, string_field
-from aichat.api.errors import APIError, BadRequest, NotFound, ServiceUnavailable, UnsupportedMediaType
+from aichat.api.app import json_response, query_arg, read_json, running_chat, string_field
+from aichat.api.errors import APIError, BadRequest, NotFound
+from aichat.api.forms import read_chat_form
+from aichat.api.identity import Identity
+from aichat.api.routing import authorized, body_limit
 from aichat.api.stream_reader import ReaderSlots, StreamReader
 from aichat.chat.approvals import parse_command
 from aichat.chat.streams import Stream, StreamError
-from aichat.chat.turn import ChatError, ChatService, Turn
-from aichat.store.base import Attachment, new_id
-
-
-def _chat(api: API) -> ChatService:
-    service: ChatService | None = api.services.get("chat")
-    if service is None:
-        raise ServiceUnavailable("Chat is not running")
-    return service
-
-
-async def _begin(
-    api: API, user: str, message: str, session_id: str, attachments: list[Attachment] | None = None
-) -> Turn:
-    """Start the turn a chat message asks for: an approval command, or a message to the model."""
-    chat = _chat(api)
-    try:
-        command = parse_command(message)
-        if command is not None and not attachments:
-            return await chat.start_resolution(user, command.request_id, command.approve)
-        session, history = await chat.resume(user, session_id)
-        return chat.start_message(user, session, message, attachments or [], history)
-    except ChatError as e:
-        raise APIError(e.message, e.status) from None
-
-
-async def _respond(api: API, request: IRequest, turn: Turn) -> bytes:
-    """``?streaming=true``: the stream handle at once; otherwise wait and answer the final message."""
-    if query_arg(request, "streaming") == "true":
-        refused = await turn.ready
-        if refused is not None:
-            raise APIError(refused.message, refused.status)
-        stream = turn.stream
-        body = {"stream_id": stream.id, "session_id": turn.session_id, "stream_url": f"/v1/chat/stream/{stream.id}"}
-        return json_response(request, body)
-    result = await _chat(api).wait(turn)
-    if result.error is not None:
-        raise APIError(result.error, result.error_status)
-    return json_response(request, result.response())
-
-
-def _multipart(api: API, request: IRequest) -> tuple[str, str, list[Attachment]]:
-    """``message``, ``session_id`` and ``file*`` parts of a multipart/form-data body (parsed by ``multipart``)."""
-    if media_type(request) != "multipart/form-data":
-        raise UnsupportedMediaType("Unsupported content type: send multipart/form-data")
-    header: bytes = request.requestHeaders.getRawHeaders(b"content-type", [b""])[0]
-    boundary = multipart.parse_options_header(header.decode("latin-1"))[1].get("boundary", "")
-    if not boundary:
-        raise BadRequest("Failed to parse multipart form: the content type names no boundary")
-    raw = request.content.read() if request.content is not None else b""
-    limit = api.settings.limits.max_file_bytes
-    fields: dict[str, str] = {}
-    attachments: list[Attachment] = []
-    parser = multipart.MultipartParser(
-        io.BytesIO(raw), boundary, len(raw), charset="utf-8", strict=True,
-        spool_limit=len(raw) + 1, memory_limit=len(raw) + 1,
-    )
-    try:
-        for part in parser:
-            if part.filename is not None and part.name.startswith("file"):
-                if part.size > limit:
-                    raise BadRequest(f"File too large. Maximum size is {limit // (1024 * 1024)}MB per file.")
-                data = part.raw
-                attachments.append(Attachment(
-                    new_id(), part.filename, part.content_type or "", len(data), base64.b64encode(data).decode("ascii")
-                ))
-            elif part.filename is None:
-                fields[part.name] = part.raw.decode("utf-8", errors="replace")
-    except multipart.MultipartError as e:
-        raise BadRequest(f"Failed to parse multipart form: {e.args[0] if e.args else e}") from None
-    if not fields and not attachments:
-        raise BadRequest("Failed to parse multipart form: no parts found")
-    return fields.get("message", ""), fields.get("session_id", ""), attachments
+from aichat.chat.turn import ChatService, Turn
+from aichat.config import ChatSettings, LimitSettings
+from aichat.metrics import Metrics
+from aichat.store.base import Attachment
 
 
 def _last_event_id(request: IRequest) -> int:
@@ -105,48 +40,94 @@ def _last_event_id(request: IRequest) -> int:
     return int(text)
 
 
-def register_chat(api: API) -> None:
-    """The chat routes."""
-    chat_settings = api.settings.chat
-    slots = ReaderSlots(chat_settings.max_stream_readers)
+@dataclass
+class ChatRoutes:
+    """Sending messages (JSON or a form with files), approving tool calls, and reading a turn's SSE stream.
 
-    async def read_stream(request: IRequest, stream: Stream, after: int = 0) -> None:
+    Without a chat service (``service`` is ``None``) every route answers 503.
+    """
+
+    service: ChatService | None
+    identity: Identity
+    clock: IReactorTime
+    settings: ChatSettings
+    limits: LimitSettings
+    metrics: Metrics
+    slots: ReaderSlots = field(init=False)
+    app = Klein()
+
+    def __post_init__(self) -> None:
+        self.slots = ReaderSlots(self.settings.max_stream_readers)
+
+    def chat(self) -> ChatService:
+        """The chat service, or 503."""
+        return running_chat(self.service)
+
+    async def _begin(
+        self, user: str, message: str, session_id: str, attachments: list[Attachment] | None = None
+    ) -> Turn:
+        """Start the turn a chat message asks for: an approval command, or a message to the model."""
+        chat = self.chat()
+        command = parse_command(message)
+        if command is not None and not attachments:
+            return await chat.start_resolution(user, command.request_id, command.approve)
+        session, history = await chat.resume(user, session_id)
+        return chat.start_message(user, session, message, attachments or [], history)
+
+    async def _respond(self, request: IRequest, turn: Turn) -> bytes:
+        """``?streaming=true``: the stream handle at once; otherwise wait and answer the final message."""
+        if query_arg(request, "streaming") == "true":
+            refused = await turn.ready
+            if refused is not None:
+                raise APIError(refused.message, refused.status)
+            stream = turn.stream
+            body = {
+                "stream_id": stream.id, "session_id": turn.session_id, "stream_url": f"/v1/chat/stream/{stream.id}"
+            }
+            return json_response(request, body)
+        result = await self.chat().wait(turn)
+        if result.error is not None:
+            raise APIError(result.error, result.error_status)
+        return json_response(request, result.response())
+
+    async def _read_stream(self, request: IRequest, stream: Stream, after: int = 0) -> None:
         """Write ``stream`` as SSE to this client (after the event ``after``), within the stream's reader limit."""
-        slots.acquire(stream.id)
+        self.slots.acquire(stream.id)
         try:
             reader = StreamReader(
                 request,
                 stream,
-                api.clock,
-                keepalive_seconds=chat_settings.keepalive_seconds,
-                max_lag_bytes=chat_settings.max_reader_lag_bytes,
+                self.clock,
+                keepalive_seconds=self.settings.keepalive_seconds,
+                max_lag_bytes=self.settings.max_reader_lag_bytes,
                 after=after,
-                open_streams=api.metrics.sse_streams.labels("reference"),
+                open_streams=self.metrics.sse_streams.labels("reference"),
             )
             await reader.run()
         finally:
-            slots.release(stream.id)
+            self.slots.release(stream.id)
 
-    @api.route("/v1/chat/send", methods=["POST"])
-    async def send(request: IRequest) -> bytes:
-        user = api.user(request)
+    @app.route("/v1/chat/send", methods=["POST"])
+    @authorized
+    async def send(self, request: IRequest, user: str) -> bytes:
         body = read_json(request)
         message = string_field(body, "message", required=True)
-        turn = await _begin(api, user, message, string_field(body, "session_id"))
-        return await _respond(api, request, turn)
+        turn = await self._begin(user, message, string_field(body, "session_id"))
+        return await self._respond(request, turn)
 
-    @api.route("/v1/chat/send-with-files", methods=["POST"])
-    async def send_with_files(request: IRequest) -> bytes:
-        user = api.user(request)
-        message, session_id, attachments = _multipart(api, request)
-        if not message:
+    @app.route("/v1/chat/send-with-files", methods=["POST"])
+    @body_limit(lambda limits: limits.max_upload_bytes)
+    @authorized
+    async def send_with_files(self, request: IRequest, user: str) -> bytes:
+        form = read_chat_form(request, self.limits.max_file_bytes)
+        if not form.message:
             raise BadRequest("message field is required")
-        turn = await _begin(api, user, message, session_id, attachments)
-        return await _respond(api, request, turn)
+        turn = await self._begin(user, form.message, form.session_id, form.attachments)
+        return await self._respond(request, turn)
 
-    @api.route("/v1/chat/approvals/<string:approval_id>", methods=["POST"])
-    async def approve(request: IRequest, approval_id: str) -> bytes:
-        user = api.user(request)
+    @app.route("/v1/chat/approvals/<string:approval_id>", methods=["POST"])
+    @authorized
+    async def approve(self, request: IRequest, user: str, approval_id: str) -> bytes:
         body = read_json(request)
         decision = body.get("approve")
         if not isinstance(decision, bool):
@@ -154,17 +135,14 @@ def register_chat(api: API) -> None:
         ids = body.get("tool_call_ids")
         if ids is not None and (not isinstance(ids, list) or not all(isinstance(i, str) for i in ids)):
             raise BadRequest("Invalid request format: field 'tool_call_ids' must be a list of strings")
-        try:
-            turn = await _chat(api).start_resolution(user, approval_id, decision, ids)
-        except ChatError as e:
-            raise APIError(e.message, e.status) from None
-        return await _respond(api, request, turn)
+        turn = await self.chat().start_resolution(user, approval_id, decision, ids)
+        return await self._respond(request, turn)
 
-    @api.route("/v1/chat/stream/<string:stream_id>", methods=["GET"])
-    async def attach(request: IRequest, stream_id: str) -> bytes:
-        user = api.user(request)
+    @app.route("/v1/chat/stream/<string:stream_id>", methods=["GET"])
+    @authorized
+    async def attach(self, request: IRequest, user: str, stream_id: str) -> bytes:
         after = _last_event_id(request)
-        chat = _chat(api)
+        chat = self.chat()
         try:
             stream = chat.streams.get(stream_id, user)
         except StreamError as e:
@@ -173,12 +151,12 @@ def register_chat(api: API) -> None:
             if found is None:
                 raise NotFound(str(e)) from None
             stream = found
-        await read_stream(request, stream, after)
+        await self._read_stream(request, stream, after)
         return b""
 
-    @api.route("/v1/chat/stream", methods=["GET"])
-    async def legacy_stream(request: IRequest) -> bytes:
-        if not api.settings.chat.legacy_stream_get:
+    @app.route("/v1/chat/stream", methods=["GET"])
+    async def legacy_stream(self, request: IRequest) -> bytes:
+        if not self.settings.legacy_stream_get:
             raise APIError(
                 "GET /v1/chat/stream?message= is disabled, since any link could start a turn: use "
                 "POST /v1/chat/send?streaming=true, or set chat.legacy_stream_get to true",
@@ -187,8 +165,8 @@ def register_chat(api: API) -> None:
         message = query_arg(request, "message") or ""
         if not message:
             raise BadRequest("message parameter is required")
-        user = api.user(request)
-        turn = await _begin(api, user, message, query_arg(request, "session_id") or "")
-        await read_stream(request, turn.stream)
+        # The opt-in and the message are checked before the caller: a disabled route says so to anyone.
+        user = self.identity.user_id(request)
+        turn = await self._begin(user, message, query_arg(request, "session_id") or "")
+        await self._read_stream(request, turn.stream)
         return b""
-

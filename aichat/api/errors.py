@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from aichat.chat.turn import ChatError
+
 
 class APIError(Exception):
     """A client-visible error: ``{"error": message}`` with ``status``."""
@@ -49,3 +54,9 @@ class ServiceUnavailable(APIError):
     """A dependency is not ready."""
 
     status = 503
+
+
+def from_chat(error: ChatError) -> APIError:
+    """A chat service's refusal (a turn that cannot start, an approval that cannot be resolved) as the
+    client sees it: its message, with its status. The one place a :class:`ChatError` becomes an APIError."""
+    return APIError(error.message, error.status)

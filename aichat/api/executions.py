@@ -10,24 +10,35 @@ face); an operator (an ``auth.admin_tokens`` token, or a direct local call) list
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+from klein import Klein
 from twisted.web.iweb import IRequest
 
-from aichat.api.app import API, json_response, page_args, query_arg
+from aichat.api.app import json_response, query_arg
+from aichat.api.identity import Identity
 from aichat.api.openai_wire import OpenAIError, openai_errors
+from aichat.api.pagination import Page
+from aichat.api.routing import authorized, operator_only
+from aichat.store.base import Store
 
 #: The most executions one completion's listing returns (its tool rounds are capped well below).
 PER_COMPLETION = 1000
 
 
-def register_executions(api: API) -> None:
-    """``GET /v1/chat/completions/<id>/tool_executions`` and ``GET /v1/tool_executions``."""
-    store = api.store
+@dataclass
+class ExecutionRoutes:
+    """``GET /v1/chat/completions/<id>/tool_executions`` (its user's) and ``GET /v1/tool_executions`` (operators')."""
 
-    @api.route("/v1/chat/completions/<string:completion_id>/tool_executions", methods=["GET"])
+    store: Store
+    identity: Identity
+    app = Klein()
+
+    @app.route("/v1/chat/completions/<string:completion_id>/tool_executions", methods=["GET"])
     @openai_errors
-    async def of_completion(request: IRequest, completion_id: str) -> bytes:
-        user = api.user(request)
-        found = await store.list_tool_executions(user, completion_id, PER_COMPLETION, 0)
+    @authorized
+    async def of_completion(self, request: IRequest, user: str, completion_id: str) -> bytes:
+        found = await self.store.list_tool_executions(user, completion_id, PER_COMPLETION, 0)
         if not found:
             raise OpenAIError(
                 f"No tool executions are stored for completion '{completion_id}'", 404, param="completion_id",
@@ -36,15 +47,11 @@ def register_executions(api: API) -> None:
         data = [execution.to_json() for execution in reversed(found)]
         return json_response(request, {"object": "list", "completion_id": completion_id, "data": data})
 
-    @api.route("/v1/tool_executions", methods=["GET"])
-    async def listing(request: IRequest) -> bytes:
-        api.identity.operator(request)
-        page, limit, offset = page_args(request, 50)
-        found = await store.list_tool_executions(
-            query_arg(request, "user_id"), query_arg(request, "completion_id"), limit, offset
+    @app.route("/v1/tool_executions", methods=["GET"])
+    @operator_only
+    async def listing(self, request: IRequest) -> bytes:
+        page = Page.of(request, 50)
+        found = await self.store.list_tool_executions(
+            query_arg(request, "user_id"), query_arg(request, "completion_id"), page.limit, page.offset
         )
-        body = {
-            "executions": [execution.to_json() for execution in found],
-            "pagination": {"page": page, "limit": limit, "offset": offset},
-        }
-        return json_response(request, body)
+        return json_response(request, page.body("executions", (execution.to_json() for execution in found)))

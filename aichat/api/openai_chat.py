@@ -13,15 +13,17 @@ content.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
+from klein import Klein
 from twisted.web.iweb import IRequest
 
-from aichat.api.app import API, json_response, read_json
+from aichat.api.app import json_response, read_json
 from aichat.api.openai_wire import (
     EventStream,
     OpenAIError,
-    chat_service,
+    TurnFace,
     check_model,
     flag,
     invalid,
@@ -29,6 +31,7 @@ from aichat.api.openai_wire import (
     short_id,
     turn_error,
 )
+from aichat.api.routing import authorized
 from aichat.chat import events
 from aichat.chat.turn import ChatService, ToolScope, TurnResult
 from aichat.llm.tools import ToolSpec
@@ -247,15 +250,18 @@ def lagged(message: str) -> tuple[dict[str, Any], None]:
     return OpenAIError(message, 500, code="reader_lag").body(), None
 
 
-def register_chat_completions(api: API) -> None:
-    """``POST /v1/chat/completions``."""
+@dataclass
+class CompletionRoutes(TurnFace):
+    """``POST /v1/chat/completions``, answered whole or streamed as chunks."""
 
-    @api.route("/v1/chat/completions", methods=["POST"])
+    app = Klein()
+
+    @app.route("/v1/chat/completions", methods=["POST"])
     @openai_errors
-    async def completions(request: IRequest) -> bytes:
-        user = api.user(request)
+    @authorized
+    async def completions(self, request: IRequest, user: str) -> bytes:
         body = read_json(request)
-        chat = chat_service(api)
+        chat = self.chat()
         model = check_model(chat, body)
         _refuse_unsupported(body)
         messages = _messages(body)
@@ -266,7 +272,7 @@ def register_chat_completions(api: API) -> None:
             raise invalid("stream_options is only allowed with stream: true, as an object", "stream_options")
         include_usage = bool(options and options.get("include_usage"))
         completion_id = short_id("chatcmpl")
-        created = int(api.clock.seconds())
+        created = int(self.clock.seconds())
         if not stream:
             turn = chat.start_stateless(user, messages, scope, lambda event: None, request_id=completion_id)
             result = await chat.wait(turn)
@@ -292,9 +298,7 @@ def register_chat_completions(api: API) -> None:
                 "usage": _usage(result),
             }
             return json_response(request, answer)
-        settings = api.settings.chat
-        out = EventStream(request, api.clock, settings.keepalive_seconds, settings.max_reader_lag_bytes, lagged,
-                          api.metrics.sse_streams.labels("openai"))
+        out = self.event_stream(request, lagged)
         writer = ChunkWriter(out, completion_id, created, model, include_usage)
         writer.chunk({"role": "assistant", "content": "", "refusal": None})
         try:

@@ -22,14 +22,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from klein import Klein
 from twisted.internet.defer import Deferred
 from twisted.web.iweb import IRequest
 
-from aichat.api.app import API, json_response, read_json
+from aichat.api.app import json_response, read_json
 from aichat.api.openai_wire import (
     EventStream,
     OpenAIError,
-    chat_service,
+    TurnFace,
     check_model,
     flag,
     invalid,
@@ -37,10 +38,12 @@ from aichat.api.openai_wire import (
     short_id,
     turn_error,
 )
+from aichat.api.routing import authorized
 from aichat.chat import events
 from aichat.chat.approvals import approval_calls
 from aichat.chat.turn import ChatError, ChatService, ToolInfo, ToolScope, Turn, TurnResult
 from aichat.llm.tools import Failed
+from aichat.mcp import MCPHost
 from aichat.store.base import History
 
 APPROVAL_ITEM = "mcpr_"
@@ -471,25 +474,30 @@ class ResponseBuilder:
         return event, "error"
 
 
-def _configured(api: API, chat: ChatService) -> set[str]:
-    host = api.services.get("mcp")
+def _configured(host: MCPHost | None, chat: ChatService) -> set[str]:
     names = {t.server for t in (chat.tools.tools() if chat.tools is not None else [])}
     if host is not None:
         names |= {config.name for config in host.configs()}
     return names
 
 
-def register_responses(api: API) -> None:
-    """``POST /v1/responses``."""
+@dataclass
+class ResponseRoutes(TurnFace):
+    """``POST /v1/responses``: stored conversations (sessions) or ``store: false``, whole or streamed.
 
-    @api.route("/v1/responses", methods=["POST"])
+    ``host`` is the MCP host whose configured servers a request's ``mcp`` tools may name."""
+
+    host: MCPHost | None
+    app = Klein()
+
+    @app.route("/v1/responses", methods=["POST"])
     @openai_errors
-    async def responses(request: IRequest) -> bytes:
-        user = api.user(request)
+    @authorized
+    async def responses(self, request: IRequest, user: str) -> bytes:
         body = read_json(request)
-        chat = chat_service(api)
+        chat = self.chat()
         model = check_model(chat, body)
-        servers = _mcp_tools(body, _configured(api, chat))
+        servers = _mcp_tools(body, _configured(self.host, chat))
         given = _input(body)
         store = flag(body, "store", True)
         stream = flag(body, "stream", False)
@@ -500,7 +508,7 @@ def register_responses(api: API) -> None:
         if previous is not None and not isinstance(previous, str):
             raise invalid("'previous_response_id' must be a string", "previous_response_id")
         scope = _scope(chat, servers)
-        created = int(api.clock.seconds())
+        created = int(self.clock.seconds())
 
         if not store:
             if previous is not None or given.decisions:
@@ -519,7 +527,7 @@ def register_responses(api: API) -> None:
             builder = ResponseBuilder(chat, short_id("resp"), created, model, body, None, False)
             builder.list_tools(servers)
             turn = chat.start_stateless(user, messages, scope, builder)
-            return await _answer(api, request, chat, builder, turn, stream)
+            return await self._answer(request, chat, builder, turn, stream)
 
         if given.decisions and previous is None:
             raise invalid("mcp_approval_response items continue a response: send its previous_response_id", "input")
@@ -586,7 +594,32 @@ def register_responses(api: API) -> None:
                 )
             except ChatError as e:
                 raise OpenAIError(e.message, e.status) from None
-        return await _answer(api, request, chat, builder, turn, stream)
+        return await self._answer(request, chat, builder, turn, stream)
+
+    async def _answer(
+        self, request: IRequest, chat: ChatService, builder: ResponseBuilder, turn: Turn, stream: bool
+    ) -> bytes:
+        """The response object once the turn ends; streamed, every change as it happens."""
+        if not stream:
+            result = await chat.wait(turn)
+            if result.error is not None:
+                raise turn_error(result)
+            return json_response(request, builder.response("completed", result))
+        out = self.event_stream(request, builder.lagged)
+        builder.attach(out)
+        try:
+            # A client that goes away stops reading: a stored turn goes on and is stored, one kept in memory
+            # is cancelled (nobody could see its outcome).
+            await (_settled(turn) if turn.conversation.stored else chat.wait(turn))
+            result = turn.result
+            if result.error is not None:
+                builder.fail(result, turn_error(result))
+            else:
+                builder.finish(result)
+        finally:
+            out.close()
+        await out.flushed()
+        return b""
 
 
 def _settled(turn: Turn) -> Deferred[None]:
@@ -601,31 +634,3 @@ def _settled(turn: Turn) -> Deferred[None]:
     assert turn.done is not None
     turn.done.addBoth(fire)
     return settled
-
-
-async def _answer(
-    api: API, request: IRequest, chat: ChatService, builder: ResponseBuilder, turn: Turn, stream: bool
-) -> bytes:
-    """The response object once the turn ends; streamed, every change as it happens."""
-    if not stream:
-        result = await chat.wait(turn)
-        if result.error is not None:
-            raise turn_error(result)
-        return json_response(request, builder.response("completed", result))
-    settings = api.settings.chat
-    out = EventStream(request, api.clock, settings.keepalive_seconds, settings.max_reader_lag_bytes, builder.lagged,
-                      api.metrics.sse_streams.labels("openai"))
-    builder.attach(out)
-    try:
-        # A client that goes away stops reading: a stored turn goes on and is stored, one kept in memory
-        # is cancelled (nobody could see its outcome).
-        await (_settled(turn) if turn.conversation.stored else chat.wait(turn))
-        result = turn.result
-        if result.error is not None:
-            builder.fail(result, turn_error(result))
-        else:
-            builder.finish(result)
-    finally:
-        out.close()
-    await out.flushed()
-    return b""

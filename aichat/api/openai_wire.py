@@ -1,4 +1,6 @@
-"""What the OpenAI-compatible routes share: OpenAI's error shape, the model check, SSE framing, ``/v1/models``.
+"""What the OpenAI-compatible routes share: OpenAI's error shape (:func:`openai_errors`, above each route's
+guards), the model check, SSE framing, :class:`TurnFace` (what the turn-running route classes are built
+from) and ``/v1/models`` (:class:`ModelRoutes`).
 
 Errors on these routes are ``{"error": {"message", "type", "param", "code"}}`` with OpenAI's statuses, so
 the ``openai`` SDK raises its typed errors (``BadRequestError``, ``AuthenticationError``, ``NotFoundError``,
@@ -11,9 +13,11 @@ from __future__ import annotations
 import functools
 import uuid
 from collections import deque
-from collections.abc import Awaitable, Callable
-from typing import Any, cast
+from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import dataclass
+from typing import Any, Concatenate, ParamSpec, TypeVar, cast
 
+from klein import Klein
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
@@ -21,11 +25,15 @@ from twisted.logger import Logger
 from twisted.web.iweb import IRequest
 from twisted.web.server import Request
 
-from aichat.api.app import API, json_response
-from aichat.api.errors import APIError, ServiceUnavailable
+from aichat.api.app import json_response, running_chat
+from aichat.api.errors import APIError, from_chat
+from aichat.api.identity import Identity
+from aichat.api.routing import authorized
 from aichat.api.sse_flow import PacedResponse
-from aichat.chat.turn import ChatService, TurnResult
+from aichat.chat.turn import ChatError, ChatService, TurnResult
+from aichat.config import ChatSettings
 from aichat.jsonfmt import compact
+from aichat.metrics import Metrics
 from aichat.sse import encode_comment
 
 log = Logger(namespace="aichat.api")
@@ -109,20 +117,27 @@ def error_response(request: IRequest, error: OpenAIError) -> bytes:
     return json_response(request, body, error.status)
 
 
-Handler = Callable[..., Awaitable[bytes]]
+S = TypeVar("S")
+P = ParamSpec("P")
 
 
-def openai_errors(handler: Handler) -> Handler:
-    """Answer every error of ``handler`` in OpenAI's shape (a bug is a logged 500 with a generic message)."""
+def openai_errors(
+    handler: Callable[Concatenate[S, IRequest, P], Awaitable[bytes]],
+) -> Callable[Concatenate[S, IRequest, P], Coroutine[Any, Any, bytes]]:
+    """Answer every error of ``handler`` in OpenAI's shape (a bug is a logged 500 with a generic message).
+
+    It goes above the route's guards (``@authorized``), so a refused caller gets OpenAI's shape too."""
 
     @functools.wraps(handler)
-    async def wrapped(request: IRequest, *args: Any, **kwargs: Any) -> bytes:
+    async def wrapped(self: S, request: IRequest, /, *args: P.args, **kwargs: P.kwargs) -> bytes:
         try:
-            return await handler(request, *args, **kwargs)
+            return await handler(self, request, *args, **kwargs)
         except CancelledError:
             raise
         except APIError as e:
             return error_response(request, as_openai(e))
+        except ChatError as e:
+            return error_response(request, as_openai(from_chat(e)))
         except Exception:
             log.failure(
                 "Unhandled error in {method} {path}",
@@ -132,13 +147,6 @@ def openai_errors(handler: Handler) -> Handler:
             return error_response(request, OpenAIError("Internal server error", 500))
 
     return wrapped
-
-
-def chat_service(api: API) -> ChatService:
-    service: ChatService | None = api.services.get("chat")
-    if service is None:
-        raise ServiceUnavailable("Chat is not running")
-    return service
 
 
 def check_model(chat: ChatService, body: dict[str, Any]) -> str:
@@ -266,24 +274,51 @@ class EventStream(PacedResponse):
         self._unregister()
 
 
-def register_models(api: API) -> None:
+@dataclass
+class TurnFace:
+    """What the OpenAI-compatible routes that run turns are built from: the chat service (503 without), the
+    caller's identity, the clock, the chat settings (keep-alives, reader lag) and the metrics."""
+
+    service: ChatService | None
+    identity: Identity
+    clock: IReactorTime
+    settings: ChatSettings
+    metrics: Metrics
+
+    def chat(self) -> ChatService:
+        """The chat service, or 503."""
+        return running_chat(self.service)
+
+    def event_stream(self, request: IRequest, last_words: LastWords) -> EventStream:
+        """An SSE response for ``request``, counted among the open OpenAI streams."""
+        return EventStream(request, self.clock, self.settings.keepalive_seconds, self.settings.max_reader_lag_bytes,
+                           last_words, self.metrics.sse_streams.labels("openai"))
+
+
+@dataclass
+class ModelRoutes:
     """``GET /v1/models`` and ``GET /v1/models/<id>``: the configured model."""
 
-    def model_json(chat: ChatService) -> dict[str, Any]:
+    service: ChatService | None
+    identity: Identity
+    app = Klein()
+
+    @staticmethod
+    def _model_json(chat: ChatService) -> dict[str, Any]:
         return {"id": chat.provider.model, "object": "model", "created": 0, "owned_by": chat.provider.name}
 
-    @api.route("/v1/models", methods=["GET"])
+    @app.route("/v1/models", methods=["GET"])
     @openai_errors
-    async def models(request: IRequest) -> bytes:
-        api.user(request)
-        chat = chat_service(api)
-        return json_response(request, {"object": "list", "data": [model_json(chat)]})
+    @authorized
+    async def models(self, request: IRequest, user: str) -> bytes:
+        chat = running_chat(self.service)
+        return json_response(request, {"object": "list", "data": [self._model_json(chat)]})
 
-    @api.route("/v1/models/<path:model>", methods=["GET"])
+    @app.route("/v1/models/<path:model>", methods=["GET"])
     @openai_errors
-    async def model(request: IRequest, model: str) -> bytes:
-        api.user(request)
-        chat = chat_service(api)
+    @authorized
+    async def model(self, request: IRequest, user: str, model: str) -> bytes:
+        chat = running_chat(self.service)
         if model != chat.provider.model:
             raise OpenAIError(f"The model '{model}' does not exist", 404, param="model", code="model_not_found")
-        return json_response(request, model_json(chat))
+        return json_response(request, self._model_json(chat))

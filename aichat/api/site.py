@@ -3,6 +3,8 @@
 Twisted buffers a whole request body before dispatching it, so the size limit must be enforced while
 the body arrives: a declared ``Content-Length`` over the limit is answered 413 at once and the
 connection closed without reading the body; a chunked body is cut off as soon as it passes the limit.
+The limit is the one the request's route declares (``@body_limit``, else ``limits.max_body_bytes``), found
+by the site's ``limit_for`` from :attr:`APIChannel.request_target` once the headers are in.
 
 Twisted's idle timeout restarts on every byte, so a client sending one byte every few seconds would hold a
 connection for ever: :class:`APIChannel` also bounds the time from a request's first byte until its head
@@ -30,9 +32,11 @@ from twisted.web import http
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
+from aichat import content_type
 from aichat.logs import REQUEST_ID
 from aichat.metrics import UNMATCHED_ROUTE, Metrics
 
+#: The body limit of a request target (:meth:`APIChannel.request_target`).
 LimitFor = Callable[[bytes], int]
 
 
@@ -55,7 +59,8 @@ def request_id_for(values: Sequence[bytes] | None) -> str:
 
 
 class LimitedRequest(Request):
-    """A request whose body may not exceed ``site.limit_for(path)`` bytes, served under its request id.
+    """A request whose body may not exceed ``site.limit_for(channel.request_target)`` bytes (the limit its
+    route declares, see :class:`~aichat.api.routing.BodyLimits`), served under its request id.
 
     The id (the client's ``X-Request-ID`` or a new one) is the response's ``X-Request-ID``, ``REQUEST_ID``
     while it is handled (so log lines and error bodies carry it), and ``request_id``; once the response
@@ -92,8 +97,9 @@ class LimitedRequest(Request):
 
     def _limit(self) -> int:
         limit_for: LimitFor | None = getattr(getattr(self.channel, "site", None), "limit_for", None)
-        path: bytes = getattr(self.channel, "_path", b"") or b""
-        return limit_for(path) if limit_for is not None else 1 << 62
+        if limit_for is None or not isinstance(self.channel, APIChannel):
+            return 1 << 62
+        return limit_for(self.channel.request_target)
 
     def gotLength(self, length: int | None) -> None:
         set_no_delay = getattr(self.channel.transport, "setTcpNoDelay", None)
@@ -118,12 +124,12 @@ class LimitedRequest(Request):
     def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
         if self._rejected:
             return
-        content_type = self.requestHeaders.getRawHeaders(b"content-type")
-        if content_type and content_type[0].lower().startswith(b"multipart/form-data"):
+        declared = self.requestHeaders.getRawHeaders(b"content-type")
+        if content_type.of_headers(self.requestHeaders).media == content_type.FORM_DATA:
             # Twisted would parse the form itself and answer a malformed one with a bare 400; the route parses
             # it (keeping file names and types) and reports problems as JSON.
             self.requestHeaders.removeHeader(b"content-type")
-            self._multipart_type = content_type
+            self._multipart_type = declared
         active: set[Request] | None = getattr(getattr(self.channel, "site", None), "active", None)
         if active is not None:
             active.add(self)
@@ -159,14 +165,24 @@ def _raw_json_error(status: int, reason: bytes, message: str, request_id: str = 
 class APIChannel(http.HTTPChannel):
     """An HTTP/1.1 channel with a deadline on receiving each request and JSON answers to oversized heads.
 
-    This is the one place that relies on ``HTTPChannel`` internals (``_handlingRequest``,
+    This is the one place that relies on ``HTTPChannel`` internals (``_handlingRequest``, ``_path``,
     ``_receivedHeaderSize``, ``_receivedHeaderCount`` and the ``_respondToBadRequestAndDisconnect`` hook),
-    and ``tests/test_site.py`` holds each of them to its behaviour.
+    and ``tests/test_site.py`` and ``tests/test_routing.py`` hold each of them to its behaviour.
     """
 
     #: Seconds from a request's first byte until its head and body are in; set by :class:`APISite`.
     request_timeout: float = 30.0
     _deadline: IDelayedCall | None = None
+
+    @property
+    def request_target(self) -> bytes:
+        """The request target (path and query, as sent) of the request whose head was read last.
+
+        The body limit is chosen from it once the headers are in, before any of the body is read; it is
+        ``b""`` before the first request line.
+        """
+        target: bytes = getattr(self, "_path", None) or b""
+        return target
 
     def connectionMade(self) -> None:
         super().connectionMade()
@@ -298,7 +314,8 @@ class EdgeResource(Resource):
 
 
 class APISite(Site):
-    """A ``Site`` with per-path body limits and a request deadline that knows its in-flight requests."""
+    """A ``Site`` with per-route body limits (``limit_for``) and a request deadline that knows its in-flight
+    requests."""
 
     displayTracebacks = False
     noisy = False

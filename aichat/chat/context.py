@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from aichat import content_type
 from aichat.llm.tools import Failed, execution_from_json
 from aichat.store.base import Attachment, Message
 
@@ -53,7 +54,7 @@ def time_context(now: datetime) -> str:
 
 def is_text(mime_type: str) -> bool:
     """Whether an attachment of this type is given to the model as text."""
-    mime = mime_type.split(";")[0].strip().lower()
+    mime = content_type.parse(mime_type).media
     return mime.startswith("text/") or mime in TEXT_TYPES or mime.endswith(("+json", "+xml"))
 
 
@@ -66,7 +67,7 @@ def user_content(text: str, attachments: Sequence[Attachment]) -> str | list[dic
     for attachment in attachments:
         header = f"--- File: {attachment.filename} (Size: {attachment.size} bytes, Type: {attachment.mime_type}) ---"
         inline.append(header + "\n")
-        mime = attachment.mime_type.split(";")[0].strip().lower()
+        mime = content_type.parse(attachment.mime_type).media
         if mime.startswith("image/"):
             inline.append("[Image file - attached as an image]\n")
             images.append(

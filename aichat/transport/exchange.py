@@ -33,6 +33,7 @@ from twisted.python.failure import Failure
 from twisted.web.client import RequestTransmissionFailed, ResponseFailed, ResponseNeverReceived
 from twisted.web.http_headers import Headers
 
+from aichat import content_type
 from aichat.metrics import Metrics, ModelCall
 from aichat.sse import SSEDecoder, SSEEvent, SSETooLargeError
 from aichat.transport.body import BodyReader
@@ -346,10 +347,10 @@ class _Exchange:
             if response.code != 200:
                 raw = await self._read(response, ERROR_BODY_LIMIT, truncate=True)
                 raise self._status_error(response, raw)
-            content_type = _content_type(response.headers)
-            if content_type == "application/json":
+            media = content_type.of_headers(response.headers, last=True).media
+            if media == content_type.JSON:
                 sink.whole(await self._read(response, limits.max_response_bytes))
-            elif content_type in ("text/event-stream", ""):
+            elif media in (content_type.EVENT_STREAM, ""):
                 await self._read(response, limits.max_response_bytes, stream=True)
                 if not sink.done:
                     for event in self._decoder.feed(b"\n\n"):
@@ -360,7 +361,7 @@ class _Exchange:
                 raw = await self._read(response, ERROR_BODY_LIMIT, truncate=True)
                 text = self._errors.text(raw, truncated=self._received > ERROR_BODY_LIMIT)
                 raise self._errors.failed(
-                    f"the model answered with content type {content_type!r}, not an event stream",
+                    f"the model answered with content type {media!r}, not an event stream",
                     text,
                     status=response.code,
                     code="protocol",
@@ -477,11 +478,6 @@ def is_cancellation(error: BaseException) -> bool:
         return True
     reasons = getattr(error, "reasons", None) or ()
     return any(isinstance(reason, Failure) and reason.check(CancelledError) for reason in reasons)
-
-
-def _content_type(headers: Headers) -> str:
-    values = headers.getRawHeaders(b"content-type") or [b""]
-    return values[-1].split(b";", 1)[0].strip().lower().decode("latin-1")
 
 
 def json_or_none(raw: bytes | str) -> Any:
