@@ -38,6 +38,7 @@ from aichat.mcp import MCPHost, ServerConfig, load_servers_file_if_present
 from aichat.metrics import Metrics
 from aichat.store.factory import build_store
 from aichat.transport import make_http_client, make_pool
+from aichat.twisted_internals import clear_stop_signal
 from aichat.validation import ConfigError
 
 if TYPE_CHECKING:
@@ -270,10 +271,8 @@ class AichatService(Service):
         await self.provider.close()
         await self._pool.closeCachedConnections()
         await self.store.close()
-        if getattr(self.reactor, "_exitSignal", None) in (signal.SIGTERM, signal.SIGINT):
-            # twistd re-raises the stop signal after shutdown, so the process would die "by SIGTERM";
-            # a completed graceful stop is a success and exits 0.
-            self.reactor._exitSignal = None
+        # twistd re-raises the stop signal after shutdown; a completed graceful stop is a success and exits 0.
+        clear_stop_signal(self.reactor)
         log.info("Stopped", announce=True)
         if isinstance(self.log_file, ReopenableFile):
             self.log_file.flush()
