@@ -230,7 +230,6 @@ class AichatService(MultiService):
             max_line_bytes=settings.mcp.max_line_bytes,
             metrics=self.metrics,
         )
-        self.mcp.setName("mcp")
         self.provider = self._provider()
         self.streams = StreamRegistry(reactor, settings.chat.stream_keep_seconds)
         self.coordinator, self.listener = self._cluster()

@@ -5,7 +5,8 @@ stdout lines to a :class:`~aichat.mcp.jsonrpc.JSONRPCPeer` and logs stderr line 
 :class:`StdioConnection` owns one child: it spawns it as the leader of its own process group (through
 ``setsid``) with a minimal environment, and stops it with the ladder close stdin, SIGTERM to the group,
 SIGKILL to the group. Whatever remains of the group when the leader exits is killed, so ``npx`` -> npm ->
-node chains leave no orphans.
+node chains leave no orphans. Its lifecycle is an Automat state machine (idle, running, broken, stopping,
+exited, ended; see the class); the synchronous stdin write goes through :mod:`aichat.twisted_internals`.
 """
 
 from __future__ import annotations
