@@ -1,12 +1,22 @@
-"""The daemon's service tree: store, MCP host, LLM provider, chat service and HTTP listener.
+"""The daemon's service tree: a ``MultiService`` whose children start in order and stop in reverse.
 
-Start order is that list; the HTTP listener comes last and readiness (``READY=1`` over
-``NOTIFY_SOCKET``) is announced once it listens. Stop order is the reverse: stop listening, let
-in-flight requests (and the turns they wait for, streams included) finish for up to
-``server.shutdown_grace_seconds``, then cancel the turns still running (each ends with an ``error`` event
-that its SSE readers are sent before their connections close, its partial reply stored), stop the MCP
-children, then close the store. SIGHUP reopens the log file and
-reloads the MCP servers file.
+The children of :class:`AichatService`, in start order (each start and stop is awaited before the next)::
+
+    store      open the database                     close it
+    outbound   (nothing)                             close the LLM provider and the connection pool it
+                                                     shares with the remote MCP servers
+    mcp        MCPHost: start every MCP server       stop every server with the stop ladder
+    responses  (nothing)                             let the stopped turns' last bytes reach their
+                                                     clients, then close (at last abort) every connection
+    cluster    PostgreSQL only: LISTEN, leases       the stopped turns' last events reach the log
+    chat       ChatService                           cancel the live turns and wait for them (bounded)
+    http       listen; then READY=1                  stop listening; in-flight requests (and the turns
+                                                     they wait for) get ``server.shutdown_grace_seconds``
+
+So the stop order is http, chat, cluster, responses, mcp, outbound, store. A start that fails stops the
+daemon with exit status 1. A turn still running when ``chat`` stops ends with an ``error`` event that its
+SSE readers are sent before their connections close, its partial reply stored. SIGHUP reopens the log
+file and reloads the MCP servers file.
 """
 
 from __future__ import annotations
@@ -17,8 +27,8 @@ import signal
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
-from twisted.application.service import Service
-from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.application.service import MultiService, Service
+from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IListeningPort
 from twisted.logger import ILogObserver, Logger
@@ -36,11 +46,15 @@ from aichat.llm.unconfigured import UnconfiguredProvider
 from aichat.logs import ReopenableFile, make_observer
 from aichat.mcp import MCPHost, ServerConfig, load_servers_file_if_present
 from aichat.metrics import Metrics
+from aichat.store.base import Store
 from aichat.store.factory import build_store
 from aichat.transport import make_http_client, make_pool
+from aichat.twisted_internals import clear_stop_signal
 from aichat.validation import ConfigError
 
 if TYPE_CHECKING:
+    from twisted.web.client import HTTPConnectionPool
+
     from aichat.cluster.listener import NotificationListener
 
 log = Logger(namespace="aichat")
@@ -66,14 +80,138 @@ def endpoint_string(host: str, port: int) -> str:
     return description
 
 
-class AichatService(Service):
-    """The whole daemon as one twistd service.
+class Stage(Service):
+    """A child of :class:`AichatService` whose start or stop waits: :meth:`start` and :meth:`stop` coroutines.
+
+    ``started`` fires when the start has finished; the parent waits for it before starting the next child.
+    """
+
+    def __init__(self, name: str) -> None:
+        self.setName(name)
+        self.started: Deferred[None] = succeed(None)
+
+    async def start(self) -> None:
+        """Nothing to wait for unless a stage says so."""
+
+    async def stop(self) -> None:
+        """Nothing to wait for unless a stage says so."""
+
+    def startService(self) -> None:
+        super().startService()
+        self.started = Deferred.fromCoroutine(self.start())
+
+    def stopService(self) -> Deferred[None]:
+        super().stopService()
+        return Deferred.fromCoroutine(self.stop())
+
+
+class StoreStage(Stage):
+    """The store: opened first, closed last."""
+
+    def __init__(self, store: Store) -> None:
+        super().__init__("store")
+        self.store = store
+
+    async def start(self) -> None:
+        await self.store.open()
+
+    async def stop(self) -> None:
+        await self.store.close()
+
+
+class OutboundStage(Stage):
+    """The LLM provider and the connection pool it shares with the remote MCP servers."""
+
+    def __init__(self, provider: Provider, pool: HTTPConnectionPool) -> None:
+        super().__init__("outbound")
+        self.provider = provider
+        self.pool = pool
+
+    async def stop(self) -> None:
+        await self.provider.close()
+        await self.pool.closeCachedConnections()
+
+
+class ClusterStage(Stage):
+    """This instance's part among many on one PostgreSQL: the LISTEN connection and the coordinator."""
+
+    def __init__(self, coordinator: Coordinator, listener: NotificationListener) -> None:
+        super().__init__("cluster")
+        self.coordinator = coordinator
+        self.listener = listener
+
+    async def start(self) -> None:
+        self.listener.start()
+        self.coordinator.start()
+        log.info("Serving turns with other instances on this database as {instance}",
+                 instance=self.coordinator.instance)
+
+    async def stop(self) -> None:
+        # The stopped turns' last events reach the log (and the other instances' readers) first.
+        await self.coordinator.stop()
+        await self.listener.stop()
+
+
+class HTTPStage(Stage):
+    """The HTTP listener: last to start, first to stop."""
+
+    def __init__(self, reactor: Any, site: APISite, description: str, grace: float) -> None:
+        super().__init__("http")
+        self.reactor = reactor
+        self.site = site
+        self.description = description
+        self.grace = grace
+        self.port: IListeningPort | None = None
+        #: Whether the in-flight requests all finished within the grace (read by the ``responses`` stage).
+        self.idle = True
+
+    async def start(self) -> None:
+        endpoint = serverFromString(self.reactor, self.description)
+        self.port = await endpoint.listen(self.site)
+        address = self.port.getHost()
+        log.info(
+            "Listening on {host}:{port}",
+            host=getattr(address, "host", "?"),
+            port=getattr(address, "port", "?"),
+            announce=True,
+        )
+
+    async def stop(self) -> None:
+        log.info("Stopping: no new connections", announce=True)
+        if self.port is not None:
+            port, self.port = self.port, None
+            stopped = port.stopListening()
+            if stopped is not None:
+                await stopped
+        self.idle = await self.site.drain(self.reactor, self.grace)
+
+
+class ResponsesStage(Stage):
+    """The open HTTP connections once the turns have stopped: their last bytes sent, then closed."""
+
+    def __init__(self, reactor: Any, site: APISite, http: HTTPStage) -> None:
+        super().__init__("responses")
+        self.reactor = reactor
+        self.site = site
+        self.http = http
+
+    async def stop(self) -> None:
+        if not self.http.idle:
+            await self.site.drain(self.reactor, FLUSH_SECONDS)
+        aborted = await self.site.close_connections(self.reactor, FLUSH_SECONDS)
+        if aborted:
+            log.warn("Stopping: aborted {count} connections that did not take their last bytes", count=aborted)
+
+
+class AichatService(MultiService):
+    """The whole daemon as one twistd service: the tree of children described above.
 
     It installs its own log observer on the twistd application (see :meth:`setServiceParent`), so the
     ``logging.*`` settings apply whether it runs under ``twistd`` or ``aichat-backend``.
     """
 
     def __init__(self, settings: Settings, reactor: Any, metrics: Metrics | None = None) -> None:
+        super().__init__()
         self.settings = settings
         self.reactor = reactor
         #: The daemon's own metrics registry (the composition root's; a fresh one when not given).
@@ -123,9 +261,27 @@ class AichatService(Service):
             metrics=self.metrics,
             route_of=self.api.route_of,
         )
-        self.port: IListeningPort | None = None
+        self.http = HTTPStage(
+            reactor,
+            self.site,
+            endpoint_string(settings.server.host, settings.server.port),
+            settings.server.shutdown_grace_seconds,
+        )
+        StoreStage(self.store).setServiceParent(self)
+        OutboundStage(self.provider, self._pool).setServiceParent(self)
+        self.mcp.setServiceParent(self)
+        ResponsesStage(reactor, self.site, self.http).setServiceParent(self)
+        if self.coordinator is not None and self.listener is not None:
+            ClusterStage(self.coordinator, self.listener).setServiceParent(self)
+        self.chat.setServiceParent(self)
+        self.http.setServiceParent(self)
         self._previous_hup: Any = None
         self._starting: Deferred[None] | None = None
+
+    @property
+    def port(self) -> IListeningPort | None:
+        """The listening port, while listening."""
+        return self.http.port
 
     def _cluster(self) -> tuple[Coordinator | None, NotificationListener | None]:
         """On PostgreSQL, this instance's part among many (the database is the bus); nothing on SQLite."""
@@ -186,11 +342,12 @@ class AichatService(Service):
         super().setServiceParent(parent)
 
     def startService(self) -> None:
-        super().startService()
+        # Not MultiService.startService, which starts every child at once: each start here is awaited.
+        Service.startService(self)
         self._previous_hup = signal.signal(signal.SIGHUP, self._on_sighup)
         for warning in self.settings.warnings:
             log.warn("Configuration: {warning}", warning=warning)
-        self._starting = ensureDeferred(self._start())
+        self._starting = Deferred.fromCoroutine(self._start())
         self._starting.addErrback(self._start_failed)
 
     async def _start(self) -> None:
@@ -202,22 +359,10 @@ class AichatService(Service):
             database=settings.database.shown(),
             announce=True,
         )
-        await self.store.open()
-        if self.coordinator is not None and self.listener is not None:
-            self.listener.start()
-            self.coordinator.start()
-            log.info("Serving turns with other instances on this database as {instance}",
-                     instance=self.coordinator.instance)
-        self.mcp.startService()
-        endpoint = serverFromString(self.reactor, endpoint_string(settings.server.host, settings.server.port))
-        self.port = await endpoint.listen(self.site)
-        address = self.port.getHost()
-        log.info(
-            "Listening on {host}:{port}",
-            host=getattr(address, "host", "?"),
-            port=getattr(address, "port", "?"),
-            announce=True,
-        )
+        for child in self:
+            child.startService()
+            if isinstance(child, Stage):
+                await child.started
         sdnotify.notify("READY=1\nSTATUS=serving")
         # What start-up built lives as long as the process: keep it out of the collector's scans.
         gc.collect()
@@ -233,42 +378,24 @@ class AichatService(Service):
             self.reactor.callWhenRunning(self.reactor.stop)
 
     def stopService(self) -> Deferred[None]:
-        super().stopService()
+        # Not MultiService.stopService, which stops every child at once: each stop here waits for the last.
+        Service.stopService(self)
         if self._previous_hup is not None:
             signal.signal(signal.SIGHUP, self._previous_hup)
             self._previous_hup = None
-        return ensureDeferred(self._stop())
+        return Deferred.fromCoroutine(self._stop())
 
     async def _stop(self) -> None:
         sdnotify.notify("STOPPING=1")
-        log.info("Stopping: no new connections", announce=True)
-        if self.port is not None:
-            port, self.port = self.port, None
-            stopped = port.stopListening()
-            if stopped is not None:
-                await stopped
-        idle = await self.site.drain(self.reactor, self.settings.server.shutdown_grace_seconds)
-        # Turns still running end with an ``error`` event that their SSE readers are sent, and their
-        # partial replies are stored; the responses then get a moment to reach the clients.
-        await self.chat.stop()
-        if self.coordinator is not None and self.listener is not None:
-            # The stopped turns' last events reach the log (and the other instances' readers) first.
-            await self.coordinator.stop()
-            await self.listener.stop()
-        if not idle:
-            await self.site.drain(self.reactor, FLUSH_SECONDS)
-        aborted = await self.site.close_connections(self.reactor, FLUSH_SECONDS)
-        if aborted:
-            log.warn("Stopping: aborted {count} connections that did not take their last bytes", count=aborted)
-        if self.mcp.running:
-            await self.mcp.stopService()
-        await self.provider.close()
-        await self._pool.closeCachedConnections()
-        await self.store.close()
-        if getattr(self.reactor, "_exitSignal", None) in (signal.SIGTERM, signal.SIGINT):
-            # twistd re-raises the stop signal after shutdown, so the process would die "by SIGTERM";
-            # a completed graceful stop is a success and exits 0.
-            self.reactor._exitSignal = None
+        for child in reversed(list(self)):
+            if not child.running:
+                continue
+            try:
+                await maybeDeferred(child.stopService)
+            except Exception:
+                log.failure("Stopping {service} failed", service=child.name)
+        # twistd re-raises the stop signal after shutdown; a completed graceful stop is a success and exits 0.
+        clear_stop_signal(self.reactor)
         log.info("Stopped", announce=True)
         if isinstance(self.log_file, ReopenableFile):
             self.log_file.flush()

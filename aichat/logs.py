@@ -1,5 +1,9 @@
 """Log observers: text or JSON lines, to standard output or to a file reopened on SIGHUP.
 
+The observers are Twisted's own: a ``FileLogObserver`` per destination with a line formatter
+(:func:`line_formatter`), a ``FilteringLogObserver`` for the level, and a ``LogPublisher`` that fans
+events out to the log file and to standard error.
+
 We never rotate by size (twistd's own ``--logfile`` does, and keeps every file forever); logrotate
 moves the file and sends SIGHUP (``systemctl reload``), and :meth:`ReopenableFile.reopen` switches to
 the new file between two writes, so no line is lost or split.
@@ -11,17 +15,20 @@ import json
 import os
 import sys
 import threading
+from collections.abc import Callable
 from contextvars import ContextVar
 from datetime import UTC, datetime
-from typing import IO, Any
+from typing import IO, Any, cast
 
 from twisted.logger import (
+    FileLogObserver,
     FilteringLogObserver,
     ILogFilterPredicate,
     ILogObserver,
     LogEvent,
     LogLevel,
     LogLevelFilterPredicate,
+    LogPublisher,
     PredicateResult,
     formatEvent,
     formatEventAsClassicLogText,
@@ -105,29 +112,28 @@ def json_line(event: LogEvent) -> str:
     return json.dumps(record, ensure_ascii=False, default=str) + "\n"
 
 
-@implementer(ILogObserver)
-class LineObserver:
-    """Writes each event as one text or JSON line to ``out``, with the id of the request being served, if any."""
+def line_formatter(fmt: str = "text") -> Callable[[LogEvent], str | None]:
+    """A ``FileLogObserver`` formatter: each event as one text or JSON line, with the id of the request being
+    served, if any (a field in JSON, ``[request_id=...]`` at the end of a text line)."""
 
-    def __init__(self, out: Any, fmt: str = "text") -> None:
-        self.out = out
-        self.fmt = fmt
-
-    def __call__(self, event: LogEvent) -> None:
+    def format_line(event: LogEvent) -> str | None:
         request_id = event.get("request_id") or REQUEST_ID.get()
         if request_id and "request_id" not in event:
             event = {**event, "request_id": request_id}
-        if self.fmt == "json":
-            line: str | None = json_line(event)
-        else:
-            line = formatEventAsClassicLogText(event)
-            if line and request_id:
-                line = f"{line.rstrip(chr(10))} [request_id={request_id}]\n"
-        if line:
-            self.out.write(line)
-            flush = getattr(self.out, "flush", None)
-            if flush is not None:
-                flush()
+        if fmt == "json":
+            return json_line(event)
+        line = formatEventAsClassicLogText(event)
+        if line and request_id:
+            line = f"{line.rstrip(chr(10))} [request_id={request_id}]\n"
+        return line
+
+    return format_line
+
+
+def line_observer(out: IO[str] | ReopenableFile, fmt: str = "text") -> FileLogObserver:
+    """Twisted's ``FileLogObserver`` writing :func:`line_formatter` lines to ``out`` (flushed after each)."""
+    # FileLogObserver uses only write() and flush(), which ReopenableFile has.
+    return FileLogObserver(cast("IO[str]", out), line_formatter(fmt))
 
 
 @implementer(ILogFilterPredicate)
@@ -144,25 +150,13 @@ class AnnouncedOrWarning:
 def make_observer(path: str, level: str, fmt: str) -> tuple[ILogObserver, ReopenableFile | None]:
     """The daemon's observer for ``logging.*`` settings, and the file to reopen on SIGHUP, if any.
 
-    With a log file, the start-up and shutdown announcements and every warning also go to standard error,
-    so ``journalctl -u aichat-backend`` shows them.
+    With a log file, a ``LogPublisher`` fans each event out to the file and to standard error, where the
+    start-up and shutdown announcements and every warning go, so ``journalctl -u aichat-backend`` shows them.
     """
     predicate = LogLevelFilterPredicate(defaultLogLevel=LEVELS[level])
     if not path:
-        return FilteringLogObserver(LineObserver(sys.stdout, fmt), [predicate]), None
+        return FilteringLogObserver(line_observer(sys.stdout, fmt), [predicate]), None
     target = ReopenableFile(path)
-    to_file = FilteringLogObserver(LineObserver(target, fmt), [predicate])
-    to_stderr = FilteringLogObserver(LineObserver(sys.stderr, "text"), [AnnouncedOrWarning()])
-    return Tee(to_file, to_stderr), target
-
-
-@implementer(ILogObserver)
-class Tee:
-    """Passes every event to each of its observers."""
-
-    def __init__(self, *observers: ILogObserver) -> None:
-        self.observers = observers
-
-    def __call__(self, event: LogEvent) -> None:
-        for observer in self.observers:
-            observer(event)
+    to_file = FilteringLogObserver(line_observer(target, fmt), [predicate])
+    to_stderr = FilteringLogObserver(line_observer(sys.stderr, "text"), [AnnouncedOrWarning()])
+    return LogPublisher(to_file, to_stderr), target

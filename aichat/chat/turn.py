@@ -24,6 +24,7 @@ from datetime import UTC, datetime
 from enum import Enum
 from typing import TYPE_CHECKING, Any, Protocol
 
+from twisted.application.service import Service
 from twisted.internet.defer import CancelledError, Deferred, DeferredSemaphore, gatherResults
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
@@ -57,6 +58,8 @@ if TYPE_CHECKING:
 log = Logger(namespace="aichat.chat")
 
 TITLE_TIMEOUT = 10.0
+#: Seconds :meth:`ChatService.stop` waits for the turns it cancelled before giving up on them.
+STOP_SECONDS = 30.0
 ROUND_LIMIT = "Tool call was not executed: the tool round limit was reached."
 BUSY = "A turn is already running in this session"
 
@@ -609,8 +612,13 @@ class Turn:
         return Succeeded(call, output, *times)
 
 
-class ChatService:
-    """Starts turns (one at a time per session) and resolves approvals; owns the live turns."""
+class ChatService(Service):
+    """Starts turns (one at a time per session) and resolves approvals; owns the live turns.
+
+    It is the daemon's ``chat`` service: stopping it cancels the live turns and waits for them.
+    """
+
+    name = "chat"
 
     def __init__(
         self,
@@ -876,26 +884,70 @@ class ChatService:
 
     # -- shutdown -----------------------------------------------------------------------------------
 
-    async def stop(self) -> None:
-        """Cancel running turns and title work and wait for them to settle.
+    def stopService(self) -> Deferred[None]:
+        """The daemon's ``chat`` service stops by :meth:`stop`."""
+        super().stopService()
+        return Deferred.fromCoroutine(self.stop())
+
+    async def stop(self, within: float = STOP_SECONDS) -> None:
+        """Cancel running turns and title work and wait, up to ``within`` seconds, for them to settle.
 
         Each turn's stream ends with an ``error`` event saying the server is shutting down, and what the
-        model had said so far is stored before this returns (so the store may be closed after it).
+        model had said so far is stored before this returns (so the store may be closed after it). A turn
+        started while stopping is cancelled too. Each is cancelled once (a second cancellation would
+        interrupt its clean-up); those still running after ``within`` seconds are left, with a warning.
         """
         self.stopping = True
-        settled: list[Deferred[None]] = []
-        for turn in list(self._running.values()) + list(self._stateless) + list(self._background):
-            done: Deferred[None] = Deferred()
-
-            def settle(result: object, done: Deferred[None] = done) -> object:
-                done.callback(None)
-                return result
-
-            turn.addBoth(settle)
-            settled.append(done)
-            turn.cancel()
-        await gatherResults(settled)
+        deadline = self.clock.seconds() + within
+        cancelled: set[Deferred[Any]] = set()
+        while True:
+            live = list(self._running.values()) + list(self._stateless) + list(self._background)
+            if not live:
+                break
+            settled = _settled(live)
+            for work in live:
+                if work not in cancelled:
+                    cancelled.add(work)
+                    work.cancel()
+            if not await _within(settled, deadline - self.clock.seconds(), self.clock):
+                still = len(self._running) + len(self._stateless) + len(self._background)
+                log.warn("Stopping: {count} turns or title jobs still running after {seconds:g} s; not waiting",
+                         count=still, seconds=within)
+                break
         self.streams.close()
+
+
+def _settled(work: Sequence[Deferred[Any]]) -> Deferred[None]:
+    """Fires once every one of ``work`` has a result (passed on unchanged to their later callbacks)."""
+    done: Deferred[None] = Deferred()
+    left = len(work)
+
+    def one(result: object) -> object:
+        nonlocal left
+        left -= 1
+        if left == 0:
+            done.callback(None)
+        return result
+
+    for each in work:
+        each.addBoth(one)
+    return done
+
+
+async def _within(waiting: Deferred[None], seconds: float, clock: IReactorTime) -> bool:
+    """Wait for ``waiting`` at most ``seconds``; True if it fired in time."""
+    if waiting.called:
+        return True
+    if seconds <= 0:
+        return False
+    outcome: Deferred[bool] = Deferred()
+    waiting.addCallback(lambda _: None if outcome.called else outcome.callback(True))
+    timer = clock.callLater(seconds, lambda: None if outcome.called else outcome.callback(False))
+    try:
+        return await outcome
+    finally:
+        if timer.active():
+            timer.cancel()
 
 
 async def _nothing(turn: Turn) -> None:

@@ -2,7 +2,9 @@
 
 :class:`MCPHost` is what the rest of the daemon uses: ``tools()`` for the model's function list,
 ``call_tool()`` for the chat layer, ``status()``, ``refresh()`` and ``restart()`` for the HTTP API,
-``reload()`` for SIGHUP.
+``reload()`` for SIGHUP. It is the daemon's ``mcp`` service, a child of
+:class:`~aichat.daemon.AichatService` started after the store and stopped after the chat service (so the
+tools of cancelled turns are still there while those turns end).
 """
 
 from __future__ import annotations
@@ -40,6 +42,8 @@ class MCPHost(Service):
     (``StubTreq`` in tests) for the ``http`` and ``sse`` transports. ``connector`` replaces the transports
     (tests); the grace periods and the first backoff delay are tunable for tests.
     """
+
+    name = "mcp"
 
     def __init__(
         self,

@@ -5,7 +5,8 @@ stdout lines to a :class:`~aichat.mcp.jsonrpc.JSONRPCPeer` and logs stderr line 
 :class:`StdioConnection` owns one child: it spawns it as the leader of its own process group (through
 ``setsid``) with a minimal environment, and stops it with the ladder close stdin, SIGTERM to the group,
 SIGKILL to the group. Whatever remains of the group when the leader exits is killed, so ``npx`` -> npm ->
-node chains leave no orphans.
+node chains leave no orphans. Its lifecycle is an Automat state machine (idle, running, broken, stopping,
+exited, ended; see the class); the synchronous stdin write goes through :mod:`aichat.twisted_internals`.
 """
 
 from __future__ import annotations
@@ -14,9 +15,10 @@ import os
 import shutil
 import signal
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
+from automat import MethodicalMachine
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.error import ProcessDone, ProcessTerminated
 from twisted.internet.interfaces import IDelayedCall, IProcessTransport, IReactorProcess, IReactorTime
@@ -27,6 +29,7 @@ from twisted.python.failure import Failure
 from aichat.jsonfmt import compact
 from aichat.mcp.config import ServerConfig
 from aichat.mcp.jsonrpc import JSONRPCPeer, PeerGone
+from aichat.twisted_internals import DirectStdin, direct_stdin
 
 log = Logger()
 
@@ -120,6 +123,11 @@ def describe_exit(reason: Failure) -> str:
     return f"ended: {value}"
 
 
+def _last_value(values: Iterable[Any]) -> Any:
+    """What an input returns: the value of its last output (the Deferred of ``close``)."""
+    return list(values)[-1]
+
+
 class ServerProcessProtocol(ProcessProtocol):
     """Bytes of one child to and from its :class:`StdioConnection`."""
 
@@ -129,14 +137,14 @@ class ServerProcessProtocol(ProcessProtocol):
         self._stderr = LineFramer(STDERR_MAX_LINE_BYTES)
 
     def outReceived(self, data: bytes) -> None:
-        if self._connection.broken:
+        line_received = self._connection.stdout_sink
+        if line_received is None:
             return
         try:
             lines = self._stdout.feed(data)
         except LineTooLong as e:
             self._connection.fatal(f"stdout {e}")
             return
-        line_received = self._connection.peer.line_received
         for line in lines:
             line_received(line)
 
@@ -164,7 +172,24 @@ class StdioConnection:
 
     ``on_lost(reason)`` is called once if the process dies or misbehaves while we did not ask it to stop;
     right after it returns, every pending request fails with :class:`PeerGone` naming the reason.
+
+    The lifecycle is an Automat state machine::
+
+        idle --spawned--> running
+        running --violated (overlong line)--> broken: report the loss, start the stop ladder
+        running --close--> stopping: fail pending calls, start the stop ladder
+        broken --close--> stopping
+        running | broken | stopping --leader_exited--> exited: kill the rest of the group (a crash is
+                                                       reported unless we were stopping)
+        any started state --pipes_closed--> ended: timers cancelled, close() waiters fired
+
+    The stop ladder (stdin closed, SIGTERM to the group after ``stdin_grace``, SIGKILL after
+    ``term_grace`` more) runs once, from whichever of running -> broken or running -> stopping came first.
+    Where stdin writes and stdout lines go is set on each transition (``stdout_sink`` is None once the
+    output can no longer be trusted or is no longer wanted).
     """
+
+    _machine = MethodicalMachine()
 
     def __init__(
         self,
@@ -183,6 +208,8 @@ class StdioConnection:
         self.reachable = False
         self.pid: int | None = None
         self.protocol_version: str | None = None
+        #: Where stdout lines go now; None while they are dropped.
+        self.stdout_sink: Callable[[bytes], None] | None = None
         self._reactor = reactor
         self._clock = clock
         self._max_line_bytes = max_line_bytes
@@ -190,14 +217,197 @@ class StdioConnection:
         self._stdin_grace = stdin_grace
         self._term_grace = term_grace
         self._transport: IProcessTransport | None = None
-        self._stdin_writer: Any = None
-        self._exited = False
-        self._ended = False
-        self._lost = False
-        self._closing = False
-        self._laddering = False
+        self._write: Callable[[bytes], None] = self._refuse
+        self._direct: DirectStdin | None = None
         self._ended_waiters: list[Deferred[None]] = []
         self._timers: list[IDelayedCall] = []
+
+    # -- states -----------------------------------------------------------------------------------
+
+    @_machine.state(initial=True)
+    def _idle(self) -> None:
+        """Not started yet."""
+
+    @_machine.state()
+    def _running(self) -> None:
+        """The child runs and we talk to it."""
+
+    @_machine.state()
+    def _broken(self) -> None:
+        """The child broke the protocol: the loss is reported, the stop ladder runs, stdout is ignored."""
+
+    @_machine.state()
+    def _stopping(self) -> None:
+        """We asked the child to stop: the stop ladder runs."""
+
+    @_machine.state()
+    def _exited(self) -> None:
+        """The leader exited; its pipes (held by a stray grandchild, perhaps) are not all closed yet."""
+
+    @_machine.state(terminal=True)
+    def _ended(self) -> None:
+        """The child and the rest of its group are gone; every pipe is closed."""
+
+    # -- inputs -----------------------------------------------------------------------------------
+
+    @_machine.input()
+    def _spawned(self) -> None:
+        """spawnProcess returned the child's transport."""
+
+    @_machine.input()
+    def _violated(self, reason: str) -> None:
+        """The child broke the protocol beyond repair."""
+
+    @_machine.input()
+    def _leader_exited(self, reason: Failure) -> None:
+        """The process we spawned exited."""
+
+    @_machine.input()
+    def _pipes_closed(self) -> None:
+        """Every pipe to the child is closed."""
+
+    @_machine.input()
+    def _close(self) -> None:
+        """The owner wants the server stopped."""
+
+    @_machine.input()
+    def _term_due(self) -> None:
+        """The stdin grace is over: time for SIGTERM."""
+
+    @_machine.input()
+    def _kill_due(self) -> None:
+        """The SIGTERM grace is over: time for SIGKILL."""
+
+    @_machine.input()
+    def _force_close_due(self) -> None:
+        """The leader exited a while ago and some pipe is still open."""
+
+    # -- outputs ----------------------------------------------------------------------------------
+
+    @_machine.output()
+    def _connect_pipes(self) -> None:
+        self._direct = direct_stdin(self._transport)
+        self._write = self._write_direct if self._direct is not None else self._write_buffered
+        self.stdout_sink = self.peer.line_received
+
+    @_machine.output()
+    def _log_violation(self, reason: str) -> None:
+        log.error("{server}: {reason}; stopping it", server=self.config.name, reason=reason)
+
+    @_machine.output()
+    def _report_violation(self, reason: str) -> None:
+        self.stdout_sink = None
+        self._report_lost(reason)
+
+    @_machine.output()
+    def _fail_pending_as_stopping(self) -> None:
+        self.peer.fail_all(PeerGone(f"MCP server {self.config.name!r} is stopping"))
+
+    @_machine.output()
+    def _start_ladder(self) -> None:
+        assert self._transport is not None
+        self._write = self._write_buffered
+        self._transport.closeStdin()
+        self._timers.append(self._clock.callLater(self._stdin_grace, self._term_due))
+        self._timers.append(self._clock.callLater(self._stdin_grace + self._term_grace, self._kill_due))
+
+    @_machine.output()
+    def _wait_ended(self) -> Deferred[None]:
+        waiter: Deferred[None] = Deferred()
+        self._ended_waiters.append(waiter)
+        return waiter
+
+    @_machine.output()
+    def _already_ended(self) -> Deferred[None]:
+        return succeed(None)
+
+    @_machine.output()
+    def _kill_rest_of_group(self) -> None:
+        self._write = self._refuse
+        self.stdout_sink = None
+        self._signal_group(signal.SIGKILL, quiet=True)
+
+    @_machine.output()
+    def _log_exit(self, reason: Failure) -> None:
+        log.info("{server}: {how}", server=self.config.name, how=describe_exit(reason))
+
+    @_machine.output()
+    def _log_crash(self, reason: Failure) -> None:
+        log.error("{server}: server process {how}", server=self.config.name, how=describe_exit(reason))
+
+    @_machine.output()
+    def _report_crash(self, reason: Failure) -> None:
+        self._report_lost(f"server process {describe_exit(reason)}")
+
+    @_machine.output()
+    def _arm_force_close(self) -> None:
+        # A grandchild outside the group may still hold stdout open; do not wait on it forever.
+        self._timers.append(self._clock.callLater(self._term_grace, self._force_close_due))
+
+    @_machine.output()
+    def _send_term(self) -> None:
+        self._signal_group(signal.SIGTERM)
+
+    @_machine.output()
+    def _send_kill(self) -> None:
+        self._signal_group(signal.SIGKILL)
+
+    @_machine.output()
+    def _send_kill_quietly(self) -> None:
+        self._signal_group(signal.SIGKILL, quiet=True)
+
+    @_machine.output()
+    def _force_close(self) -> None:
+        assert self._transport is not None
+        log.warn("{server}: pipes still open after exit; closing them", server=self.config.name)
+        self._transport.loseConnection()
+
+    @_machine.output()
+    def _finish(self) -> None:
+        self._write = self._refuse
+        self.stdout_sink = None
+        for timer in self._timers:
+            if timer.active():
+                timer.cancel()
+        self._timers = []
+        waiters, self._ended_waiters = self._ended_waiters, []
+        for waiter in waiters:
+            waiter.callback(None)
+
+    # -- transitions ------------------------------------------------------------------------------
+
+    _idle.upon(_spawned, enter=_running, outputs=[_connect_pipes])
+    _idle.upon(_close, enter=_idle, outputs=[_already_ended], collector=_last_value)
+
+    _running.upon(_violated, enter=_broken, outputs=[_log_violation, _report_violation, _start_ladder])
+    _running.upon(_close, enter=_stopping, outputs=[_fail_pending_as_stopping, _start_ladder, _wait_ended],
+                  collector=_last_value)
+    _running.upon(_leader_exited, enter=_exited, outputs=[_kill_rest_of_group, _log_crash, _report_crash,
+                                                          _arm_force_close])
+    _running.upon(_pipes_closed, enter=_ended, outputs=[_finish])
+
+    _broken.upon(_close, enter=_stopping, outputs=[_wait_ended], collector=_last_value)
+    _broken.upon(_leader_exited, enter=_exited, outputs=[_kill_rest_of_group, _log_crash, _arm_force_close])
+    _broken.upon(_term_due, enter=_broken, outputs=[_send_term])
+    _broken.upon(_kill_due, enter=_broken, outputs=[_send_kill])
+    _broken.upon(_pipes_closed, enter=_ended, outputs=[_finish])
+
+    _stopping.upon(_violated, enter=_stopping, outputs=[_log_violation])
+    _stopping.upon(_close, enter=_stopping, outputs=[_wait_ended], collector=_last_value)
+    _stopping.upon(_leader_exited, enter=_exited, outputs=[_kill_rest_of_group, _log_exit, _arm_force_close])
+    _stopping.upon(_term_due, enter=_stopping, outputs=[_send_term])
+    _stopping.upon(_kill_due, enter=_stopping, outputs=[_send_kill])
+    _stopping.upon(_pipes_closed, enter=_ended, outputs=[_finish])
+
+    _exited.upon(_close, enter=_exited, outputs=[_wait_ended], collector=_last_value)
+    _exited.upon(_term_due, enter=_exited, outputs=[_send_term])
+    _exited.upon(_kill_due, enter=_exited, outputs=[_send_kill_quietly])
+    _exited.upon(_force_close_due, enter=_exited, outputs=[_force_close])
+    _exited.upon(_pipes_closed, enter=_ended, outputs=[_finish])
+
+    _ended.upon(_close, enter=_ended, outputs=[_already_ended], collector=_last_value)
+
+    # -- the connection's face ----------------------------------------------------------------------
 
     def start(self) -> None:
         """Spawn the child; raises OSError if the command cannot be found or spawned."""
@@ -219,9 +429,7 @@ class StdioConnection:
             childFDs={0: "w", 1: "r", 2: "r"},
         )
         self.pid = self._transport.pid
-        writer = getattr(self._transport, "pipes", {}).get(0)
-        if all(hasattr(writer, name) for name in ("fd", "offset", "dataBuffer", "_tempDataBuffer")):
-            self._stdin_writer = writer
+        self._spawned()
         log.info(
             "{server}: started {command} as pid {pid}",
             server=self.config.name,
@@ -229,22 +437,22 @@ class StdioConnection:
             pid=self.pid,
         )
 
-    def _send(self, message: dict[str, Any]) -> None:
-        if self._transport is None or self._exited:
-            raise PeerGone(f"MCP server {self.config.name!r} is not running")
-        data = compact(message).encode("utf-8") + b"\n"
-        writer = self._stdin_writer
-        if writer is not None and not writer._tempDataBuffer and writer.offset >= len(writer.dataBuffer):
-            # Nothing queued: write now instead of after the next reactor iteration (half the latency of
-            # a sequential call); whatever the pipe does not take goes through the transport's buffer.
-            try:
-                written = os.write(writer.fd, data)
-            except OSError:
-                written = 0
-            data = data[written:]
-            if not data:
-                return
-        self._transport.write(data)
+    def close(self) -> Deferred[None]:
+        """Stop the server with the ladder; fires once the process has exited and its pipes are closed."""
+        closing: Deferred[None] = self._close()
+        return closing
+
+    def fatal(self, reason: str) -> None:
+        """The server broke the protocol beyond repair: fail everything, report, and stop the process."""
+        self._violated(reason)
+
+    def process_exited(self, reason: Failure) -> None:
+        """The leader exited: kill what is left of its group and, unless we stopped it, report a crash."""
+        self._leader_exited(reason)
+
+    def process_ended(self) -> None:
+        """Every pipe closed: the child and the rest of its group are gone."""
+        self._pipes_closed()
 
     def stderr_line(self, line: bytes) -> None:
         """Log one line the server wrote to stderr."""
@@ -255,76 +463,35 @@ class StdioConnection:
             stream="stderr",
         )
 
-    @property
-    def broken(self) -> bool:
-        """True once the connection was reported lost; later output is ignored."""
-        return self._lost
+    # -- helpers of the outputs ---------------------------------------------------------------------
 
-    def fatal(self, reason: str) -> None:
-        """The server broke the protocol beyond repair: fail everything, report, and stop the process."""
-        log.error("{server}: {reason}; stopping it", server=self.config.name, reason=reason)
-        self._report_lost(reason)
-        self._stop_ladder()
+    def _send(self, message: dict[str, Any]) -> None:
+        self._write(compact(message).encode("utf-8") + b"\n")
 
-    def process_exited(self, reason: Failure) -> None:
-        """The leader exited: kill what is left of its group and, unless we stopped it, report a crash."""
-        self._exited = True
-        self._signal_group(signal.SIGKILL)
-        how = describe_exit(reason)
-        if self._closing:
-            log.info("{server}: {how}", server=self.config.name, how=how)
-        else:
-            log.error("{server}: server process {how}", server=self.config.name, how=how)
-            self._report_lost(f"server process {how}")
-        # A grandchild outside the group may still hold stdout open; do not wait on it forever.
-        self._timers.append(self._clock.callLater(self._term_grace, self._force_close))
+    def _refuse(self, data: bytes) -> None:
+        raise PeerGone(f"MCP server {self.config.name!r} is not running")
 
-    def process_ended(self) -> None:
-        """Every pipe closed: the child and the rest of its group are gone."""
-        self._ended = True
-        self._exited = True
-        for timer in self._timers:
-            if timer.active():
-                timer.cancel()
-        self._timers = []
-        waiters, self._ended_waiters = self._ended_waiters, []
-        for waiter in waiters:
-            waiter.callback(None)
+    def _write_direct(self, data: bytes) -> None:
+        # Nothing queued: write now instead of after the next reactor iteration (half the latency of a
+        # sequential call); whatever the pipe does not take goes through the transport's buffer.
+        assert self._direct is not None
+        rest = self._direct.write(data)
+        if rest:
+            self._write_buffered(rest)
 
-    def close(self) -> Deferred[None]:
-        """Stop the server with the ladder; fires once the process has exited and its pipes are closed."""
-        if self._transport is None or self._ended:
-            return succeed(None)
-        if not self._closing:
-            self._closing = True
-            if not self._lost:
-                self.peer.fail_all(PeerGone(f"MCP server {self.config.name!r} is stopping"))
-            if not self._exited:
-                self._stop_ladder()
-        waiter: Deferred[None] = Deferred()
-        self._ended_waiters.append(waiter)
-        return waiter
+    def _write_buffered(self, data: bytes) -> None:
+        assert self._transport is not None
+        self._transport.write(data)
 
-    def _stop_ladder(self) -> None:
-        if self._transport is None or self._exited or self._laddering:
-            return
-        self._laddering = True
-        self._stdin_writer = None
-        self._transport.closeStdin()
-        self._timers.append(self._clock.callLater(self._stdin_grace, self._signal_group, signal.SIGTERM))
-        self._timers.append(
-            self._clock.callLater(self._stdin_grace + self._term_grace, self._signal_group, signal.SIGKILL)
-        )
-
-    def _signal_group(self, signum: int) -> None:
-        if self.pid is None or self._ended:
+    def _signal_group(self, signum: int, *, quiet: bool = False) -> None:
+        if self.pid is None:
             return
         try:
             os.killpg(self.pid, signum)
         except (ProcessLookupError, PermissionError):
             pass
         else:
-            if signum != signal.SIGKILL or not self._exited:
+            if not quiet:
                 log.info(
                     "{server}: sent {signal} to process group {pgid}",
                     server=self.config.name,
@@ -332,15 +499,7 @@ class StdioConnection:
                     pgid=self.pid,
                 )
 
-    def _force_close(self) -> None:
-        if self._transport is not None and not self._ended:
-            log.warn("{server}: pipes still open after exit; closing them", server=self.config.name)
-            self._transport.loseConnection()
-
     def _report_lost(self, reason: str) -> None:
-        if self._lost or self._closing:
-            return
-        self._lost = True
         # The owner learns first, so callers whose calls fail below already see the new state.
         if self.on_lost is not None:
             self.on_lost(reason)

@@ -1,13 +1,18 @@
 """Keep one MCP server usable: start it, watch it, restart it with backoff, stop it.
 
-The lifecycle is an explicit state machine::
+The lifecycle is an Automat state machine (:class:`ServerSupervisor`; magic-wormhole's nameplate
+machine is the model)::
 
     stopped --start--> starting --handshake and tool list--> ready
     starting --failure--> backing_off --delay--> starting
     starting --unsupported protocol version--> failed
     ready --crash / overlong line / unreachable--> backing_off
     ready --session lost while the server answers--> starting (at once, if it was ready >= 1 s)
-    any --stop--> stopping --children gone--> stopped
+    any --stop--> stopping --children gone, bring-up settled--> stopped
+
+Events that arrive in a state that no longer expects them (a connection lost after a stop, the result of a
+bring-up a stop cancelled, a connection handed over after one) are ignored by the machine, or closed;
+a dropped connection's ``on_lost`` is unhooked, so it cannot report into a later session.
 
 The delay starts at 1 s and doubles to 60 s; it goes back to 1 s once a server has stayed ready for 60 s.
 A remote server that forgot our session (it restarted) is asked for a new one at once, as the MCP
@@ -22,10 +27,11 @@ Clock and fake connections.
 from __future__ import annotations
 
 import enum
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, Protocol
 
-from twisted.internet.defer import CancelledError, Deferred, DeferredList, succeed
+from automat import MethodicalMachine
+from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -68,12 +74,25 @@ class Connection(Protocol):
 Connector = Callable[[ServerConfig], Awaitable[Connection]]
 
 
+def _last_value(values: Iterable[Any]) -> Any:
+    """What an input returns: the value of its last output (the session adopted, or None)."""
+    return list(values)[-1]
+
+
 class ToolCallError(Exception):
     """A tool could not be called: server not ready, crashed, timed out, or answered a JSON-RPC error."""
 
 
 class ServerSupervisor:
-    """The lifecycle of one configured server."""
+    """The lifecycle of one configured server, as an Automat state machine (see the module docstring).
+
+    Every event from outside (a start or stop asked for, the connector's connection, the handshake's
+    end, the connection's loss, the retry timer) is an input; the machine's state decides what it means,
+    so a late event (a connection lost after a stop, a bring-up cancelled by one) has no effect without
+    any counter to compare. ``state`` is the public name of the machine's state, announced on change.
+    """
+
+    _machine = MethodicalMachine()
 
     def __init__(
         self,
@@ -104,11 +123,258 @@ class ServerSupervisor:
         self._bring_up: Deferred[None] | None = None
         self._retry_timer: IDelayedCall | None = None
         self._ready_since: float | None = None
-        self._generation = 0
         self._listing = False
         self._relist_wanted = False
         self._closing: set[Connection] = set()
         self._outcome_waiters: list[Deferred[None]] = []
+        self._stop_waiters: list[Deferred[None]] = []
+
+    # -- states -----------------------------------------------------------------------------------
+
+    @_machine.state(initial=True)
+    def _stopped(self) -> None:
+        """Not running, nothing outstanding."""
+
+    @_machine.state()
+    def _starting(self) -> None:
+        """A bring-up (connect, initialize, tools/list) is under way, bounded by init_timeout."""
+
+    @_machine.state()
+    def _ready(self) -> None:
+        """Connected, with its tools listed."""
+
+    @_machine.state()
+    def _backing_off(self) -> None:
+        """Waiting for the retry timer after a failed start or a crash."""
+
+    @_machine.state()
+    def _failed(self) -> None:
+        """Refused for good (unsupported protocol version) until started again by hand."""
+
+    @_machine.state()
+    def _stopping(self) -> None:
+        """Stopped; waiting for the connections still closing and the cancelled bring-up to settle."""
+
+    # -- inputs -----------------------------------------------------------------------------------
+
+    @_machine.input()
+    def _start_asked(self) -> None:
+        """start(), restart() or refresh asked for the server."""
+
+    @_machine.input()
+    def _retry_due(self) -> None:
+        """The backoff delay is over."""
+
+    @_machine.input()
+    def _connected(self, connection: Connection) -> None:
+        """The connector handed over a connection."""
+
+    @_machine.input()
+    def _handshake_done(self, tools: list[dict[str, Any]]) -> None:
+        """initialize and tools/list succeeded."""
+
+    @_machine.input()
+    def _start_failed(self, reason: str) -> None:
+        """The bring-up failed or timed out; worth retrying."""
+
+    @_machine.input()
+    def _start_refused(self, reason: str) -> None:
+        """The bring-up failed in a way retrying cannot mend."""
+
+    @_machine.input()
+    def _crashed(self, reason: str) -> None:
+        """The connection was lost (process died, overlong line, server unreachable)."""
+
+    @_machine.input()
+    def _session_lost(self, reason: str) -> None:
+        """The server still answers but forgot our session."""
+
+    @_machine.input()
+    def _stop_and_wait(self) -> None:
+        """stop() with a connection open or closing, or a bring-up under way."""
+
+    @_machine.input()
+    def _halt(self) -> None:
+        """stop() with nothing to wait for."""
+
+    @_machine.input()
+    def _settled(self) -> None:
+        """The last closing connection closed and no bring-up is under way."""
+
+    # -- outputs ----------------------------------------------------------------------------------
+
+    @_machine.output()
+    def _begin_attempt(self) -> None:
+        self._cancel_retry()
+        self.info = None
+        self.tools = []
+        self._set_state(State.STARTING)
+        bring_up = Deferred.fromCoroutine(self._bring_up_once())
+        timed_out = False
+
+        def time_out() -> None:
+            nonlocal timed_out
+            timed_out = True
+            bring_up.cancel()
+
+        timer = self._clock.callLater(self.config.init_timeout, time_out)
+
+        def finished(result: object) -> None:
+            if timer.active():
+                timer.cancel()
+            self._bring_up = None
+            if isinstance(result, Failure):
+                # Outside ``starting`` (a stop cancelled the bring-up) the machine ignores these.
+                if result.check(CancelledError) and timed_out:
+                    self._start_failed(f"not ready within init_timeout {self.config.init_timeout:g} s")
+                elif result.check(ProtocolVersionError):
+                    self._start_refused(_describe(result))
+                else:
+                    self._start_failed(_describe(result))
+            self._settle_if_idle()
+
+        if not bring_up.called:
+            self._bring_up = bring_up
+        bring_up.addBoth(finished)
+
+    @_machine.output()
+    def _adopt(self, connection: Connection) -> MCPSession:
+        self._connection = connection
+        connection.on_lost = lambda reason: self._connection_lost(reason, connection.reachable)
+
+        def negotiated(version: str) -> None:
+            connection.protocol_version = version
+
+        session = MCPSession(
+            connection.peer, name=self.name, on_tools_changed=self._tools_changed, on_negotiated=negotiated
+        )
+        self._session = session
+        return session
+
+    @_machine.output()
+    def _discard(self, connection: Connection) -> None:
+        self._close(connection)
+
+    @_machine.output()
+    def _become_ready(self, tools: list[dict[str, Any]]) -> None:
+        self.tools = tools
+        self.last_error = None
+        self._ready_since = self._clock.seconds()
+        log.info(
+            "{server}: ready ({version}, {count} tools)",
+            server=self.name,
+            version=self.info.protocol_version if self.info is not None else None,
+            count=len(tools),
+        )
+        self._set_state(State.READY)
+        self._settle_waiters()
+        if self._relist_wanted:
+            self._tools_changed()
+
+    @_machine.output()
+    def _record_error(self, reason: str) -> None:
+        self.last_error = reason
+
+    @_machine.output()
+    def _log_start_failure(self, reason: str) -> None:
+        log.error("{server}: start failed: {reason}", server=self.name, reason=reason)
+
+    @_machine.output()
+    def _log_loss(self, reason: str) -> None:
+        uptime = self.uptime or 0.0
+        if uptime >= self._reset_after:
+            self._backoff = self._initial_backoff
+        log.error("{server}: lost after {uptime:.1f} s: {reason}", server=self.name, uptime=uptime, reason=reason)
+
+    @_machine.output()
+    def _drop(self) -> None:
+        self._drop_connection()
+
+    @_machine.output()
+    def _schedule_retry(self) -> None:
+        delay = self._backoff
+        self._backoff = min(self._backoff * 2, self._max_backoff)
+        self.restarts += 1
+        self._set_state(State.BACKING_OFF)
+        log.info("{server}: restarting in {delay:g} s", server=self.name, delay=delay)
+        self._retry_timer = self._clock.callLater(delay, self._retry_due)
+
+    @_machine.output()
+    def _now_failed(self) -> None:
+        self._set_state(State.FAILED)
+
+    @_machine.output()
+    def _count_new_session(self) -> None:
+        self.restarts += 1
+        log.info("{server}: the server answers; starting a new session now", server=self.name)
+
+    @_machine.output()
+    def _wake_waiters(self) -> None:
+        self._settle_waiters()
+
+    @_machine.output()
+    def _abandon(self) -> None:
+        self._cancel_retry()
+        self._settle_waiters()
+
+    @_machine.output()
+    def _cancel_bring_up(self) -> None:
+        if self._bring_up is not None:
+            self._bring_up.cancel()
+
+    @_machine.output()
+    def _now_stopping(self) -> None:
+        self._set_state(State.STOPPING)
+
+    @_machine.output()
+    def _now_stopped(self) -> None:
+        self._set_state(State.STOPPED)
+        waiters, self._stop_waiters = self._stop_waiters, []
+        for waiter in waiters:
+            waiter.callback(None)
+
+    # -- transitions ------------------------------------------------------------------------------
+
+    for _idle in (_stopped, _backing_off, _failed):
+        _idle.upon(_start_asked, enter=_starting, outputs=[_begin_attempt])
+        _idle.upon(_halt, enter=_stopped, outputs=[_abandon, _now_stopped])
+        _idle.upon(_stop_and_wait, enter=_stopping, outputs=[_abandon, _now_stopping, _cancel_bring_up, _drop])
+        _idle.upon(_settled, enter=_idle)
+    _backing_off.upon(_retry_due, enter=_starting, outputs=[_begin_attempt])
+
+    _starting.upon(_start_asked, enter=_starting)
+    _starting.upon(_connected, enter=_starting, outputs=[_adopt], collector=_last_value)
+    _starting.upon(_handshake_done, enter=_ready, outputs=[_become_ready])
+    _starting.upon(_start_failed, enter=_backing_off,
+                   outputs=[_record_error, _log_start_failure, _drop, _schedule_retry, _wake_waiters])
+    _starting.upon(_start_refused, enter=_failed,
+                   outputs=[_record_error, _log_start_failure, _drop, _now_failed, _wake_waiters])
+    # Lost during the handshake: the bring-up fails by itself (its requests fail), with this reason noted.
+    _starting.upon(_crashed, enter=_starting, outputs=[_record_error])
+    _starting.upon(_session_lost, enter=_starting, outputs=[_record_error])
+    _starting.upon(_halt, enter=_stopped, outputs=[_abandon, _now_stopped])
+    _starting.upon(_stop_and_wait, enter=_stopping, outputs=[_abandon, _now_stopping, _cancel_bring_up, _drop])
+    _starting.upon(_settled, enter=_starting)
+
+    _ready.upon(_start_asked, enter=_ready)
+    _ready.upon(_crashed, enter=_backing_off, outputs=[_record_error, _log_loss, _drop, _schedule_retry])
+    _ready.upon(_session_lost, enter=_starting,
+                outputs=[_record_error, _log_loss, _drop, _count_new_session, _begin_attempt])
+    _ready.upon(_stop_and_wait, enter=_stopping, outputs=[_abandon, _now_stopping, _cancel_bring_up, _drop])
+    _ready.upon(_settled, enter=_ready)
+
+    _stopping.upon(_start_asked, enter=_stopping)
+    _stopping.upon(_stop_and_wait, enter=_stopping, outputs=[_drop])
+    _stopping.upon(_halt, enter=_stopped, outputs=[_now_stopped])
+    _stopping.upon(_settled, enter=_stopped, outputs=[_now_stopped])
+
+    # Events of a bring-up that a stop overtook: its connection is closed, its outcome ignored.
+    for _done in (_stopped, _stopping):
+        _done.upon(_connected, enter=_done, outputs=[_discard], collector=_last_value)
+        _done.upon(_handshake_done, enter=_done)
+        _done.upon(_start_failed, enter=_done)
+        _done.upon(_start_refused, enter=_done)
+    del _idle, _done
 
     @property
     def name(self) -> str:
@@ -137,41 +403,29 @@ class ServerSupervisor:
 
     def start(self) -> None:
         """Start now unless already starting, ready or stopping; a pending retry is brought forward."""
-        if self.state in (State.STARTING, State.READY, State.STOPPING):
-            return
-        self._cancel_retry()
-        self._attempt()
+        self._start_asked()
 
     def stop(self) -> Deferred[None]:
         """Stop the server (stop ladder for a child); fires when every process it started is gone.
 
-        Safe to call repeatedly; also waits for connections still closing after earlier failures.
+        Safe to call repeatedly; also waits for connections still closing after earlier failures and for
+        a cancelled bring-up to settle.
         """
-        self._cancel_retry()
-        self._generation += 1
-        self._settle_waiters()
-        if self._bring_up is not None:
-            bring_up, self._bring_up = self._bring_up, None
-            bring_up.cancel()
-        if self._connection is not None or self._closing:
-            self._set_state(State.STOPPING)
-        self._drop_connection()
-        if not self._closing:
-            self._set_state(State.STOPPED)
+        if self._connection is not None or self._closing or self._bring_up is not None:
+            self._stop_and_wait()
+        else:
+            self._halt()
+        if self.state is State.STOPPED:
             return succeed(None)
-        waits = [connection.close() for connection in list(self._closing)]
-
-        def stopped(_: object) -> None:
-            if self.state is State.STOPPING and not self._closing:
-                self._set_state(State.STOPPED)
-
-        return DeferredList(waits, consumeErrors=True).addCallback(stopped)
+        waiter: Deferred[None] = Deferred()
+        self._stop_waiters.append(waiter)
+        return waiter
 
     async def restart(self) -> None:
         """Stop (if running), start again at once with the backoff reset, and wait for ready or failure."""
         await self.stop()
         self._backoff = self._initial_backoff
-        self._attempt()
+        self._start_asked()
         await self._started()
 
     async def _started(self) -> None:
@@ -272,107 +526,35 @@ class ServerSupervisor:
         if self.state is State.READY:
             await self._relist()
 
-    def _attempt(self) -> None:
-        self._retry_timer = None
-        self._generation += 1
-        generation = self._generation
-        self.info = None
-        self.tools = []
-        self._set_state(State.STARTING)
-        bring_up = Deferred.fromCoroutine(self._start(generation))
-        self._bring_up = bring_up
-        timed_out = False
-
-        def time_out() -> None:
-            nonlocal timed_out
-            timed_out = True
-            bring_up.cancel()
-
-        timer = self._clock.callLater(self.config.init_timeout, time_out)
-
-        def finished(result: object) -> None:
-            if timer.active():
-                timer.cancel()
-            if self._bring_up is bring_up:
-                self._bring_up = None
-            if isinstance(result, Failure) and generation == self._generation:
-                if result.check(CancelledError) and timed_out:
-                    reason = f"not ready within init_timeout {self.config.init_timeout:g} s"
-                    self._start_failed(generation, reason, permanent=False)
-                else:
-                    permanent = result.check(ProtocolVersionError) is not None
-                    self._start_failed(generation, _describe(result), permanent=permanent)
-
-        bring_up.addBoth(finished)
-
-    async def _start(self, generation: int) -> None:
+    async def _bring_up_once(self) -> None:
         connection = await self._connect(self.config)
-        if generation != self._generation:
-            await connection.close()
+        session: MCPSession | None = self._connected(connection)
+        if session is None:
             return
-        self._connection = connection
-        connection.on_lost = lambda reason: self._lost(generation, reason, connection.reachable)
-
-        def negotiated(version: str) -> None:
-            connection.protocol_version = version
-
-        session = MCPSession(
-            connection.peer, name=self.name, on_tools_changed=self._tools_changed, on_negotiated=negotiated
-        )
-        self._session = session
-        # The init_timeout timer of _attempt bounds the whole bring-up, these requests included.
+        # The init_timeout timer of _begin_attempt bounds the whole bring-up, these requests included.
         self.info = await session.initialize()
         self._relist_wanted = False
         tools = await session.list_tools()
-        if generation != self._generation:
-            return
-        self.tools = tools
-        self.last_error = None
-        self._ready_since = self._clock.seconds()
-        log.info(
-            "{server}: ready ({version}, {count} tools)",
-            server=self.name,
-            version=self.info.protocol_version,
-            count=len(tools),
-        )
-        self._set_state(State.READY)
-        self._settle_waiters()
-        if self._relist_wanted:
-            self._tools_changed()
+        self._handshake_done(tools)
 
-    def _start_failed(self, generation: int, reason: str, *, permanent: bool) -> None:
-        self.last_error = reason
-        log.error("{server}: start failed: {reason}", server=self.name, reason=reason)
-        self._drop_connection()
-        if permanent:
-            self._set_state(State.FAILED)
+    def _connection_lost(self, reason: str, reachable: bool) -> None:
+        """The current connection's ``on_lost``: a session to renew at once, or a crash to back off from."""
+        uptime = self.uptime or 0.0
+        if reachable and uptime >= self._initial_backoff:
+            self._session_lost(reason)
         else:
-            self._schedule_retry()
-        self._settle_waiters()
-
-    def _lost(self, generation: int, reason: str, reachable: bool) -> None:
-        if generation != self._generation:
-            return
-        self.last_error = reason
-        if self.state is State.READY:
-            uptime = self.uptime or 0.0
-            if uptime >= self._reset_after:
-                self._backoff = self._initial_backoff
-            log.error("{server}: lost after {uptime:.1f} s: {reason}", server=self.name, uptime=uptime, reason=reason)
-            self._generation += 1
-            self._drop_connection()
-            if reachable and uptime >= self._initial_backoff:
-                self.restarts += 1
-                log.info("{server}: the server answers; starting a new session now", server=self.name)
-                self._attempt()
-            else:
-                self._schedule_retry()
+            self._crashed(reason)
 
     def _drop_connection(self) -> None:
         connection, self._connection, self._session = self._connection, None, None
         self._ready_since = None
         self.tools = []
-        if connection is None or connection in self._closing:
+        if connection is not None:
+            connection.on_lost = None
+            self._close(connection)
+
+    def _close(self, connection: Connection) -> None:
+        if connection in self._closing:
             return
         self._closing.add(connection)
         closing = connection.close()
@@ -381,18 +563,13 @@ class ServerSupervisor:
             self._closing.discard(connection)
             if isinstance(result, Failure):
                 log.failure("{server}: error while closing", result, server=self.name)
-            if self.state is State.STOPPING and not self._closing:
-                self._set_state(State.STOPPED)
+            self._settle_if_idle()
 
         closing.addBoth(closed)
 
-    def _schedule_retry(self) -> None:
-        delay = self._backoff
-        self._backoff = min(self._backoff * 2, self._max_backoff)
-        self.restarts += 1
-        self._set_state(State.BACKING_OFF)
-        log.info("{server}: restarting in {delay:g} s", server=self.name, delay=delay)
-        self._retry_timer = self._clock.callLater(delay, self._attempt)
+    def _settle_if_idle(self) -> None:
+        if self._connection is None and not self._closing and self._bring_up is None:
+            self._settled()
 
     def _cancel_retry(self) -> None:
         if self._retry_timer is not None and self._retry_timer.active():
