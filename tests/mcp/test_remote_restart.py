@@ -122,9 +122,12 @@ class RestartTests(TestCase):
         return server
 
     async def host_for(self, server: EverythingServer, url: str | None = None) -> MCPHost:
-        """A started, ready host with the server (at ``url``, if given) as ``web`` (its own connection pool)."""
-        pool = HTTPConnectionPool(reactor)
-        self.addCleanup(pool.closeCachedConnections)
+        """A started, ready host with the server (at ``url``, if given) as ``web`` (its own connection pool).
+
+        The pool keeps no idle connections: a POST's response stream may end after its answer was taken and
+        the host stopped, and a connection cached then would outlive the test with its expiry timer.
+        """
+        pool = HTTPConnectionPool(reactor, persistent=False)
         transport = TRANSPORTS[server.mode]
         config = ServerConfig("web", transport=transport, url=url or server.url, timeout=10, init_timeout=10)  # type: ignore[arg-type]
         host = MCPHost(reactor, [config], initial_backoff=0.2, http_client=HTTPClient(Agent(reactor, pool=pool)))
