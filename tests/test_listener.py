@@ -94,10 +94,10 @@ class ListenerTests(TestCase):
         """Stopped while listening, or while retrying an unreachable server: no reader, no timer."""
         listening = self.listener()
         await self.until(lambda: listening.listening, "the listener to listen")
-        readers = set(reactor.getReaders())  # type: ignore[attr-defined]
+        readers = set(reactor.getReaders())
         await listening.stop()
         self.assertFalse(listening.listening)
-        self.assertEqual(len(readers - set(reactor.getReaders())), 1)  # type: ignore[attr-defined]
+        self.assertEqual(len(readers - set(reactor.getReaders())), 1)
 
         unreachable = self.listener("postgresql://nobody@127.0.0.1:1/none")
         await deferLater(reactor, 0.3, lambda: None)
