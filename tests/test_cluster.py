@@ -367,3 +367,46 @@ def test_stop_waits_a_bounded_time_for_unwritten_events() -> None:
     assert stopped.called and stream.ended
     streams.close()
     assert [c for c in clock.getDelayedCalls() if c.active()] == []
+
+
+class HeldLog(MemoryLog):
+    """A memory log whose appends wait until the test releases them, in any order."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.held: list[tuple[list[tuple[str, int, int]], Deferred[None]]] = []
+
+    async def append(self, batches: Sequence[tuple[str, int, Sequence[Event], bool]]) -> None:
+        gate: Deferred[None] = Deferred()
+        self.held.append(([(turn_id, first, len(events)) for turn_id, first, events, _ in batches], gate))
+        await gate
+        await super().append(batches)
+
+
+def test_writes_overlap_across_turns_but_never_within_one() -> None:
+    """While one write is under way, another turn's event goes in a second write at once; a turn already
+    being written waits for its write to end, so its events commit in order; no third write starts."""
+    clock = Clock()
+    log = HeldLog()
+    running, streams = coordinator(clock, log)
+    emits = {}
+    for turn in ("t1", "t2", "t3"):
+        assert run(running.claim(turn, f"s-{turn}", "u", lambda: None))
+        emits[turn] = running.emitter(turn, streams.create(turn, "u", f"s-{turn}"))
+    emits["t1"](Event("message", "s-t1", content="a"))
+    emits["t1"](Event("message", "s-t1", content="b"))
+    emits["t2"](Event("message", "s-t2", content="c"))
+    emits["t3"](Event("message", "s-t3", content="d"))
+    assert [batches for batches, _ in log.held] == [[("t1", 1, 1)], [("t2", 1, 1)]]  # t3 waits: two in flight
+    log.held[1][1].callback(None)  # the second write commits first: t3 goes next, t1 is still being written
+    assert [batches for batches, _ in log.held[2:]] == [[("t3", 1, 1)]]
+    log.held[0][1].callback(None)
+    assert [batches for batches, _ in log.held[3:]] == [[("t1", 2, 1)]]
+    for _, gate in log.held[2:]:
+        gate.callback(None)
+    assert len(log.held) == 4
+    assert [e.content for e in log.events["t1"]] == ["a", "b"]
+    assert [e.content for e in log.events["t2"]] == ["c"]
+    assert [e.content for e in log.events["t3"]] == ["d"]
+    run(running.stop())
+    streams.close()

@@ -7,8 +7,10 @@ mirrors of streams run elsewhere, and the takeover of turns whose instance died.
   instance's turn is taken over within ``lease_seconds``. A turn whose lease another instance took is
   cancelled here (it never runs twice).
 * A claimed turn's stream is *published*: its events are appended to the log in order, the last one
-  ending the turn. One write is in flight for the whole instance: what every turn adds meanwhile goes in
-  the next one (group commit), so writes never queue for connections.
+  ending the turn. At most :data:`MAX_WRITES` writes are in flight for the whole instance, and a turn is
+  in one of them at most (so its events commit in order): what every turn adds meanwhile goes in the next
+  one (group commit), so writes never queue for connections, and a turn's event does not wait behind a
+  write that holds only other turns' events.
 * A stream read here but run elsewhere is a *mirror*: a local :class:`~aichat.chat.streams.Stream` fed
   from the log when a notification names it, and on every catch-up tick (so a lost notification only
   adds latency). One read in flight for all mirrors: under load, reads batch by themselves.
@@ -36,6 +38,8 @@ CATCH_UP_SECONDS = 1.0
 RETRY_SECONDS = 0.5
 #: Longest wait of a turn for its last events to be written (the database may be down).
 SETTLE_SECONDS = 5.0
+#: Writes of events in flight at once for the instance (each holding a turn's events at most once).
+MAX_WRITES = 2
 #: Catch-up ticks between two sweeps of turns ended more than ``keep_seconds`` ago.
 SWEEP_TICKS = 60
 
@@ -76,7 +80,9 @@ class Coordinator:
         self._mirrors: dict[str, Stream] = {}
         self._dirty: set[str] = set()
         self._reading = False
-        self._flushing = False
+        #: Writes under way, and the turns whose events they hold.
+        self._in_flight = 0
+        self._busy: set[str] = set()
         #: A write failed: the next one waits for the retry timer.
         self._backoff = False
         self._taking_over = False
@@ -196,19 +202,25 @@ class Coordinator:
             stream.emit(event)
 
     def _writing(self) -> bool:
-        return self._flushing or any(owned.queue or owned.final for owned in self._owned.values())
+        return self._in_flight > 0 or any(owned.queue or owned.final for owned in self._owned.values())
 
     def _write(self) -> None:
-        """Write what every turn has queued in one transaction; one write in flight for the instance, so
-        under load each carries more (group commit) instead of queueing for connections."""
-        if self._flushing or self._backoff:
+        """Write what every turn not already being written has queued, in one transaction; a few writes in
+        flight for the instance, so under load each carries more (group commit) instead of queueing for
+        connections."""
+        if self._in_flight >= MAX_WRITES or self._backoff:
             return
-        batch = [(owned, owned.queue, owned.final) for owned in self._owned.values() if owned.queue or owned.final]
+        batch = [
+            (owned, owned.queue, owned.final)
+            for owned in self._owned.values()
+            if (owned.queue or owned.final) and owned.turn_id not in self._busy
+        ]
         if not batch:
             return
         for owned, _, _ in batch:
             owned.queue = []
-        self._flushing = True
+            self._busy.add(owned.turn_id)
+        self._in_flight += 1
         appended = Deferred.fromCoroutine(
             self.log.append([(owned.turn_id, owned.written + 1, events, final) for owned, events, final in batch])
         )
@@ -231,7 +243,8 @@ class Coordinator:
             self._later(RETRY_SECONDS, self._retry)
 
         def settle(_: object) -> None:
-            self._flushing = False
+            self._in_flight -= 1
+            self._busy.difference_update(owned.turn_id for owned, _, _ in batch)
             self._write()
             if not self._writing():
                 idle, self._idle = self._idle, []
