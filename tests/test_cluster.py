@@ -410,3 +410,53 @@ def test_writes_overlap_across_turns_but_never_within_one() -> None:
     assert [e.content for e in log.events["t3"]] == ["d"]
     run(running.stop())
     streams.close()
+
+
+class HeldReads(MemoryLog):
+    """A memory log whose reads wait until the test releases them."""
+
+    def __init__(self, shared: dict[str, Any], instance: str) -> None:
+        super().__init__(shared, instance)
+        self.holding = False
+        self.held: list[tuple[list[str], Deferred[None]]] = []
+
+    async def read(self, after: dict[str, int]) -> list[LoggedEvent]:
+        if self.holding:
+            gate: Deferred[None] = Deferred()
+            self.held.append((sorted(after), gate))
+            await gate
+        return await super().read(after)
+
+
+def test_reads_overlap_across_mirrors_but_never_within_one() -> None:
+    """While one mirror is being read, a notification for another starts a second read at once; the mirror
+    already being read is read again only after its read ends, and gets every event once, in order."""
+    clock = Clock()
+    shared: dict[str, Any] = {"turns": {}, "events": {}, "now": 0.0}
+    owner, owner_streams = coordinator(clock, MemoryLog(shared, "owner"))
+    reader_log = HeldReads(shared, "reader")
+    reader, _ = coordinator(clock, reader_log)
+    emits, mirrors = {}, {}
+    for turn in ("t1", "t2"):
+        run(owner.claim(turn, f"s-{turn}", "u", lambda: None))
+        emits[turn] = owner.emitter(turn, owner_streams.create(turn, "u", f"s-{turn}"))
+        mirror = run(reader.follow(turn, "u"))
+        assert mirror is not None
+        mirrors[turn] = mirror
+    reader_log.holding = True
+    emits["t1"](Event("message", "s-t1", content="a"))
+    reader.notified("aichat_turn_events", "t1")
+    emits["t1"](Event("message", "s-t1", content="b"))
+    reader.notified("aichat_turn_events", "t1")  # t1 is being read: it waits
+    emits["t2"](Event("message", "s-t2", content="c"))
+    reader.notified("aichat_turn_events", "t2")
+    assert [turns for turns, _ in reader_log.held] == [["t1"], ["t2"]]
+    reader_log.held[1][1].callback(None)
+    assert [e.content for e in mirrors["t2"].events] == ["c"]
+    reader_log.held[0][1].callback(None)  # the read of t1 ends: t1 is read again for what came meanwhile
+    assert [turns for turns, _ in reader_log.held[2:]] == [["t1"]]
+    reader_log.held[2][1].callback(None)
+    assert [e.content for e in mirrors["t1"].events] == ["a", "b"]
+    reader_log.holding = False
+    run(owner.stop())
+    run(reader.stop())

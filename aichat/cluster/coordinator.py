@@ -13,7 +13,8 @@ mirrors of streams run elsewhere, and the takeover of turns whose instance died.
   write that holds only other turns' events.
 * A stream read here but run elsewhere is a *mirror*: a local :class:`~aichat.chat.streams.Stream` fed
   from the log when a notification names it, and on every catch-up tick (so a lost notification only
-  adds latency). One read in flight for all mirrors: under load, reads batch by themselves.
+  adds latency). At most :data:`MAX_READS` reads in flight for all mirrors, a mirror in one of them at
+  most: under load, reads batch by themselves.
 """
 
 from __future__ import annotations
@@ -40,6 +41,8 @@ RETRY_SECONDS = 0.5
 SETTLE_SECONDS = 5.0
 #: Writes of events in flight at once for the instance (each holding a turn's events at most once).
 MAX_WRITES = 2
+#: Reads of other instances' events in flight at once (each reading a mirror at most once).
+MAX_READS = 2
 #: Catch-up ticks between two sweeps of turns ended more than ``keep_seconds`` ago.
 SWEEP_TICKS = 60
 
@@ -79,7 +82,9 @@ class Coordinator:
         self._owned: dict[str, _Owned] = {}
         self._mirrors: dict[str, Stream] = {}
         self._dirty: set[str] = set()
-        self._reading = False
+        #: Reads under way, and the mirrors they read.
+        self._reads = 0
+        self._being_read: set[str] = set()
         #: Writes under way, and the turns whose events they hold.
         self._in_flight = 0
         self._busy: set[str] = set()
@@ -319,20 +324,28 @@ class Coordinator:
             self._read()
 
     def _read(self) -> None:
-        if self._reading:
+        """Read the new events of the dirty mirrors not already being read; a few reads in flight."""
+        if self._reads >= MAX_READS:
             return
-        after = {turn_id: len(self._mirrors[turn_id].events) for turn_id in self._dirty if turn_id in self._mirrors}
-        self._dirty.clear()
+        after = {
+            turn_id: len(self._mirrors[turn_id].events)
+            for turn_id in self._dirty
+            if turn_id in self._mirrors and turn_id not in self._being_read
+        }
+        self._dirty.difference_update(after)
+        self._dirty.intersection_update(self._mirrors)
         if not after:
             return
-        self._reading = True
+        self._reads += 1
+        self._being_read.update(after)
         reading = Deferred.fromCoroutine(self.log.read(after))
 
         def failed(failure: Any) -> None:
             log.warn("Reading other instances' events failed: {error}", error=failure.getErrorMessage())
 
         def settle(_: object) -> None:
-            self._reading = False
+            self._reads -= 1
+            self._being_read.difference_update(after)
             if self._dirty:
                 self._read()
 
