@@ -42,6 +42,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.client import RequestNotSent
 
+from aichat import content_type
 from aichat.mcp.config import ServerConfig
 from aichat.mcp.jsonrpc import JSONRPCPeer, NotDelivered, PeerGone
 from aichat.sse import SSEDecoder, SSETooLargeError
@@ -69,7 +70,7 @@ def _header(response: Any, name: str) -> str | None:
 
 
 def _media_type(response: Any) -> str:
-    return (_header(response, "content-type") or "").split(";", 1)[0].strip().lower()
+    return content_type.parse(_header(response, "content-type")).media
 
 
 def _session_rejected(code: int, body: bytes) -> bool:
