@@ -23,7 +23,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from klein import Klein
-from twisted.internet.defer import Deferred
 from twisted.web.iweb import IRequest
 
 from aichat.api.app import json_response, read_json
@@ -41,7 +40,7 @@ from aichat.api.openai_wire import (
 from aichat.api.routing import authorized
 from aichat.chat import events
 from aichat.chat.approvals import approval_calls
-from aichat.chat.turn import ChatError, ChatService, ToolInfo, ToolScope, Turn, TurnResult
+from aichat.chat.turn import ChatError, ChatService, ToolInfo, ToolScope, Turn, TurnResult, settled
 from aichat.llm.tools import Failed
 from aichat.mcp import MCPHost
 from aichat.store.base import History
@@ -610,7 +609,11 @@ class ResponseRoutes(TurnFace):
         try:
             # A client that goes away stops reading: a stored turn goes on and is stored, one kept in memory
             # is cancelled (nobody could see its outcome).
-            await (_settled(turn) if turn.conversation.stored else chat.wait(turn))
+            if turn.conversation.stored:
+                assert turn.done is not None
+                await settled([turn.done])
+            else:
+                await chat.wait(turn)
             result = turn.result
             if result.error is not None:
                 builder.fail(result, turn_error(result))
@@ -620,17 +623,3 @@ class ResponseRoutes(TurnFace):
             out.close()
         await out.flushed()
         return b""
-
-
-def _settled(turn: Turn) -> Deferred[None]:
-    """A Deferred that fires when ``turn`` ends; cancelling it leaves the turn running."""
-    settled: Deferred[None] = Deferred()
-
-    def fire(result: object) -> object:
-        if not settled.called:
-            settled.callback(None)
-        return result
-
-    assert turn.done is not None
-    turn.done.addBoth(fire)
-    return settled

@@ -25,6 +25,7 @@ from enum import Enum
 from typing import TYPE_CHECKING, Any, Protocol
 
 from twisted.application.service import Service
+from twisted.internet import defer
 from twisted.internet.defer import CancelledError, Deferred, DeferredSemaphore, gatherResults
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
@@ -904,12 +905,17 @@ class ChatService(Service):
             live = list(self._running.values()) + list(self._stateless) + list(self._background)
             if not live:
                 break
-            settled = _settled(live)
+            waiting = settled(live)
             for work in live:
                 if work not in cancelled:
                     cancelled.add(work)
                     work.cancel()
-            if not await _within(settled, deadline - self.clock.seconds(), self.clock):
+            left = deadline - self.clock.seconds()
+            try:
+                if not waiting.called and left <= 0:
+                    raise defer.TimeoutError()
+                await waiting.addTimeout(left, self.clock)
+            except defer.TimeoutError:
                 still = len(self._running) + len(self._stateless) + len(self._background)
                 log.warn("Stopping: {count} turns or title jobs still running after {seconds:g} s; not waiting",
                          count=still, seconds=within)
@@ -917,37 +923,22 @@ class ChatService(Service):
         self.streams.close()
 
 
-def _settled(work: Sequence[Deferred[Any]]) -> Deferred[None]:
-    """Fires once every one of ``work`` has a result (passed on unchanged to their later callbacks)."""
+def settled(work: Sequence[Deferred[Any]]) -> Deferred[None]:
+    """Fires once every one of ``work`` has a result (passed on unchanged to their later callbacks);
+    cancelling it, or letting it time out, leaves the work running."""
     done: Deferred[None] = Deferred()
     left = len(work)
 
     def one(result: object) -> object:
         nonlocal left
         left -= 1
-        if left == 0:
+        if left == 0 and not done.called:
             done.callback(None)
         return result
 
     for each in work:
         each.addBoth(one)
     return done
-
-
-async def _within(waiting: Deferred[None], seconds: float, clock: IReactorTime) -> bool:
-    """Wait for ``waiting`` at most ``seconds``; True if it fired in time."""
-    if waiting.called:
-        return True
-    if seconds <= 0:
-        return False
-    outcome: Deferred[bool] = Deferred()
-    waiting.addCallback(lambda _: None if outcome.called else outcome.callback(True))
-    timer = clock.callLater(seconds, lambda: None if outcome.called else outcome.callback(False))
-    try:
-        return await outcome
-    finally:
-        if timer.active():
-            timer.cancel()
 
 
 async def _nothing(turn: Turn) -> None:
