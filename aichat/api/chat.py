@@ -79,7 +79,7 @@ class ChatRoutes:
         if query_arg(request, "streaming") == "true":
             refused = await turn.ready
             if refused is not None:
-                raise APIError(refused.message, refused.status)
+                raise refused  # answered with its status by the app's one ChatError translation
             stream = turn.stream
             body = {
                 "stream_id": stream.id, "session_id": turn.session_id, "stream_url": f"/v1/chat/stream/{stream.id}"
