@@ -31,6 +31,7 @@ from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, Protocol
 
 from automat import MethodicalMachine
+from twisted.internet import defer
 from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
@@ -210,22 +211,13 @@ class ServerSupervisor:
         self.tools = []
         self._set_state(State.STARTING)
         bring_up = Deferred.fromCoroutine(self._bring_up_once())
-        timed_out = False
-
-        def time_out() -> None:
-            nonlocal timed_out
-            timed_out = True
-            bring_up.cancel()
-
-        timer = self._clock.callLater(self.config.init_timeout, time_out)
+        bring_up.addTimeout(self.config.init_timeout, self._clock)
 
         def finished(result: object) -> None:
-            if timer.active():
-                timer.cancel()
             self._bring_up = None
             if isinstance(result, Failure):
                 # Outside ``starting`` (a stop cancelled the bring-up) the machine ignores these.
-                if result.check(CancelledError) and timed_out:
+                if result.check(defer.TimeoutError):
                     self._start_failed(f"not ready within init_timeout {self.config.init_timeout:g} s")
                 elif result.check(ProtocolVersionError):
                     self._start_refused(_describe(result))
