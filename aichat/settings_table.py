@@ -175,7 +175,7 @@ def flag_values(options: Mapping[str, Any], rows: Iterable[Setting] = SETTINGS) 
     given: dict[str, Any] = {}
     for row in rows:
         raw = options.get(row.flag) if row.flag else None
-        if raw is None or raw == "" or raw is False or (row.switch is not None and not raw):
+        if raw is None or raw == "" or (row.switch is not None and not raw):
             continue
         given[row.key] = row.switch if row.switch is not None else raw
     for row in rows:
