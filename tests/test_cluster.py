@@ -16,7 +16,7 @@ from twisted.internet.task import Clock
 from aichat.chat.coalesce import DeltaCoalescer
 from aichat.chat.streams import Event, StreamRegistry
 from aichat.cluster.coordinator import Coordinator
-from aichat.cluster.log import LEASE_LOST, LoggedEvent, PostgresTurnLog, TurnRecord, partial_reply
+from aichat.cluster.log import LEASE_LOST, READ, LoggedEvent, PostgresTurnLog, TurnRecord, partial_reply
 from aichat.store.base import Message, new_id
 from tests.support import inline_pg_store
 from tests.test_store import run
@@ -329,6 +329,30 @@ def test_postgres_takeover_is_exactly_once_and_keeps_the_partial_reply(pg_log: A
     assert rows == [("alive",)]
     for other in others:
         run(other.close())
+
+
+def test_reading_new_events_does_not_scan_the_whole_log(pg_log: Any) -> None:
+    """With many turns kept (as for ``stream_keep_seconds``) and the table's statistics current, reading
+    the new events of a hundred mirrors is a range scan per turn, never a scan of every turn's events."""
+    store, log = pg_log
+    turns = [f"t{n}" for n in range(400)]
+    for first in range(0, len(turns), 100):
+        chunk = turns[first : first + 100]
+        for turn_id in chunk:
+            assert run(log.claim(turn_id, f"s-{turn_id}", "u1", 60))
+        events = [Event("message", "s", content=str(n)) for n in range(40)]
+        run(log.append([(turn_id, 1, events, False) for turn_id in chunk]))
+
+    def plan(txn: Any, sql: str, params: Any) -> str:
+        txn.execute("ANALYZE turn_events")
+        txn.execute("EXPLAIN " + sql, params)
+        return "\n".join(row[0] for row in txn.fetchall())
+
+    reading = turns[::4]
+    shown = run(store.transact(plan, READ, (reading, [38] * len(reading))))
+    assert "turn_events" in shown and "Seq Scan on turn_events" not in shown, shown
+    found = run(log.read(dict.fromkeys(reading, 38)))
+    assert [(e.turn_id, e.seq) for e in found] == sorted((t, seq) for t in reading for seq in (39, 40))
 
 
 def test_a_turn_waits_for_its_end_to_be_written() -> None:

@@ -114,6 +114,13 @@ APPEND = (
     "ended AS (UPDATE chat_turns SET ended_at = now() WHERE id = ANY(?::text[]) AND ended_at IS NULL) "
     "SELECT pg_notify(?, turns) FROM settings, unnest(?::text[]) AS turns"
 )
+#: The new events of some turns: a range scan of the primary key per turn (as a plain join, the planner
+#: may choose to scan the whole table, which holds every turn of the last ``stream_keep_seconds``).
+READ = (
+    "SELECT m.id, e.seq, e.payload FROM unnest(?::text[], ?::int[]) AS m(id, last) "
+    "CROSS JOIN LATERAL (SELECT seq, payload FROM turn_events WHERE turn_id = m.id AND seq > m.last ORDER BY seq) "
+    "AS e ORDER BY m.id, e.seq"
+)
 #: Events of one turn to append: its id, the seq of the first, the events, whether they end it.
 Appended = tuple[str, int, Sequence[Event], bool]
 #: Room for turn ids in one notification (PostgreSQL caps a payload at 8000 bytes).
@@ -182,12 +189,7 @@ class PostgresTurnLog:
         lasts = [after[i] for i in ids]
 
         def select(txn: Txn) -> list[LoggedEvent]:
-            txn.execute(
-                "SELECT e.turn_id, e.seq, e.payload FROM turn_events e "
-                "JOIN unnest(?::text[], ?::int[]) AS m(id, last) ON e.turn_id = m.id AND e.seq > m.last "
-                "ORDER BY e.turn_id, e.seq",
-                (ids, lasts),
-            )
+            txn.execute(READ, (ids, lasts))
             return [LoggedEvent(row[0], row[1], event_from_payload(row[2])) for row in txn.fetchall()]
 
         if not ids:
