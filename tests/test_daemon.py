@@ -87,12 +87,16 @@ def daemon(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Daemon]:
 
 
 def get_json(
-    url: str, headers: dict[str, str] | None = None, method: str = "GET", body: bytes | None = None
+    url: str,
+    headers: dict[str, str] | None = None,
+    method: str = "GET",
+    body: bytes | None = None,
+    timeout: float = 5,
 ) -> tuple[int, object]:
     """A JSON request over the real port; HTTP errors are returned, not raised."""
     request = urllib.request.Request(url, data=body, method=method, headers=headers or {})
     try:
-        with urllib.request.urlopen(request, timeout=5) as response:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
             return response.status, json.loads(response.read())
     except urllib.error.HTTPError as e:
         return e.code, json.loads(e.read())

@@ -61,7 +61,7 @@ def slow_upstream() -> Iterator[Upstream]:
 
 @pytest.fixture
 def fast_upstream() -> Iterator[Upstream]:
-    """An upstream that streams 3000 deltas 1 ms apart: a large stream, fast."""
+    """An upstream that streams 3000 deltas 1 ms apart: a large stream, fast, yet each turn lasts 3 s or more."""
     yield from scripted_upstream(3000, 0.001)
 
 
@@ -233,7 +233,7 @@ def test_readers_that_never_read_are_dropped_and_cost_others_nothing(tmp_path: P
         assert status == 429 and isinstance(body, dict) and "Too many readers" in body["error"]
         other = {"X-User-ID": "6", "Content-Type": "application/json"}
         began = time.monotonic()
-        status, answer = get_json(daemon.base + "/v1/chat/send", other, "POST", b'{"message": "hi"}')
+        status, answer = get_json(daemon.base + "/v1/chat/send", other, "POST", b'{"message": "hi"}', timeout=30)
         assert status == 200, answer
         assert time.monotonic() - began < 30
         deadline = time.monotonic() + 40
