@@ -14,8 +14,6 @@ import socket
 import subprocess
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -266,13 +264,7 @@ def test_sigterm_answers_a_waiting_non_streaming_turn_with_503(tmp_path: Path, s
     answers: list[tuple[int, object]] = []
 
     def send() -> None:
-        request = urllib.request.Request(daemon.base + "/v1/chat/send", data=b'{"message": "long one"}',
-                                         method="POST", headers=USER)
-        try:
-            with urllib.request.urlopen(request, timeout=20) as response:
-                answers.append((response.status, json.loads(response.read())))
-        except urllib.error.HTTPError as e:
-            answers.append((e.code, json.loads(e.read())))
+        answers.append(get_json(daemon.base + "/v1/chat/send", USER, "POST", b'{"message": "long one"}', timeout=20))
 
     sender = threading.Thread(target=send)
     sender.start()
@@ -335,11 +327,9 @@ def test_openai_streams_not_read_end_with_their_faces_error_and_cost_others_noth
         other = {"X-User-ID": "6", "Content-Type": "application/json"}
         began = time.monotonic()
         ask = {"model": model, "messages": [{"role": "user", "content": text}]}
-        request = urllib.request.Request(daemon.base + "/v1/chat/completions", method="POST", headers=other,
-                                         data=json.dumps(ask).encode())
-        with urllib.request.urlopen(request, timeout=30) as response:  # its answer streams 3000 deltas too
-            assert response.status == 200
-            answer = json.loads(response.read())
+        status, answer = get_json(daemon.base + "/v1/chat/completions", other, "POST", json.dumps(ask).encode(),
+                                  timeout=30)
+        assert status == 200 and isinstance(answer, dict), answer
         assert time.monotonic() - began < 30
         full = answer["choices"][0]["message"]["content"]
         deadline = time.monotonic() + 40
